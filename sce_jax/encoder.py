@@ -1,0 +1,258 @@
+"""`SparseCrossEncoder`: load a model and score documents for queries, in bucketed fixed-shape batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from sce_jax.attention import resolve_attention_impl
+from sce_jax.batch import Batch, bucket_length, length_buckets, make_batch
+from sce_jax.checkpoint import load_model_dir
+from sce_jax.config import SparseCrossEncoderConfig
+from sce_jax.model import SparseCrossEncoderModel
+from sce_jax.runs import rank_by_score
+from sce_jax.tokenization import QueryDocTokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(
+    config: SparseCrossEncoderConfig,
+    params: dict,
+    *,
+    dtype: str = "float32",
+    attention_impl: str = "auto",
+    interpret: bool = False,
+) -> SparseCrossEncoderModel:
+    """A model holding `params` (a pure parameter tree), without initialising random weights first."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    abstract = nnx.eval_shape(
+        lambda: SparseCrossEncoderModel(
+            config,
+            rngs=nnx.Rngs(0),
+            dtype=DTYPES[dtype],
+            attention_impl=resolve_attention_impl(attention_impl),
+            interpret=interpret,
+        )
+    )
+    graphdef, state = nnx.split(abstract)
+    state.replace_by_pure_dict(jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, state)
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def maxp_chunk_starts(length: int, size: int) -> range:
+    """Starts of the `size`-token chunks, overlapping by half, that cover `length` tokens (MaxP).
+
+    Unlike the original, whose last chunk could end before the document does, the last chunk reaches the end.
+    """
+    stride = max(1, size // 2)
+    return range(0, stride * (1 + max(0, -(-(length - size) // stride))), stride)
+
+
+class SparseCrossEncoder:
+    """A loaded re-ranker: tokenizer + model + a jitted, shape-bucketed scoring loop."""
+
+    def __init__(
+        self, model: SparseCrossEncoderModel, tokenizer: QueryDocTokenizer, *, source: str = "", devices: int | None = None
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        local = jax.local_devices()
+        if devices is not None and not 1 <= devices <= len(local):
+            raise ValueError(f"devices={devices}, but there are {len(local)} local devices")
+        # Data parallelism: document slots are split over a 1-D mesh; parameters and queries are replicated.
+        self.mesh = Mesh(np.array(local[: devices or len(local)]), ("docs",))
+        graphdef, state = nnx.split(model)
+        self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
+        # Each device scores its share of the documents against all queries of the batch (few, and short).
+        self._forward = jax.jit(
+            jax.shard_map(
+                lambda state, batch: nnx.merge(graphdef, state)(batch),
+                mesh=self.mesh,
+                in_specs=(P(), Batch(P(), P("docs"), P("docs"))),
+                out_specs=P("docs"),
+            )
+        )
+        # Distinct batch shapes run so far; each one cost an XLA compilation.
+        self.compiled_shapes: set[tuple] = set()
+
+    @property
+    def config(self) -> SparseCrossEncoderConfig:
+        return self.model.config
+
+    @classmethod
+    def load(
+        cls,
+        path_or_hub_id: str | Path,
+        *,
+        max_length: int = 512,
+        max_query_length: int = 32,
+        attention_impl: str = "auto",
+        dtype: str = "float32",
+        interpret: bool = False,
+        config_overrides: Mapping[str, Any] | None = None,
+        devices: int | None = None,
+    ) -> SparseCrossEncoder:
+        """Load a converted directory, a training output directory, a Hugging Face directory or a hub id.
+
+        `config_overrides` changes the attention pattern (e.g. {"attention_window_size": 4, ...}) so a full
+        cross-encoder can be run or fine-tuned as a sparse one. `devices`: how many local devices to split
+        documents over (default: all).
+        """
+        config, params, directory = load_model_dir(path_or_hub_id)
+        if config_overrides:
+            config = config.replace(**config_overrides)
+        if max_length > config.max_position_embeddings:
+            raise ValueError(
+                f"max_length {max_length} exceeds the model's {config.max_position_embeddings} positions "
+                "(extend them with convert_torch_checkpoint.py --extend-positions)"
+            )
+        tokenizer = QueryDocTokenizer.from_dir(directory, max_length=max_length, max_query_length=max_query_length)
+        model = build_model(config, params, dtype=dtype, attention_impl=attention_impl, interpret=interpret)
+        return cls(model, tokenizer, source=str(path_or_hub_id), devices=devices)
+
+    def score(self, query: str, docs: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """float32 logits of `docs` for `query`, in input order."""
+        return self.score_pairs([query], docs, [0] * len(docs), batch_size=batch_size, progress=progress)
+
+    def score_pairs(
+        self,
+        queries: Sequence[str],
+        docs: Sequence[str],
+        doc_query: Sequence[int],
+        *,
+        batch_size: int = 32,
+        max_p: bool = False,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """Scores of `docs[i]` for `queries[doc_query[i]]`; each query is tokenized (and encoded) once.
+
+        A document longer than fits in max_length with its query is truncated, or with `max_p` split into
+        chunks that overlap by half (`maxp_chunk_starts`) and scored by its best chunk, as the original's MaxP.
+        """
+        query_tokens = self.tokenizer.encode_queries(queries)
+        doc_query = np.asarray(doc_query, np.int64)
+        if not max_p:
+            doc_tokens = self.tokenizer.encode_docs([query_tokens[q] for q in doc_query], docs)
+            return self.score_tokens(query_tokens, doc_tokens, doc_query, batch_size=batch_size, progress=progress)
+        pieces = self.tokenizer.encode_docs([query_tokens[q] for q in doc_query], docs, truncate=False)
+        sep = self.tokenizer.sep_token_id
+        chunks, chunk_doc = [], []
+        for doc, (q, ids) in enumerate(zip(doc_query, pieces)):
+            size = self.tokenizer.doc_budget(query_tokens[q])
+            for start in maxp_chunk_starts(len(ids), size):
+                chunks.append(ids[start : start + size] + [sep, sep])
+                chunk_doc.append(doc)
+        chunk_scores = self.score_tokens(
+            query_tokens, chunks, doc_query[chunk_doc], batch_size=batch_size, progress=progress
+        )
+        scores = np.full(len(docs), -np.inf, np.float32)
+        np.maximum.at(scores, chunk_doc, chunk_scores)
+        return scores
+
+    def rerank(
+        self, frame: pd.DataFrame, *, batch_size: int = 32, max_p: bool = False, progress: bool = True
+    ) -> pd.DataFrame:
+        """Re-rank a PyTerrier-style frame (`qid`, `query`, `docno`, `text`, one row per document).
+
+        Returns its rows with `score` (float32 logits) and `rank` (from 0, as PyTerrier numbers them), sorted by
+        query (in order of first appearance) and descending score; equal scores keep their input order.
+        """
+        missing = [c for c in ("qid", "query", "docno", "text") if c not in frame]
+        if missing:
+            raise ValueError(f"frame lacks column(s) {', '.join(missing)}")
+        no_text = frame[frame[["query", "text"]].isna().any(axis=1)]
+        if len(no_text):
+            raise ValueError(f"rows without query or text, e.g. qid {no_text.qid.iloc[0]} docno {no_text.docno.iloc[0]}")
+        doc_query, _ = pd.factorize(frame["qid"])
+        queries = frame.drop_duplicates("qid")["query"].tolist()
+        scores = self.score_pairs(
+            queries, frame["text"].tolist(), doc_query, batch_size=batch_size, max_p=max_p, progress=progress
+        )
+        return rank_by_score(frame.assign(score=scores), first_rank=0)
+
+    def score_tokens(
+        self,
+        query_tokens: Sequence[Sequence[int]],
+        doc_tokens: Sequence[Sequence[int]],
+        doc_query: Sequence[int],
+        *,
+        batch_size: int = 32,
+        max_tokens_per_batch: int = 32768,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """The batched scoring loop over encoded tokens (see QueryDocTokenizer for their layout).
+
+        Documents are sorted into length buckets; within a bucket, documents of the same query stay together
+        so a batch needs few query slots. Shapes come from a small fixed set: document length from
+        `length_buckets`, query slots a power of two, document slots `batch_size` (fewer for long documents,
+        so a batch holds at most `max_tokens_per_batch` tokens). A document's score does not depend on its
+        batch mates.
+        """
+        num_docs = len(doc_tokens)
+        scores = np.zeros(num_docs, np.float32)
+        if num_docs == 0:
+            return scores
+        doc_query = np.asarray(doc_query, np.int64)
+        if doc_query.min() < 0 or doc_query.max() >= len(query_tokens):
+            raise ValueError(f"doc_query refers to queries outside 0..{len(query_tokens) - 1}")
+        max_length = self.tokenizer.max_length
+        lengths = np.array([len(t) for t in doc_tokens])
+        too_long = np.flatnonzero(1 + np.array([len(query_tokens[q]) for q in doc_query]) + lengths > max_length)
+        if too_long.size:
+            raise ValueError(f"documents {too_long[:5].tolist()} exceed max_length {max_length} with their query")
+        buckets = length_buckets(max_length, step=16)
+        doc_bucket = np.array([bucket_length(n, buckets) for n in lengths])
+        query_length = -(-max(len(t) for t in query_tokens) // 8) * 8
+        order = np.lexsort((doc_query, doc_bucket))
+
+        batches = []
+        start = 0
+        while start < num_docs:
+            length = doc_bucket[order[start]]
+            slots = min(batch_size, _power_of_two_at_most(max_tokens_per_batch // length))
+            slots = -(-slots // self.mesh.size) * self.mesh.size  # every device gets the same number
+            end = start
+            while end < num_docs and end - start < slots and doc_bucket[order[end]] == length:
+                end += 1
+            batches.append((order[start:end], length, slots))
+            start = end
+
+        bar = tqdm(total=num_docs, unit="doc", desc="scoring", disable=not progress, smoothing=0.1)
+        for indices, length, slots in batches:
+            queries, local_query = np.unique(doc_query[indices], return_inverse=True)
+            batch = make_batch(
+                [query_tokens[q] for q in queries],
+                [doc_tokens[i] for i in indices],
+                local_query,
+                query_length=query_length,
+                doc_length=length,
+                num_queries=_power_of_two_at_least(len(queries)),
+                num_docs=slots,
+                pad_id=self.config.pad_token_id,
+            )
+            self.compiled_shapes.add(tuple(a.shape for a in batch))
+            scores[indices] = np.asarray(self._forward(self._state, batch))[: len(indices)]
+            bar.update(len(indices))
+        bar.close()
+        return scores

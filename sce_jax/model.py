@@ -1,0 +1,158 @@
+"""The sparse cross-encoder in Flax NNX.
+
+All per-token work (embeddings, projections, feed-forward, layer norms) runs on one flat token matrix holding the
+three groups back to back — [CLS] of every document, the query tokens, the document tokens — so each layer is a
+few large matmuls; only attention looks at the groups separately (`sce_jax.attention.sparse_attention`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sce_jax.attention import Groups, sparse_attention
+from sce_jax.batch import Batch
+from sce_jax.config import SparseCrossEncoderConfig
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class _Layout:
+    """Where each group sits in the flat token matrix, and how to split it back."""
+
+    def __init__(self, num_docs: int, num_queries: int, query_length: int, doc_length: int):
+        self.shapes = ((num_docs,), (num_queries, query_length), (num_docs, doc_length))
+        self.sizes = [num_docs, num_queries * query_length, num_docs * doc_length]
+
+    def split(self, x_TxF: jax.Array) -> Groups:
+        cls_end, query_end = self.sizes[0], self.sizes[0] + self.sizes[1]
+        parts = (x_TxF[:cls_end], x_TxF[cls_end:query_end], x_TxF[query_end:])
+        return Groups(*(p.reshape(*shape, *x_TxF.shape[1:]) for p, shape in zip(parts, self.shapes)))
+
+    def join(self, groups: Groups) -> jax.Array:
+        return jnp.concatenate([g.reshape(size, *g.shape[len(s):]) for g, size, s in zip(groups, self.sizes, self.shapes)])
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, config: SparseCrossEncoderConfig, *, dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        kw = dict(dtype=dtype, param_dtype=jnp.float32, embedding_init=init, rngs=rngs)
+        self.word_embeddings = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
+        self.position_embeddings = nnx.Embed(config.max_position_embeddings, config.hidden_size, **kw)
+        self.token_type_embeddings = nnx.Embed(config.type_vocab_size, config.hidden_size, **kw)
+        self.layer_norm = nnx.LayerNorm(
+            config.hidden_size, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+        )
+
+    def __call__(self, ids_T, positions_T, types_T):
+        x = self.word_embeddings(ids_T) + self.position_embeddings(positions_T) + self.token_type_embeddings(types_T)
+        return self.layer_norm(x)
+
+
+class Layer(nnx.Module):
+    """A post-LayerNorm BERT layer whose attention follows the sparse pattern."""
+
+    def __init__(self, config: SparseCrossEncoderConfig, *, dtype, rngs: nnx.Rngs):
+        hidden = config.hidden_size
+        dense = dict(dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        norm = dict(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.config = config
+        # Query, key and value in one matmul.
+        self.qkv = nnx.Linear(hidden, 3 * hidden, **dense)
+        self.attention_output = nnx.Linear(hidden, hidden, **dense)
+        self.attention_norm = nnx.LayerNorm(hidden, **norm)
+        self.intermediate = nnx.Linear(hidden, config.intermediate_size, **dense)
+        self.output = nnx.Linear(config.intermediate_size, hidden, **dense)
+        self.output_norm = nnx.LayerNorm(hidden, **norm)
+
+    def __call__(self, x_TxF, layout: _Layout, masks, *, impl, interpret, dropout_rngs):
+        cfg = self.config
+        qkv_TxF3 = self.qkv(x_TxF).reshape(x_TxF.shape[0], 3, cfg.num_attention_heads, cfg.head_dim)
+        q, k, v = (layout.split(qkv_TxF3[:, i]) for i in range(3))
+        attended = sparse_attention(q, k, v, *masks, cfg, impl=impl, interpret=interpret)
+        attended_TxF = layout.join(attended).reshape(x_TxF.shape)
+        h = self.attention_output(attended_TxF)
+        x_TxF = self.attention_norm(x_TxF + _dropout(h, cfg.hidden_dropout_prob, dropout_rngs[0]))
+        h = self.output(_ACTIVATIONS[cfg.hidden_act](self.intermediate(x_TxF)))
+        return self.output_norm(x_TxF + _dropout(h, cfg.hidden_dropout_prob, dropout_rngs[1]))
+
+
+class SparseCrossEncoderModel(nnx.Module):
+    """Scores (query, document) pairs: `model(batch) -> [D]` float32 logits."""
+
+    def __init__(
+        self,
+        config: SparseCrossEncoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        attention_impl: str = "xla",
+        interpret: bool = False,
+    ):
+        self.config = config
+        self.attention_impl = attention_impl
+        self.interpret = interpret
+        dense = dict(dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.embeddings = Embeddings(config, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Layer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.pooler = nnx.Linear(config.hidden_size, config.hidden_size, **dense)
+        self.classifier = nnx.Linear(config.hidden_size, 1, **dense)
+
+    def __call__(self, batch: Batch, *, dropout_rng: jax.Array | None = None, return_hidden_states: bool = False):
+        cfg = self.config
+        query_ids, doc_ids, doc_query = (jnp.asarray(a) for a in batch)
+        num_docs, doc_length = doc_ids.shape
+        query_length = query_ids.shape[1]
+        query_lengths_Q = (query_ids != cfg.pad_token_id).sum(axis=1)
+        if not cfg.query_is_shared:
+            # The query sees [CLS] or the document, so its encoding differs per document.
+            query_ids, query_lengths_Q = query_ids[doc_query], query_lengths_Q[doc_query]
+            doc_query = jnp.arange(num_docs)
+        num_queries = query_ids.shape[0]
+        layout = _Layout(num_docs, num_queries, query_length, doc_length)
+
+        ids = Groups(jnp.full((num_docs,), cfg.cls_token_id, jnp.int32), query_ids, doc_ids)
+        positions = Groups(
+            jnp.zeros((num_docs,), jnp.int32),
+            jnp.broadcast_to(1 + jnp.arange(query_length), query_ids.shape),
+            1 + query_lengths_Q[doc_query][:, None] + jnp.arange(doc_length)[None, :],
+        )
+        types = Groups(jnp.zeros_like(ids.cls), jnp.zeros_like(query_ids), jnp.ones_like(doc_ids))
+        # Padding rows may point past the position table; their results are discarded, so clamp them.
+        positions_T = jnp.minimum(layout.join(positions), cfg.max_position_embeddings - 1)
+        x_TxF = self.embeddings(layout.join(ids), positions_T, layout.join(types))
+
+        # Two dropout sites per layer, then the embeddings and the pooled output.
+        rngs = [None] * (2 * cfg.num_hidden_layers + 2)
+        if dropout_rng is not None:
+            rngs = list(jax.random.split(dropout_rng, len(rngs)))
+        x_TxF = _dropout(x_TxF, cfg.hidden_dropout_prob, rngs[-1])
+
+        masks = (query_ids != cfg.pad_token_id, doc_ids != cfg.pad_token_id, doc_query)
+        hidden = [layout.split(x_TxF)] if return_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            x_TxF = layer(
+                x_TxF, layout, masks, impl=self.attention_impl, interpret=self.interpret,
+                dropout_rngs=rngs[2 * i : 2 * i + 2],
+            )
+            if hidden is not None:
+                hidden.append(layout.split(x_TxF))
+
+        cls_DxF = x_TxF[:num_docs]
+        pooled = jnp.tanh(self.pooler(cls_DxF))
+        scores_D = self.classifier(_dropout(pooled, cfg.hidden_dropout_prob, rngs[-2]))[:, 0].astype(jnp.float32)
+        if return_hidden_states:
+            return scores_D, tuple(hidden)
+        return scores_D

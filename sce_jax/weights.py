@@ -1,0 +1,180 @@
+"""Hugging Face BERT state dicts <-> sce_jax parameter trees, and position-table extension."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sce_jax.config import SparseCrossEncoderConfig
+
+# Keys a Hugging Face checkpoint may carry that hold no parameters.
+_IGNORED_KEYS = ("bert.embeddings.position_ids",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model config (names the offending tensors)."""
+
+
+def _mapping(config: SparseCrossEncoderConfig) -> Iterator[tuple[tuple, tuple[str, ...], str]]:
+    """(path in the sce_jax tree, Hugging Face keys, kind) for every parameter.
+
+    kind "linear": HF weight [out, in] is our kernel [in, out]; "qkv": three HF linears fused into one kernel;
+    "copy": same array.
+    """
+    emb = "bert.embeddings"
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        yield ("embeddings", name, "embedding"), (f"{emb}.{name}.weight",), "copy"
+    yield ("embeddings", "layer_norm", "scale"), (f"{emb}.LayerNorm.weight",), "copy"
+    yield ("embeddings", "layer_norm", "bias"), (f"{emb}.LayerNorm.bias",), "copy"
+    for i in range(config.num_hidden_layers):
+        hf = f"bert.encoder.layer.{i}"
+        ours = ("layers", i)
+        qkv = [f"{hf}.attention.self.{n}" for n in ("query", "key", "value")]
+        yield (*ours, "qkv", "kernel"), tuple(f"{k}.weight" for k in qkv), "qkv"
+        yield (*ours, "qkv", "bias"), tuple(f"{k}.bias" for k in qkv), "qkv"
+        for name, hf_name in (
+            ("attention_output", "attention.output.dense"),
+            ("intermediate", "intermediate.dense"),
+            ("output", "output.dense"),
+        ):
+            yield (*ours, name, "kernel"), (f"{hf}.{hf_name}.weight",), "linear"
+            yield (*ours, name, "bias"), (f"{hf}.{hf_name}.bias",), "copy"
+        for name, hf_name in (("attention_norm", "attention.output.LayerNorm"), ("output_norm", "output.LayerNorm")):
+            yield (*ours, name, "scale"), (f"{hf}.{hf_name}.weight",), "copy"
+            yield (*ours, name, "bias"), (f"{hf}.{hf_name}.bias",), "copy"
+    for name, hf_name in (("pooler", "bert.pooler.dense"), ("classifier", "classifier")):
+        yield (name, "kernel"), (f"{hf_name}.weight",), "linear"
+        yield (name, "bias"), (f"{hf_name}.bias",), "copy"
+
+
+def param_shapes(config: SparseCrossEncoderConfig) -> dict:
+    """The parameter tree of a model with this config, as shapes (nothing is allocated)."""
+    from flax import nnx
+
+    from sce_jax.model import SparseCrossEncoderModel
+
+    abstract = nnx.eval_shape(lambda: SparseCrossEncoderModel(config, rngs=nnx.Rngs(0)))
+    return jax.tree.map(lambda x: tuple(x.shape), nnx.state(abstract, nnx.Param).to_pure_dict())
+
+
+def _expected_hf_shapes(config: SparseCrossEncoderConfig) -> dict[str, tuple[int, ...]]:
+    ours = param_shapes(config)
+    shapes = {}
+    for path, keys, kind in _mapping(config):
+        shape = _get(ours, path)
+        if kind == "copy":
+            shapes[keys[0]] = shape
+        elif kind == "linear":
+            shapes[keys[0]] = shape[::-1]
+        else:
+            per_key = (*shape[:-1], shape[-1] // 3)
+            shapes.update({key: per_key[::-1] for key in keys})
+    return shapes
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple) -> Any:
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def hf_to_params(state: dict[str, np.ndarray], config: SparseCrossEncoderConfig, *, source: str = "checkpoint") -> dict:
+    """Map a Hugging Face BertForSequenceClassification state dict to the sce_jax parameter tree."""
+    expected = _expected_hf_shapes(config)
+    present = {k for k in state if k not in _IGNORED_KEYS}
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} (expected {expected[k]})"
+        for k in sorted(present & set(expected))
+        if tuple(state[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append("missing tensors: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected tensors: " + ", ".join(unexpected))
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong))
+    if problems:
+        raise CheckpointError(f"{source} does not match its config:\n  " + "\n  ".join(problems))
+
+    params: dict = {}
+    for path, keys, kind in _mapping(config):
+        arrays = [np.asarray(state[k], dtype=np.float32) for k in keys]
+        if kind == "copy":
+            value = arrays[0]
+        elif kind == "linear":
+            value = arrays[0].T
+        else:  # qkv: weights [out, in] -> kernel [in, 3·out]; biases concatenate
+            value = np.concatenate([a.T if a.ndim == 2 else a for a in arrays], axis=-1)
+        _set(params, path, np.ascontiguousarray(value))
+    return params
+
+
+def params_to_hf(params: dict, config: SparseCrossEncoderConfig) -> dict[str, np.ndarray]:
+    """The inverse of `hf_to_params`: original key names, float32 numpy arrays."""
+    state = {}
+    for path, keys, kind in _mapping(config):
+        value = np.asarray(_get(params, path), dtype=np.float32)
+        if kind == "copy":
+            state[keys[0]] = value
+        elif kind == "linear":
+            state[keys[0]] = value.T
+        else:
+            for key, part in zip(keys, np.split(value, 3, axis=-1)):
+                state[key] = part.T if part.ndim == 2 else part
+    return {k: np.ascontiguousarray(v) for k, v in state.items()}
+
+
+def read_hf_state_dict(directory: str | Path) -> dict[str, np.ndarray]:
+    """Read model.safetensors (no torch needed) or pytorch_model.bin (needs torch) from a HF model directory."""
+    directory = Path(directory)
+    safetensors_file = directory / "model.safetensors"
+    bin_file = directory / "pytorch_model.bin"
+    if safetensors_file.exists():
+        from safetensors.numpy import load_file
+
+        return load_file(str(safetensors_file))
+    if bin_file.exists():
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(
+                f"{bin_file} is a PyTorch pickle and reading it needs torch: pip install 'sce-jax[torch]' "
+                "(or provide model.safetensors)"
+            ) from None
+        # weights_only: a checkpoint must never be able to run code.
+        state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+    raise CheckpointError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
+
+
+def extend_position_embeddings(table: np.ndarray, new_length: int, trained_length: int | None = None) -> np.ndarray:
+    """Stretch a position table to `new_length` rows by linear interpolation.
+
+    The first `trained_length` rows (default: all) are taken as the trained part and resampled evenly onto
+    `new_length` rows: new row i reads the old table at fractional position i·(trained_length-1)/(new_length-1),
+    interpolating linearly between its two neighbours. Deterministic; row 0 and the last trained row are kept.
+    """
+    old_length = table.shape[0]
+    trained_length = old_length if trained_length is None else trained_length
+    if not 2 <= trained_length <= old_length:
+        raise ValueError(f"trained_length must be in [2, {old_length}], got {trained_length}")
+    if new_length < old_length:
+        raise ValueError(f"cannot extend {old_length} positions to fewer ({new_length})")
+    source = np.linspace(0.0, trained_length - 1, new_length)
+    low = np.floor(source).astype(int)
+    high = np.minimum(low + 1, trained_length - 1)
+    frac = (source - low)[:, None]
+    return ((1.0 - frac) * table[low] + frac * table[high]).astype(table.dtype)

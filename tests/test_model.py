@@ -1,0 +1,163 @@
+"""The model against Hugging Face torch (full pattern) and an independent numpy reference (sparse patterns)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dense_reference
+from sce_jax.batch import make_batch
+from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig
+from sce_jax.encoder import build_model
+from sce_jax.weights import hf_to_params, read_hf_state_dict
+
+QUERIES = ["what did the hubble telescope achieve", "how to exit vim?"]
+DOCS = [  # (query index, text)
+    (0, "The Hubble telescope discovered two moons of Pluto, Nix and Hydra."),
+    (1, "Press ESC, then type :wq and hit Enter to save and leave Vim."),
+    (0, "Edwin Hubble, an astronomer with great achievement, completely reimagined our place in the universe; "
+        "the telescope is named after him and has photographed galaxies billions of light years away."),
+    (1, "Vim."),
+    (0, "Telescopes in orbit avoid the blur of the atmosphere."),
+]
+RELEASED = {
+    "cls_query_attention": True, "cls_doc_attention": True, "query_cls_attention": False,
+    "query_doc_attention": False, "doc_cls_attention": True, "doc_query_attention": True,
+}
+ALL_TRUE = dict.fromkeys(PATTERN_FLAGS, True)
+
+
+@functools.lru_cache(maxsize=None)
+def _tokens(model_dir: str):
+    """Token ids the way the original feeds them, computed with transformers' own truncation."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    sep = tok.sep_token_id
+    queries = [tok(q, truncation=True, max_length=32).input_ids[1:] + [sep] for q in QUERIES]
+    docs = [tok(d, truncation=True, max_length=128).input_ids[1:] + [sep] for _, d in DOCS]
+    return queries, docs
+
+
+@functools.lru_cache(maxsize=None)
+def _state_and_config(model_dir: str):
+    return read_hf_state_dict(model_dir), json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def _batch(model_dir, *, extra_doc_slots=1, doc_length=64):
+    queries, docs = _tokens(str(model_dir))
+    return make_batch(
+        queries, docs, [q for q, _ in DOCS],
+        query_length=24, doc_length=doc_length, num_queries=len(queries) + 1, num_docs=len(docs) + extra_doc_slots,
+    )
+
+
+def _model(model_dir, pattern, window, impl="xla"):
+    state, hf_config = _state_and_config(str(model_dir))
+    config = SparseCrossEncoderConfig.from_hf_dict(hf_config).replace(attention_window_size=window, **pattern)
+    return build_model(config, hf_to_params(state, config), attention_impl=impl)
+
+
+def test_full_pattern_matches_hf_torch(minilm_hf_dir):
+    """Logits and every layer's hidden states of all groups equal BertForSequenceClassification's."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    hf = BertForSequenceClassification.from_pretrained(str(minilm_hf_dir)).eval()
+    model = _model(minilm_hf_dir, ALL_TRUE, None)
+    assert model.config.is_full_attention
+    batch = _batch(minilm_hf_dir)
+    scores, hidden = model(batch, return_hidden_states=True)
+    queries, docs = _tokens(str(minilm_hf_dir))
+    max_diff = {"logits": 0.0, "hidden": 0.0}
+    for d, ((q, _), doc) in enumerate(zip(DOCS, docs)):
+        ids = [101, *queries[q], *doc]
+        types = [0] * (1 + len(queries[q])) + [1] * len(doc)
+        with torch.no_grad():
+            out = hf(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types]), output_hidden_states=True)
+        np.testing.assert_allclose(scores[d], out.logits[0, 0].item(), atol=1e-5)
+        max_diff["logits"] = max(max_diff["logits"], abs(float(scores[d]) - out.logits[0, 0].item()))
+        for layer, ref in zip(hidden, out.hidden_states):
+            ref = ref[0].numpy()
+            ours = np.concatenate(
+                [np.asarray(layer.cls[d])[None], np.asarray(layer.query[d, : len(queries[q])]), np.asarray(layer.doc[d, : len(doc)])]
+            )
+            np.testing.assert_allclose(ours, ref, atol=1e-5)
+            max_diff["hidden"] = max(max_diff["hidden"], float(np.abs(ours - ref).max()))
+    print(f"full pattern vs HF torch: max |diff| {max_diff}")
+
+
+CASES = [
+    ("released", RELEASED, 1, "xla"),
+    ("released", RELEASED, 4, "xla"),
+    ("released", RELEASED, 16, "xla"),
+    ("released", RELEASED, 4, "dense"),
+    ("released", RELEASED, 16, "dense"),
+    ("all-true-windowed", ALL_TRUE, 4, "xla"),
+    ("query-sees-doc", {**RELEASED, "query_doc_attention": True}, 4, "xla"),
+    ("query-sees-cls", {**RELEASED, "query_cls_attention": True}, 1, "xla"),
+    ("no-cls-links", {**RELEASED, "cls_doc_attention": False, "doc_cls_attention": False}, 4, "xla"),
+    ("doc-alone", {**RELEASED, "doc_query_attention": False, "doc_cls_attention": False}, 16, "dense"),
+    ("cls-blind", {**RELEASED, "cls_query_attention": False}, None, "xla"),
+]
+
+
+@pytest.mark.parametrize("name,pattern,window,impl", CASES, ids=[f"{c[0]}-w{c[2]}-{c[3]}" for c in CASES])
+def test_sparse_matches_dense_numpy_reference(minilm_hf_dir, name, pattern, window, impl):
+    state, hf_config = _state_and_config(str(minilm_hf_dir))
+    model = _model(minilm_hf_dir, pattern, window, impl)
+    scores, hidden = model(_batch(minilm_hf_dir), return_hidden_states=True)
+    queries, docs = _tokens(str(minilm_hf_dir))
+    diffs = []
+    for d, ((q, _), doc) in enumerate(zip(DOCS, docs)):
+        logit, ref_hidden = dense_reference.forward(state, hf_config, queries[q], doc, pattern, window)
+        diffs.append(abs(float(scores[d]) - logit))
+        last = hidden[-1]
+        doc_rows = np.asarray(last.doc[d, : len(doc)])
+        np.testing.assert_allclose(doc_rows, ref_hidden[-1, 1 + len(queries[q]) :], atol=1e-5)
+    print(f"{name} window={window} impl={impl}: max |logit diff| {max(diffs):.2e}")
+    assert max(diffs) <= 1e-5
+
+
+def test_scores_do_not_depend_on_batch_mates_or_padding(minilm_hf_dir):
+    model = _model(minilm_hf_dir, RELEASED, 4)
+    queries, docs = _tokens(str(minilm_hf_dir))
+    reference = np.asarray(model(_batch(minilm_hf_dir, extra_doc_slots=0, doc_length=48)))
+    # More padding documents and a longer padded length.
+    padded = np.asarray(model(_batch(minilm_hf_dir, extra_doc_slots=5, doc_length=96)))[: len(DOCS)]
+    np.testing.assert_allclose(padded, reference, atol=1e-6)
+    # Each document alone with its query.
+    for d, (q, _) in enumerate(DOCS):
+        alone = make_batch([queries[q]], [docs[d]], [0], query_length=24, doc_length=48)
+        np.testing.assert_allclose(np.asarray(model(alone))[0], reference[d], atol=1e-6)
+
+
+def test_doc_tokens_outside_window_get_zero_gradient(tiny_hf_dir):
+    """One layer: a document token's output depends only on document tokens within ±w."""
+    window = 2
+    model = _model(tiny_hf_dir, RELEASED, window)
+    queries, docs = _tokens(str(tiny_hf_dir))
+    batch = make_batch([queries[0]], [docs[2]], [0], query_length=16, doc_length=48)
+    cfg = model.config
+    layer = model.layers[0]
+    x = jax.random.normal(jax.random.key(0), (1 + 16 + 48, cfg.hidden_size))
+    from sce_jax.model import _Layout
+
+    layout = _Layout(1, 1, 16, 48)
+    masks = (jnp.asarray(batch.query_ids != 0), jnp.asarray(batch.doc_ids != 0), jnp.asarray(batch.doc_query))
+    row = 20
+
+    def doc_output(x):
+        out = layer(x, layout, masks, impl="xla", interpret=False, dropout_rngs=[None, None])
+        return layout.split(out).doc[0, row].sum()
+
+    grad_doc = np.abs(np.asarray(layout.split(jax.grad(doc_output)(x)).doc[0])).sum(-1)
+    near = np.abs(np.arange(48) - row) <= window
+    assert np.all(grad_doc[~near] == 0)
+    assert np.all(grad_doc[near & (batch.doc_ids[0] != 0)] > 0)
