@@ -135,3 +135,9 @@ class SparseCrossEncoderConfig:
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+
+def released_pattern() -> dict[str, Any]:
+    """The released models' window and flags (the config defaults), e.g. to make a full cross-encoder sparse."""
+    default = SparseCrossEncoderConfig()
+    return {name: getattr(default, name) for name in ("attention_window_size", *PATTERN_FLAGS)}

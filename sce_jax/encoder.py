@@ -47,7 +47,7 @@ def build_model(
         )
     )
     graphdef, state = nnx.split(abstract)
-    state.replace_by_pure_dict(jax.tree.map(jnp.asarray, params))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state)
 
 
@@ -84,12 +84,12 @@ class SparseCrossEncoder:
         self.mesh = Mesh(np.array(local[: devices or len(local)]), ("docs",))
         graphdef, state = nnx.split(model)
         self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
-        # Each device scores its share of the documents against all queries of the batch (few, and short).
+        # A step stacks one batch per device (queries and documents); `doc_query` indexes the device's own queries.
         self._forward = jax.jit(
             jax.shard_map(
                 lambda state, batch: nnx.merge(graphdef, state)(batch),
                 mesh=self.mesh,
-                in_specs=(P(), Batch(P(), P("docs"), P("docs"))),
+                in_specs=(P(), Batch(P("docs"), P("docs"), P("docs"))),
                 out_specs=P("docs"),
             )
         )
@@ -205,9 +205,10 @@ class SparseCrossEncoder:
 
         Documents are sorted into length buckets; within a bucket, documents of the same query stay together
         so a batch needs few query slots. Shapes come from a small fixed set: document length from
-        `length_buckets`, query slots a power of two, document slots `batch_size` (fewer for long documents,
-        so a batch holds at most `max_tokens_per_batch` tokens). A document's score does not depend on its
-        batch mates.
+        `length_buckets`, query slots a power of two (one per length bucket), document slots `batch_size`
+        (fewer for long documents, so a batch holds at most `max_tokens_per_batch` tokens). A document's score
+        does not depend on its batch mates; with several devices, each device scores whole batches, so scores
+        are bit-identical for any device count.
         """
         num_docs = len(doc_tokens)
         scores = np.zeros(num_docs, np.float32)
@@ -231,28 +232,47 @@ class SparseCrossEncoder:
         while start < num_docs:
             length = doc_bucket[order[start]]
             slots = min(batch_size, _power_of_two_at_most(max_tokens_per_batch // length))
-            slots = -(-slots // self.mesh.size) * self.mesh.size  # every device gets the same number
             end = start
             while end < num_docs and end - start < slots and doc_bucket[order[end]] == length:
                 end += 1
             batches.append((order[start:end], length, slots))
             start = end
+        # Query slots: one count per length bucket, so a batch's shapes do not depend on its neighbours.
+        query_slots = {}
+        for indices, length, _ in batches:
+            needed = _power_of_two_at_least(len(np.unique(doc_query[indices])))
+            query_slots[length] = max(query_slots.get(length, 1), needed)
+        # With several devices, each scores one batch per step, exactly as a single device would (same shapes,
+        # same batch mates), so scores do not depend on the device count. Steps hold batches of one shape.
+        num_devices = self.mesh.size
+        steps = []
+        for batch in batches:
+            if steps and len(steps[-1]) < num_devices and steps[-1][0][1:] == batch[1:]:
+                steps[-1].append(batch)
+            else:
+                steps.append([batch])
 
         bar = tqdm(total=num_docs, unit="doc", desc="scoring", disable=not progress, smoothing=0.1)
-        for indices, length, slots in batches:
-            queries, local_query = np.unique(doc_query[indices], return_inverse=True)
-            batch = make_batch(
-                [query_tokens[q] for q in queries],
-                [doc_tokens[i] for i in indices],
-                local_query,
-                query_length=query_length,
-                doc_length=length,
-                num_queries=_power_of_two_at_least(len(queries)),
-                num_docs=slots,
-                pad_id=self.config.pad_token_id,
-            )
+        for step in steps:
+            _, length, slots = step[0]
+            parts = []
+            for indices, _, _ in step + [(np.zeros(0, np.int64), length, slots)] * (num_devices - len(step)):
+                queries, local_query = np.unique(doc_query[indices], return_inverse=True)
+                parts.append(make_batch(
+                    [query_tokens[q] for q in queries],
+                    [doc_tokens[i] for i in indices],
+                    local_query,
+                    query_length=query_length,
+                    doc_length=length,
+                    num_queries=query_slots[length],
+                    num_docs=slots,
+                    pad_id=self.config.pad_token_id,
+                ))
+            batch = Batch(*(np.concatenate(arrays) for arrays in zip(*parts)))
             self.compiled_shapes.add(tuple(a.shape for a in batch))
-            scores[indices] = np.asarray(self._forward(self._state, batch))[: len(indices)]
-            bar.update(len(indices))
+            step_scores = np.asarray(self._forward(self._state, batch)).reshape(num_devices, slots)
+            for (indices, _, _), device_scores in zip(step, step_scores):
+                scores[indices] = device_scores[: len(indices)]
+            bar.update(sum(len(indices) for indices, _, _ in step))
         bar.close()
         return scores

@@ -58,7 +58,7 @@ def param_shapes(config: SparseCrossEncoderConfig) -> dict:
     from sce_jax.model import SparseCrossEncoderModel
 
     abstract = nnx.eval_shape(lambda: SparseCrossEncoderModel(config, rngs=nnx.Rngs(0)))
-    return jax.tree.map(lambda x: tuple(x.shape), nnx.state(abstract, nnx.Param).to_pure_dict())
+    return jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
 
 
 def _expected_hf_shapes(config: SparseCrossEncoderConfig) -> dict[str, tuple[int, ...]]:

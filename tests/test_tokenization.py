@@ -1,0 +1,65 @@
+"""Tokenization against the original pipeline, computed with transformers' own truncation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sce_jax import SparseCrossEncoder
+from sce_jax.tokenization import QueryDocTokenizer
+
+LONG_QUERY = "what are the long term effects of " + "very " * 40 + "strong coffee"
+QUERIES = ["hubble telescope achievements", LONG_QUERY]
+DOCS = ["The Hubble telescope discovered two moons of Pluto.", "Coffee " * 300, "x"]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir))
+
+
+@pytest.mark.parametrize("max_length", [64, 512])
+def test_matches_original_pipeline(minilm_dir, hf_tokenizer, max_length):
+    tok = QueryDocTokenizer.from_dir(minilm_dir, max_length=max_length, max_query_length=32)
+    sep = hf_tokenizer.sep_token_id
+    for query in QUERIES:
+        # The original: query ids without [CLS] (max 32 with it), then one more [SEP].
+        original_q = hf_tokenizer(query, truncation=True, max_length=32).input_ids[1:]
+        (ours_q,) = tok.encode_queries([query])
+        assert ours_q == original_q + [sep]
+        ours_docs = tok.encode_docs([ours_q] * len(DOCS), DOCS)
+        for doc, ours_d in zip(DOCS, ours_docs):
+            # Our budget is the original's minus 2, so every position (with the appended [SEP]s) fits.
+            original_d = hf_tokenizer(doc, truncation=True, max_length=max_length - len(original_q) - 2).input_ids[1:]
+            assert ours_d == original_d + [sep]
+            assert 1 + len(ours_q) + len(ours_d) <= max_length
+    assert len(tok.encode_queries([LONG_QUERY])[0]) == 32
+
+
+def test_truncated_document_fills_the_positions_exactly(minilm_dir):
+    tok = QueryDocTokenizer.from_dir(minilm_dir, max_length=64)
+    (q,) = tok.encode_queries(["coffee"])
+    (d,) = tok.encode_docs([q], ["coffee " * 200])
+    assert 1 + len(q) + len(d) == 64
+    (whole,) = tok.encode_docs([q], ["coffee " * 200], truncate=False)
+    assert len(whole) == 200
+
+
+def test_score_keeps_input_order_and_ignores_batch_mates(tiny_hf_dir):
+    encoder = SparseCrossEncoder.load(tiny_hf_dir, max_length=128)
+    docs = ["short", "a much longer document " * 8, "medium length text here", "x " * 60]
+    together = encoder.score("query text", docs, batch_size=2)
+    alone = np.array([encoder.score("query text", [d])[0] for d in docs])
+    reversed_order = encoder.score("query text", docs[::-1], batch_size=4)[::-1]
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    np.testing.assert_allclose(together, reversed_order, atol=1e-6)
+    assert len(set(together.tolist())) == len(docs)
+
+
+def test_errors_are_clear(tiny_hf_dir, tmp_path):
+    with pytest.raises(ValueError, match="exceeds the model's 128 positions"):
+        SparseCrossEncoder.load(tiny_hf_dir, max_length=512)
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        QueryDocTokenizer.from_dir(tmp_path)
