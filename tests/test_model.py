@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import dense_reference
+from flax import nnx
 from sce_jax.batch import make_batch
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig
 from sce_jax.encoder import build_model
@@ -58,6 +59,11 @@ def _batch(model_dir, *, extra_doc_slots=1, doc_length=64):
     )
 
 
+@nnx.jit(static_argnames="hidden")
+def _run(model, batch, hidden=False):
+    return model(batch, return_hidden_states=hidden)
+
+
 def _model(model_dir, pattern, window, impl="xla"):
     state, hf_config = _state_and_config(str(model_dir))
     config = SparseCrossEncoderConfig.from_hf_dict(hf_config).replace(attention_window_size=window, **pattern)
@@ -73,7 +79,7 @@ def test_full_pattern_matches_hf_torch(minilm_hf_dir):
     model = _model(minilm_hf_dir, ALL_TRUE, None)
     assert model.config.is_full_attention
     batch = _batch(minilm_hf_dir)
-    scores, hidden = model(batch, return_hidden_states=True)
+    scores, hidden = _run(model, batch, hidden=True)
     queries, docs = _tokens(str(minilm_hf_dir))
     max_diff = {"logits": 0.0, "hidden": 0.0}
     for d, ((q, _), doc) in enumerate(zip(DOCS, docs)):
@@ -93,27 +99,30 @@ def test_full_pattern_matches_hf_torch(minilm_hf_dir):
     print(f"full pattern vs HF torch: max |diff| {max_diff}")
 
 
+# (name, pattern, window, impl, weights): the real MiniLM-L6 weights for the released pattern, the tiny random
+# model (fast) for the sweep over windows and flags.
 CASES = [
-    ("released", RELEASED, 1, "xla"),
-    ("released", RELEASED, 4, "xla"),
-    ("released", RELEASED, 16, "xla"),
-    ("released", RELEASED, 4, "dense"),
-    ("released", RELEASED, 16, "dense"),
-    ("all-true-windowed", ALL_TRUE, 4, "xla"),
-    ("query-sees-doc", {**RELEASED, "query_doc_attention": True}, 4, "xla"),
-    ("query-sees-cls", {**RELEASED, "query_cls_attention": True}, 1, "xla"),
-    ("no-cls-links", {**RELEASED, "cls_doc_attention": False, "doc_cls_attention": False}, 4, "xla"),
-    ("doc-alone", {**RELEASED, "doc_query_attention": False, "doc_cls_attention": False}, 16, "dense"),
-    ("cls-blind", {**RELEASED, "cls_query_attention": False}, None, "xla"),
+    ("released", RELEASED, 4, "xla", "minilm"),
+    ("released", RELEASED, 16, "dense", "minilm"),
+    ("released", RELEASED, 1, "xla", "tiny"),
+    ("released", RELEASED, 16, "xla", "tiny"),
+    ("released", RELEASED, 1, "dense", "tiny"),
+    ("all-true-windowed", ALL_TRUE, 4, "xla", "tiny"),
+    ("query-sees-doc", {**RELEASED, "query_doc_attention": True}, 4, "xla", "tiny"),
+    ("query-sees-cls", {**RELEASED, "query_cls_attention": True}, 1, "xla", "tiny"),
+    ("no-cls-links", {**RELEASED, "cls_doc_attention": False, "doc_cls_attention": False}, 4, "xla", "tiny"),
+    ("doc-alone", {**RELEASED, "doc_query_attention": False, "doc_cls_attention": False}, 16, "dense", "tiny"),
+    ("cls-blind", {**RELEASED, "cls_query_attention": False}, None, "xla", "tiny"),
 ]
 
 
-@pytest.mark.parametrize("name,pattern,window,impl", CASES, ids=[f"{c[0]}-w{c[2]}-{c[3]}" for c in CASES])
-def test_sparse_matches_dense_numpy_reference(minilm_hf_dir, name, pattern, window, impl):
-    state, hf_config = _state_and_config(str(minilm_hf_dir))
-    model = _model(minilm_hf_dir, pattern, window, impl)
-    scores, hidden = model(_batch(minilm_hf_dir), return_hidden_states=True)
-    queries, docs = _tokens(str(minilm_hf_dir))
+@pytest.mark.parametrize("name,pattern,window,impl,weights", CASES, ids=[f"{c[0]}-w{c[2]}-{c[3]}-{c[4]}" for c in CASES])
+def test_sparse_matches_dense_numpy_reference(request, name, pattern, window, impl, weights):
+    model_dir = request.getfixturevalue("minilm_hf_dir" if weights == "minilm" else "tiny_hf_dir")
+    state, hf_config = _state_and_config(str(model_dir))
+    model = _model(model_dir, pattern, window, impl)
+    scores, hidden = _run(model, _batch(model_dir), hidden=True)
+    queries, docs = _tokens(str(model_dir))
     diffs = []
     for d, ((q, _), doc) in enumerate(zip(DOCS, docs)):
         logit, ref_hidden = dense_reference.forward(state, hf_config, queries[q], doc, pattern, window)
@@ -128,14 +137,14 @@ def test_sparse_matches_dense_numpy_reference(minilm_hf_dir, name, pattern, wind
 def test_scores_do_not_depend_on_batch_mates_or_padding(minilm_hf_dir):
     model = _model(minilm_hf_dir, RELEASED, 4)
     queries, docs = _tokens(str(minilm_hf_dir))
-    reference = np.asarray(model(_batch(minilm_hf_dir, extra_doc_slots=0, doc_length=48)))
+    reference = np.asarray(_run(model, _batch(minilm_hf_dir, extra_doc_slots=0, doc_length=48)))
     # More padding documents and a longer padded length.
-    padded = np.asarray(model(_batch(minilm_hf_dir, extra_doc_slots=5, doc_length=96)))[: len(DOCS)]
+    padded = np.asarray(_run(model, _batch(minilm_hf_dir, extra_doc_slots=5, doc_length=96)))[: len(DOCS)]
     np.testing.assert_allclose(padded, reference, atol=1e-6)
     # Each document alone with its query.
     for d, (q, _) in enumerate(DOCS):
         alone = make_batch([queries[q]], [docs[d]], [0], query_length=24, doc_length=48)
-        np.testing.assert_allclose(np.asarray(model(alone))[0], reference[d], atol=1e-6)
+        np.testing.assert_allclose(np.asarray(_run(model, alone))[0], reference[d], atol=1e-6)
 
 
 def test_doc_tokens_outside_window_get_zero_gradient(tiny_hf_dir):
@@ -157,7 +166,21 @@ def test_doc_tokens_outside_window_get_zero_gradient(tiny_hf_dir):
         out = layer(x, layout, masks, impl="xla", interpret=False, dropout_rngs=[None, None])
         return layout.split(out).doc[0, row].sum()
 
-    grad_doc = np.abs(np.asarray(layout.split(jax.grad(doc_output)(x)).doc[0])).sum(-1)
+    grad_doc = np.abs(np.asarray(layout.split(jax.jit(jax.grad(doc_output))(x)).doc[0])).sum(-1)
     near = np.abs(np.arange(48) - row) <= window
     assert np.all(grad_doc[~near] == 0)
     assert np.all(grad_doc[near & (batch.doc_ids[0] != 0)] > 0)
+
+
+def test_bfloat16_compute_stays_close_to_float32(tiny_hf_dir):
+    state, hf_config = _state_and_config(str(tiny_hf_dir))
+    config = SparseCrossEncoderConfig.from_hf_dict(hf_config).replace(attention_window_size=4, **RELEASED)
+    params = hf_to_params(state, config)
+    batch = _batch(tiny_hf_dir, doc_length=48)
+    full = np.asarray(_run(build_model(config, params), batch))
+    half_model = build_model(config, params, dtype="bfloat16")
+    half = np.asarray(_run(half_model, batch))
+    assert half.dtype == np.float32
+    assert half_model.layers[0].qkv.kernel[...].dtype == jnp.float32  # float32 master weights
+    np.testing.assert_allclose(half, full, atol=2e-2)
+    assert not np.array_equal(half, full)
