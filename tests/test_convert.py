@@ -149,3 +149,18 @@ def test_position_extension_interpolates_linearly(tiny_hf_dir, tmp_path):
     encoder = SparseCrossEncoder.load(out, max_length=256)
     assert encoder.config.max_position_embeddings == 256
     assert np.isfinite(encoder.score("cat", ["the cat " * 100])).all()
+
+
+def test_hub_id_loads_from_the_local_hub_cache(tiny_hf_dir, tmp_path, monkeypatch):
+    """The hub code path, offline: a model already in the Hugging Face cache loads by its id."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "models--webis--tiny-test" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_hf_dir, snapshot)
+    (tmp_path / "models--webis--tiny-test" / "refs").mkdir()
+    (tmp_path / "models--webis--tiny-test" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    _, params, directory = load_model_dir("webis/tiny-test")
+    assert directory == snapshot
+    _, expected, _ = load_model_dir(tiny_hf_dir)
+    _assert_trees_equal(params, expected)
