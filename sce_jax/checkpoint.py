@@ -26,7 +26,13 @@ _HUB_PATTERNS = ["config.json", "model.safetensors", "pytorch_model.bin", *TOKEN
 
 def abstract_params(config: SparseCrossEncoderConfig) -> dict:
     """Parameter tree of ShapeDtypeStructs, the restore target that also validates shapes."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, np.float32), param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    # An explicit single-device sharding lets Orbax restore arrays that were saved split across devices.
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, np.float32, sharding=sharding),
+        param_shapes(config),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def copy_tokenizer_files(source: str | Path, destination: str | Path) -> None:

@@ -1,0 +1,524 @@
+"""Fine-tuning: `python -m sce_jax.train --config configs/train.yaml [--flag value ...]`.
+
+The optimizer step is one jitted pure function over a global batch that a `Mesh` with one `data` axis splits
+across devices (and hosts). Checkpoints are Orbax `CheckpointManager` steps in OUTPUT_DIR/checkpoints with the
+items `params` (the model's pure parameter tree, what `sce_jax.checkpoint.load_model_dir` reads), `opt_state`
+and `progress` (step, stream position, dropout key). See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from sce_jax.batch import Batch
+from sce_jax.checkpoint import CHECKPOINTS_DIR, copy_tokenizer_files, load_model_dir
+from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig
+from sce_jax.encoder import DTYPES, SparseCrossEncoder, build_model
+from sce_jax.losses import LOSSES, get_loss
+from sce_jax.runs import InputError, atomic_write
+from sce_jax.tokenization import QueryDocTokenizer
+from sce_jax.train_data import BatchStream, TrainBatch, TrainDataError, load_samples
+from sce_jax.weights import CheckpointError
+
+SCHEDULES = ("constant", "linear")
+# The released models' attention pattern (the config defaults), and a standard cross-encoder's.
+PATTERNS = {
+    "sparse": {flag: getattr(SparseCrossEncoderConfig(), flag) for flag in PATTERN_FLAGS},
+    "full": dict.fromkeys(PATTERN_FLAGS, True),
+}
+RESOLVED_CONFIG = "train_config.yaml"
+METRICS = "metrics.jsonl"
+
+
+class ConfigError(InputError):
+    pass
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every training option; YAML keys and command-line flags (`--learning-rate`) share these names."""
+
+    model: str = "cross-encoder/ms-marco-MiniLM-L-6-v2"
+    attention_window: int | str | None = None  # an int, "full" (no window), or None: keep the model's
+    attention_pattern: str | None = None  # "sparse" or "full", or None: keep the model's
+    attention_impl: str = "auto"
+    train_data: str = "msmarco-passage/train/kd-docpairs"
+    output_dir: str = "runs/train"
+    steps: int = 100_000
+    batch_size: int = 32  # global, over all devices and hosts
+    grad_accum: int = 1
+    learning_rate: float = 7e-6
+    warmup_steps: int = 1000
+    schedule: str = "constant"  # after warm-up: constant, or linear decay to 0 at `steps`
+    weight_decay: float = 0.01  # torch.optim.AdamW's default, which the original used
+    max_grad_norm: float | None = None
+    loss: str = "margin-mse"
+    max_length: int = 512
+    max_query_length: int = 32
+    save_every: int = 5000
+    keep_checkpoints: int = 3
+    devices: int | None = None  # local devices per host; None: all
+    seed: int = 42
+    resume: bool = False
+    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    dropout: float | None = None  # overrides the model's dropout probabilities; None: keep them
+    log_every: int = 1
+    eval_run: str | None = None
+    eval_qrels: str | None = None
+    eval_every: int = 5000
+    eval_measure: str = "nDCG@10"
+    eval_depth: int = 100
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ConfigError(message)
+
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "max_query_length", "save_every",
+                     "keep_checkpoints", "log_every", "eval_every", "eval_depth"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        need(self.loss in LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        need(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        need(self.attention_pattern in (None, *PATTERNS), f"attention_pattern must be one of {', '.join(PATTERNS)}")
+        need(self.attention_window in (None, "full") or isinstance(self.attention_window, int),
+             f"attention_window must be an int, 'full' or null, got {self.attention_window!r}")
+        need(self.devices is None or self.devices >= 1, f"devices must be >= 1, got {self.devices}")
+        need(self.dropout is None or 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.batch_size % self.grad_accum == 0,
+             f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        need((self.eval_run is None) == (self.eval_qrels is None), "eval_run and eval_qrels go together")
+
+    @property
+    def model_overrides(self) -> dict:
+        overrides = dict(PATTERNS[self.attention_pattern]) if self.attention_pattern else {}
+        if self.attention_window is not None:
+            overrides["attention_window_size"] = None if self.attention_window == "full" else self.attention_window
+        if self.dropout is not None:
+            overrides.update(hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout)
+        return overrides
+
+
+def _field_types() -> dict[str, type]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _parse_value(name: str, text: str):
+    """A flag's string as the field's type (`int | None` accepts `none`/`null`)."""
+    hint = _field_types()[name]
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if type(None) in options and text.lower() in ("none", "null"):
+        return None
+    for kind in (bool, int, float, str):
+        if kind in options:
+            if kind is bool:
+                return text.lower() in ("1", "true", "yes")
+            try:
+                return kind(text)
+            except ValueError:
+                continue
+    raise ConfigError(f"--{name.replace('_', '-')}: cannot read {text!r} as {hint}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sce_jax.train", description="Fine-tune a sparse cross-encoder.")
+    parser.add_argument("--config", help="YAML file of options; flags override it")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if _field_types()[field.name] is bool:
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(),
+                                help=f"default: {field.default}")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the YAML file, then the flags given."""
+    values = {}
+    if args.config:
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{args.config}: cannot read ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of options")
+        values = {key.replace("-", "_"): value for key, value in loaded.items()}
+        unknown = sorted(set(values) - set(_field_types()))
+        if unknown:
+            raise ConfigError(f"{args.config}: unknown option(s) {', '.join(unknown)}")
+    for name in _field_types():
+        flag_value = getattr(args, name)
+        if flag_value is not None:
+            values[name] = flag_value if isinstance(flag_value, bool) else _parse_value(name, flag_value)
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+
+
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0, then constant or linear decay to 0 at the last step (as transformers' schedules)."""
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.learning_rate)
+    else:
+        after = optax.linear_schedule(cfg.learning_rate, 0.0, max(cfg.steps - cfg.warmup_steps, 1))
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(make_schedule(cfg), b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+    if cfg.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+
+
+def make_train_step(graphdef, loss_name: str, optimizer: optax.GradientTransformation):
+    """`step(params, opt_state, batch, dropout_key, step) -> (params, opt_state, metrics)`, pure.
+
+    The batch holds `A` micro-batches (leading axis); their gradients are averaged in a scan, which equals one
+    step on the whole batch because every micro-batch has the same number of samples.
+    """
+    loss_fn = get_loss(loss_name)
+
+    def micro_loss(params, micro: TrainBatch, key):
+        model = nnx.merge(graphdef, params)
+        scores_D = model(Batch(micro.query_ids, micro.doc_ids, micro.doc_query), dropout_rng=key)
+        scores_BxN = scores_D.reshape(micro.labels.shape)
+        return loss_fn(scores_BxN, micro.labels, micro.label_mask).mean()
+
+    def train_step(params, opt_state, batch: TrainBatch, dropout_key, step):
+        keys = jax.random.split(jax.random.fold_in(dropout_key, step), batch.labels.shape[0])
+
+        def accumulate(grads_sum, xs):
+            loss, grads = jax.value_and_grad(micro_loss)(params, *xs)
+            return jax.tree.map(jnp.add, grads_sum, grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads_sum, losses = jax.lax.scan(accumulate, zeros, (batch, keys))
+        grads = jax.tree.map(lambda g: g / batch.labels.shape[0], grads_sum)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
+
+    return train_step
+
+
+def initialize_distributed(env=os.environ) -> None:
+    """Join a multi-host job when the usual coordinator settings are present (see docs/training.md)."""
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        jax.distributed.initialize(
+            num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
+            process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None,
+        )
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()  # JAX reads the cluster's own variables
+
+
+def make_mesh(devices_per_host: int | None) -> Mesh:
+    """A 1-D `data` mesh over the first `devices_per_host` devices of every host (all hosts make the same)."""
+    by_host: dict[int, list] = {}
+    for device in jax.devices():
+        by_host.setdefault(device.process_index, []).append(device)
+    local = len(by_host[jax.process_index()])
+    if devices_per_host is not None and devices_per_host > local:
+        raise ConfigError(f"--devices {devices_per_host}: this host has only {local} devices")
+    count = devices_per_host or local
+    return Mesh(np.array([d for host in sorted(by_host) for d in by_host[host][:count]]), ("data",))
+
+
+def _resolve_model(cfg: TrainConfig, output_dir: Path) -> tuple[SparseCrossEncoderConfig, dict, Path]:
+    """The starting model, and on resume a check that it has the shape and pattern of the one being trained."""
+    config, params, tokenizer_dir = load_model_dir(cfg.model)
+    config = config.replace(**cfg.model_overrides)
+    saved = output_dir / "config.json"
+    if cfg.resume and saved.exists():
+        trained = SparseCrossEncoderConfig.from_json(saved)
+        differences = [
+            f"{f.name} {getattr(trained, f.name)} -> {getattr(config, f.name)}"
+            for f in dataclasses.fields(SparseCrossEncoderConfig)
+            if f.name not in ("hidden_dropout_prob", "attention_probs_dropout_prob")
+            and getattr(trained, f.name) != getattr(config, f.name)
+        ]
+        if differences:
+            raise ConfigError(f"cannot resume {output_dir}: it trains a different model ({'; '.join(differences)})")
+    return config, params, tokenizer_dir
+
+
+class CheckpointStore:
+    """Orbax CheckpointManager in OUTPUT_DIR/checkpoints: items params, opt_state and progress (JSON)."""
+
+    def __init__(self, directory: Path, keep: int):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("params", "opt_state", "progress"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params, opt_state, progress: dict) -> None:
+        # Parameters are saved as host arrays, without the training mesh's sharding, so any reader on any
+        # number of devices restores them as they are (the model directory contract).
+        args = self._ocp.args
+        self.manager.save(step, args=args.Composite(
+            params=args.StandardSave(_host_copy(params)), opt_state=args.StandardSave(opt_state),
+            progress=args.JsonSave(progress),
+        ), force=True)
+
+    def restore(self, step: int, params, opt_state) -> tuple[dict, object, dict]:
+        """`params` and `opt_state` are the targets: their shapes, dtypes and shardings are restored into."""
+        args = self._ocp.args
+        opt_target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state)
+        try:
+            restored = self.manager.restore(step, args=args.Composite(
+                params=args.StandardRestore(_host_copy(params)), opt_state=args.StandardRestore(opt_target),
+                progress=args.JsonRestore(),
+            ))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint step {step} does not match this model/optimizer: {e}") from None
+        restored_params = jax.device_put(restored["params"], jax.tree.leaves(params)[0].sharding)
+        return restored_params, restored["opt_state"], restored["progress"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class MetricsLog:
+    """OUTPUT_DIR/metrics.jsonl (process 0 only) and, if asked, TensorBoard."""
+
+    def __init__(self, output_dir: Path, *, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.path = output_dir / METRICS
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def drop_after(self, step: int) -> None:
+        """Forget lines logged after `step` (by a run that was interrupted after its last checkpoint)."""
+        if self.enabled and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            with atomic_write(self.path) as f:
+                f.writelines(line + "\n" for line in kept)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _write_model_files(output_dir: Path, cfg: TrainConfig, config: SparseCrossEncoderConfig, tokenizer_dir: Path):
+    """config.json + tokenizer files (so the output dir is a model directory) and the resolved options."""
+    with atomic_write(output_dir / "config.json") as f:
+        f.write(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    copy_tokenizer_files(tokenizer_dir, output_dir)
+    with atomic_write(output_dir / RESOLVED_CONFIG) as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+
+
+def _host_copy(tree):
+    """A numpy copy of replicated (possibly multi-host) arrays."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+class Evaluator:
+    """Re-ranks a run with the current parameters and measures it against qrels (process 0 only)."""
+
+    def __init__(self, cfg: TrainConfig, config: SparseCrossEncoderConfig, tokenizer: QueryDocTokenizer):
+        from sce_jax import evaluation, irds, runs, texts
+
+        path = cfg.eval_run
+        run = runs.read_json_run(path) if runs.is_json_run(path) else runs.read_trec_run(path)
+        run = texts.complete_texts(run, source=path, dataset_id=irds.infer_dataset_id(path))
+        self.run = runs.select_top(run, cfg.eval_depth)
+        self.qrels = evaluation.read_qrels(cfg.eval_qrels)
+        self.measure = evaluation.parse_measures([cfg.eval_measure])[0]
+        self._evaluate = evaluation.evaluate
+        self.cfg, self.config, self.tokenizer = cfg, config, tokenizer
+
+    def __call__(self, params) -> float:
+        model = build_model(self.config, _host_copy(params), dtype=self.cfg.dtype,
+                            attention_impl=self.cfg.attention_impl)
+        encoder = SparseCrossEncoder(model, self.tokenizer)
+        queries, doc_query = np.unique(self.run["qid"].to_numpy(), return_inverse=True)
+        query_text = dict(zip(self.run["qid"], self.run["query"]))
+        scores = encoder.score_pairs([query_text[q] for q in queries], list(self.run["text"]), doc_query,
+                                     progress=False)
+        results = self._evaluate(self.qrels, {"model": self.run.assign(score=scores)}, [self.measure])
+        return results[str(self.measure)]["model"]
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns the final step's metrics."""
+    output_dir = Path(cfg.output_dir).absolute()
+    checkpoint_dir = output_dir / CHECKPOINTS_DIR
+    if not cfg.resume and checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
+        raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume or choose another --output-dir")
+
+    # Everything that can fail on bad input happens before the first step.
+    mesh = make_mesh(cfg.devices)
+    num_devices, num_hosts = mesh.devices.size, jax.process_count()
+    micro_batch = cfg.batch_size // cfg.grad_accum
+    if micro_batch % num_devices:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} = {micro_batch} is not divisible by "
+            f"{num_devices} devices"
+        )
+    config, params, tokenizer_dir = _resolve_model(cfg, output_dir)
+    if cfg.max_length > config.max_position_embeddings:
+        raise ConfigError(f"max_length {cfg.max_length} exceeds the model's {config.max_position_embeddings} positions")
+    tokenizer = QueryDocTokenizer.from_dir(tokenizer_dir, max_length=cfg.max_length,
+                                           max_query_length=cfg.max_query_length)
+    samples = load_samples(cfg.train_data)
+    if cfg.loss == "margin-mse" and samples.num_docs != 2:
+        raise TrainDataError(f"{cfg.train_data}: margin-mse needs 2 documents per sample, some have {samples.num_docs}")
+    stream = BatchStream(
+        samples, tokenizer, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        max_query_length=cfg.max_query_length, max_length=cfg.max_length, seed=cfg.seed,
+        process_index=jax.process_index(), process_count=num_hosts,
+    )
+    evaluator = Evaluator(cfg, config, tokenizer) if cfg.eval_run else None
+    is_main = jax.process_index() == 0
+    metrics_log = MetricsLog(output_dir, tensorboard=cfg.tensorboard, enabled=is_main)
+
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_model_files(output_dir, cfg, config, tokenizer_dir)
+
+    model = build_model(config, params, dtype=cfg.dtype, attention_impl=cfg.attention_impl)
+    graphdef, param_state = nnx.split(model, nnx.Param)
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put(nnx.to_pure_dict(param_state), replicated)
+    optimizer = make_optimizer(cfg)
+    opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+    step_fn = jax.jit(make_train_step(graphdef, cfg.loss, optimizer), out_shardings=(replicated,) * 3)
+    batch_sharding = NamedSharding(mesh, P(None, "data"))
+    schedule = make_schedule(cfg)
+
+    store = CheckpointStore(checkpoint_dir, cfg.keep_checkpoints)
+    step, position, dropout_key = 0, 0, np.asarray(jax.random.PRNGKey(cfg.seed))
+    latest = store.latest_step() if cfg.resume else None
+    if latest is not None:
+        params, opt_state, progress = store.restore(latest, params, opt_state)
+        step, position = progress["step"], progress["position"]
+        dropout_key = np.asarray(progress["dropout_key"], np.uint32)
+    metrics_log.drop_after(step)
+
+    def save(step: int, position: int):
+        store.save(step, params, opt_state, {"step": step, "position": position, "dropout_key": dropout_key.tolist()})
+
+    def check(step: int, metrics) -> dict:
+        """The step's record for metrics.jsonl; a non-finite loss or gradient stops training here."""
+        record = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                  "learning_rate": float(schedule(step - 1)), "samples": step * cfg.batch_size}
+        if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+            last = store.latest_step()
+            raise NonFiniteLossError(
+                f"loss {record['loss']} / gradient norm {record['grad_norm']} at step {step}; stopped. Last good "
+                f"checkpoint: {'none' if last is None else f'step {last}'} in {checkpoint_dir}"
+            )
+        # Mean rate since the first step of this process, which includes compilation and is left out.
+        now = time.perf_counter()
+        clock.setdefault("start", (step, now))
+        first_step, first_time = clock["start"]
+        record["steps_per_second"] = (step - first_step) / (now - first_time) if step > first_step else 0.0
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
+        bar.update(step - bar.n)
+        return record
+
+    def log(record: dict, *, always: bool = False) -> None:
+        if always or record["step"] % cfg.log_every == 0:
+            metrics_log.log(record)
+
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="training", disable=not is_main, dynamic_ncols=True)
+    record: dict = {"step": step}
+    pending = None  # the previous step's metrics, read one step late so the host never stalls the device
+    clock: dict = {}
+    batches = stream.iterate(position)
+    try:
+        while step < cfg.steps:
+            position, host_batch = next(batches)
+            batch = TrainBatch(*(jax.make_array_from_process_local_data(batch_sharding, a) for a in host_batch))
+            params, opt_state, metrics = step_fn(params, opt_state, batch, dropout_key, step)
+            step += 1
+            if pending is not None:
+                log(record := check(*pending))
+            pending = (step, metrics)
+            saving = step % cfg.save_every == 0 or step == cfg.steps
+            evaluating = evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
+            if saving or evaluating:
+                record, pending = check(*pending), None
+                if saving:
+                    save(step, position)
+                if evaluating and is_main:
+                    record[f"eval/{cfg.eval_measure}"] = evaluator(params)
+                    bar.write(f"step {step}: {cfg.eval_measure} {record[f'eval/{cfg.eval_measure}']:.4f}")
+                log(record, always=True)
+    finally:
+        bar.close()
+        batches.close()
+        store.close()
+        metrics_log.close()
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        initialize_distributed()
+        train(cfg)
+    except (InputError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
