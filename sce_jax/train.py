@@ -482,7 +482,9 @@ def train(cfg: TrainConfig) -> dict:
         while step < cfg.steps:
             position, host_batch = next(batches)
             batch = TrainBatch(*(jax.make_array_from_process_local_data(batch_sharding, a) for a in host_batch))
-            params, opt_state, metrics = step_fn(params, opt_state, batch, dropout_key, step)
+            # Under the mesh, an opaque attention kernel (Pallas) splits itself over the data axis.
+            with jax.set_mesh(mesh):
+                params, opt_state, metrics = step_fn(params, opt_state, batch, dropout_key, step)
             step += 1
             if pending is not None:
                 log(record := check(*pending))
