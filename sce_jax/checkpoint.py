@@ -6,9 +6,11 @@ tokenizer files + checkpoints/ (Orbax CheckpointManager, item "params" per step)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -41,27 +43,38 @@ def copy_tokenizer_files(source: str | Path, destination: str | Path) -> None:
             shutil.copy2(Path(source) / name, Path(destination) / name)
 
 
-def save_model_dir(path: str | Path, config: SparseCrossEncoderConfig, params: dict, tokenizer_dir: str | Path) -> Path:
-    """Write a converted model directory atomically (built beside `path`, then renamed into place)."""
-    import orbax.checkpoint as ocp
+@contextlib.contextmanager
+def staged_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a staging directory beside `path` that is renamed to `path` only if the block succeeds.
 
+    A failure leaves neither a partial `path` nor a stray staging directory; an existing non-empty `path` is
+    never touched.
+    """
     path = Path(path).absolute()
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        config.to_json(staging / "config.json")
-        copy_tokenizer_files(tokenizer_dir, staging)
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(staging / PARAMS_DIR, jax.tree.map(np.asarray, params))
+        yield staging
         if path.exists():
             path.rmdir()
         os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return path
+
+
+def save_model_dir(path: str | Path, config: SparseCrossEncoderConfig, params: dict, tokenizer_dir: str | Path) -> Path:
+    """Write a converted model directory atomically."""
+    import orbax.checkpoint as ocp
+
+    with staged_directory(path) as staging:
+        config.to_json(staging / "config.json")
+        copy_tokenizer_files(tokenizer_dir, staging)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging / PARAMS_DIR, jax.tree.map(np.asarray, params))
+    return Path(path)
 
 
 def _restore_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:

@@ -6,16 +6,13 @@ The command line lives in `convert_torch_checkpoint.py` at the repository root.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sce_jax.checkpoint import copy_tokenizer_files, load_model_dir, save_model_dir
+from sce_jax.checkpoint import copy_tokenizer_files, load_model_dir, save_model_dir, staged_directory
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pattern
 from sce_jax.weights import CheckpointError, extend_position_embeddings, params_to_hf
 
@@ -47,21 +44,10 @@ def export_hf(source: str | Path, output: str | Path) -> SparseCrossEncoderConfi
     from safetensors.numpy import save_file
 
     config, params, directory = load_model_dir(source)
-    output = Path(output).absolute()
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"{output} exists and is not empty")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_directory(output) as staging:
         config.to_json(staging / "config.json")
         save_file(params_to_hf(params, config), str(staging / "model.safetensors"), metadata={"format": "pt"})
         copy_tokenizer_files(directory, staging)
-        if output.exists():
-            output.rmdir()
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return config
 
 
