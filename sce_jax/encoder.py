@@ -206,7 +206,8 @@ class SparseCrossEncoder:
         Documents are sorted into length buckets; within a bucket, documents of the same query stay together
         so a batch needs few query slots. Shapes come from a small fixed set: document length from
         `length_buckets`, query slots a power of two (one per length bucket), document slots `batch_size`
-        (fewer for long documents, so a batch holds at most `max_tokens_per_batch` tokens). A document's score
+        (fewer for long documents, so a batch holds at most `max_tokens_per_batch` tokens, and for the last
+        batch of a length, the smallest power of two that holds its documents). A document's score
         does not depend on its batch mates; with several devices, each device scores whole batches, so scores
         are bit-identical for any device count.
         """
@@ -227,11 +228,15 @@ class SparseCrossEncoder:
         query_length = -(-max(len(t) for t in query_tokens) // 8) * 8
         order = np.lexsort((doc_query, doc_bucket))
 
+        sorted_buckets = doc_bucket[order]
         batches = []
         start = 0
         while start < num_docs:
-            length = doc_bucket[order[start]]
-            slots = min(batch_size, _power_of_two_at_most(max_tokens_per_batch // length))
+            length = sorted_buckets[start]
+            # The last batch of a length gets the fewest (power-of-two) slots that hold its documents, so small
+            # lengths do not pad to a full batch: a few more shapes, much less wasted compute.
+            left = np.searchsorted(sorted_buckets, length, side="right") - start
+            slots = min(batch_size, _power_of_two_at_most(max_tokens_per_batch // length), _power_of_two_at_least(left))
             end = start
             while end < num_docs and end - start < slots and doc_bucket[order[end]] == length:
                 end += 1
