@@ -9,14 +9,12 @@ import argparse
 import dataclasses
 import logging
 import sys
-import types
-import typing
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from sce_jax import irds
+from sce_jax.cli_config import add_dataclass_flags, resolve_dataclass
 from sce_jax.evaluation import DEFAULT_MEASURES, evaluate, format_results, parse_measures, read_qrels, write_results
 from sce_jax.runs import InputError, is_json_run, read_json_run, read_trec_run, select_top, write_trec_run
 from sce_jax.texts import TEXT_COLUMNS, complete_texts
@@ -68,45 +66,9 @@ HELP = {
 }
 
 
-def _field_type(field: dataclasses.Field) -> type:
-    """The non-None type of a field (`int | None` -> int; `list[str]` -> list)."""
-    hint = typing.get_type_hints(RerankConfig)[field.name]
-    if isinstance(hint, types.UnionType):
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return typing.get_origin(hint) or hint
-
-
-def _check(name: str, value, source: str) -> None:
-    field = {f.name: f for f in dataclasses.fields(RerankConfig)}[name]
-    expected = _field_type(field)
-    nullable = field.default is None
-    ok = (value is None and nullable) or (
-        isinstance(value, expected)
-        and not (expected is int and isinstance(value, bool))
-        and not (expected is list and not all(isinstance(v, str) for v in value))
-    )
-    if not ok:
-        raise InputError(f"{source}: {name} must be {expected.__name__}{' or null' if nullable else ''}, got {value!r}")
-
-
 def load_config(path: str | None, overrides: dict) -> RerankConfig:
     """Defaults, then the YAML file's values, then `overrides` (flags)."""
-    values = {}
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise InputError(f"cannot read config {path}: {error}") from None
-        if not isinstance(values, dict):
-            raise InputError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
-    names = [f.name for f in dataclasses.fields(RerankConfig)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise InputError(f"{path}: unknown settings {', '.join(unknown)} (known: {', '.join(names)})")
-    for name, value in values.items():
-        _check(name, value, str(path))
-    config = dataclasses.replace(RerankConfig(), **{**values, **overrides})
+    config = resolve_dataclass(RerankConfig, path, overrides, InputError)
     for name in ("run", "output"):
         if getattr(config, name) is None:
             raise InputError(f"no {name} given (--{name} or '{name}:' in the config)")
@@ -120,17 +82,7 @@ def load_config(path: str | None, overrides: dict) -> RerankConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sce_jax.rerank", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file of settings (flags override it)")
-    for field in dataclasses.fields(RerankConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = _field_type(field)
-        # SUPPRESS: only flags actually given override the YAML file.
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=HELP[field.name])
-        elif kind is list:
-            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=HELP[field.name])
-        else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=HELP[field.name])
+    add_dataclass_flags(parser, RerankConfig, HELP)
     return parser
 
 

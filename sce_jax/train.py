@@ -15,8 +15,6 @@ import math
 import os
 import sys
 import time
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from tqdm.auto import tqdm
 
 from sce_jax.batch import Batch
 from sce_jax.checkpoint import CHECKPOINTS_DIR, copy_tokenizer_files, load_model_dir
+from sce_jax.cli_config import add_dataclass_flags, resolve_dataclass
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig
 from sce_jax.encoder import DTYPES, SparseCrossEncoder, build_model
 from sce_jax.losses import LOSSES, get_loss
@@ -126,62 +125,17 @@ class TrainConfig:
         return overrides
 
 
-def _field_types() -> dict[str, type]:
-    return typing.get_type_hints(TrainConfig)
-
-
-def _parse_value(name: str, text: str):
-    """A flag's string as the field's type (`int | None` accepts `none`/`null`)."""
-    hint = _field_types()[name]
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if type(None) in options and text.lower() in ("none", "null"):
-        return None
-    for kind in (bool, int, float, str):
-        if kind in options:
-            if kind is bool:
-                return text.lower() in ("1", "true", "yes")
-            try:
-                return kind(text)
-            except ValueError:
-                continue
-    raise ConfigError(f"--{name.replace('_', '-')}: cannot read {text!r} as {hint}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sce_jax.train", description="Fine-tune a sparse cross-encoder.")
     parser.add_argument("--config", help="YAML file of options; flags override it")
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if _field_types()[field.name] is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(),
-                                help=f"default: {field.default}")
+    add_dataclass_flags(parser, TrainConfig)
     return parser
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the YAML file, then the flags given."""
-    values = {}
-    if args.config:
-        try:
-            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{args.config}: cannot read ({e})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{args.config}: expected a mapping of options")
-        values = {key.replace("-", "_"): value for key, value in loaded.items()}
-        unknown = sorted(set(values) - set(_field_types()))
-        if unknown:
-            raise ConfigError(f"{args.config}: unknown option(s) {', '.join(unknown)}")
-    for name in _field_types():
-        flag_value = getattr(args, name)
-        if flag_value is not None:
-            values[name] = flag_value if isinstance(flag_value, bool) else _parse_value(name, flag_value)
-    try:
-        return TrainConfig(**values)
-    except TypeError as e:
-        raise ConfigError(str(e)) from None
+    flags = dict(vars(args))
+    return resolve_dataclass(TrainConfig, flags.pop("config", None), flags, ConfigError)
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:

@@ -1,0 +1,71 @@
+"""Settings from dataclass defaults, then a YAML file, then flags (the part both CLIs share)."""
+
+import argparse
+import dataclasses
+import re
+
+import pytest
+
+from sce_jax.cli_config import add_dataclass_flags, resolve_dataclass
+
+
+class SettingsError(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Settings:
+    steps: int = 10
+    rate: float = 0.5
+    window: int | str | None = None
+    names: list[str] = dataclasses.field(default_factory=lambda: ["a"])
+    verbose: bool = False
+    run_tag: str = "x"
+
+
+def resolve(tmp_path, yaml_text: str | None, argv: list[str]) -> Settings:
+    path = None
+    if yaml_text is not None:
+        path = tmp_path / "settings.yaml"
+        path.write_text(yaml_text)
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, Settings)
+    return resolve_dataclass(Settings, path and str(path), vars(parser.parse_args(argv)), SettingsError)
+
+
+def test_defaults_then_yaml_then_flags(tmp_path):
+    assert resolve(tmp_path, None, []) == Settings()
+    settings = resolve(tmp_path, "steps: 3\nrate: 1\nwindow: 4\nnames: [b, c]\nverbose: true\nrun_tag: y\n",
+                       ["--steps", "7", "--window", "full", "--no-verbose"])
+    assert settings == Settings(steps=7, rate=1, window="full", names=["b", "c"], verbose=False, run_tag="y")
+    assert resolve(tmp_path, "window: 4\n", ["--window", "null", "--names", "d", "e", "--rate", "2e-3"]) == Settings(
+        window=None, names=["d", "e"], rate=2e-3)
+
+
+def test_hyphenated_yaml_keys_and_empty_file(tmp_path):
+    assert resolve(tmp_path, "run-tag: y\n", []).run_tag == "y"
+    assert resolve(tmp_path, "", []) == Settings()
+    assert resolve(tmp_path, "steps: 2\n# only a comment\n", []).steps == 2
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("stepz: 3\n", "settings.yaml: unknown settings stepz"),
+    ("steps: 1.5\n", "settings.yaml: steps must be int, got 1.5"),
+    ("steps: true\n", "settings.yaml: steps must be int, got True"),
+    ("rate: 7e-6\n", "settings.yaml: rate must be float, got '7e-6'"),  # YAML 1.1 reads 7e-6 as a string
+    ("window: [1]\n", "settings.yaml: window must be int or str or null, got [1]"),
+    ("names: [a, 1]\n", "settings.yaml: names must be list, got ['a', 1]"),
+    ("run_tag: null\n", "settings.yaml: run_tag must be str, got None"),
+    ("[steps]\n", "settings.yaml: expected a mapping of settings, got list"),
+    ("steps: [\n", "cannot read config"),
+])
+def test_bad_yaml_raises_the_given_error_naming_the_file(tmp_path, yaml_text, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        resolve(tmp_path, yaml_text, [])
+
+
+def test_bad_flag_value_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        resolve(tmp_path, None, ["--steps", "many"])
+    assert exit_info.value.code == 2
+    assert "argument --steps: invalid int value: 'many'" in capsys.readouterr().err
