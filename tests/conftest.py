@@ -18,6 +18,25 @@ def _save_hf_model(model, tokenizer_source, directory):
     return directory
 
 
+def _tiny_bert(seed: int, **config_fields):
+    """A random 2-layer, hidden-32 BertForSequenceClassification over the MiniLM vocabulary."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+        **config_fields,
+    )
+    return BertForSequenceClassification(config)
+
+
 @pytest.fixture(scope="session")
 def minilm_dir():
     """The real all-MiniLM-L6-v2 weights (the released models' shape) as a HF tokenizer/config directory."""
@@ -41,21 +60,7 @@ def minilm_hf_dir(tmp_path_factory, minilm_dir):
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory, minilm_dir):
     """A tiny random BERT cross-encoder (2 layers, hidden 32) with the MiniLM tokenizer."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=1,
-    )
-    model = BertForSequenceClassification(config)
-    return _save_hf_model(model, minilm_dir, tmp_path_factory.mktemp("tiny") / "hf")
+    return _save_hf_model(_tiny_bert(seed=0), minilm_dir, tmp_path_factory.mktemp("tiny") / "hf")
 
 
 @pytest.fixture(scope="session")
@@ -64,28 +69,9 @@ def tiny_sparse_dir(tmp_path_factory, minilm_dir):
 
     Weights are drawn wider than BERT's init so that scores differ clearly between documents.
     """
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from sce_jax.config import released_pattern
 
-    torch.manual_seed(1)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=1,
-        initializer_range=0.3,
-        attention_window_size=2,
-        cls_query_attention=True,
-        cls_doc_attention=True,
-        query_cls_attention=False,
-        query_doc_attention=False,
-        doc_cls_attention=True,
-        doc_query_attention=True,
-    )
-    model = BertForSequenceClassification(config)
+    model = _tiny_bert(seed=1, initializer_range=0.3, **{**released_pattern(), "attention_window_size": 2})
     return _save_hf_model(model, minilm_dir, tmp_path_factory.mktemp("tiny_sparse") / "hf")
 
 
