@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from sce_jax.batch import Batch
 from sce_jax.checkpoint import CHECKPOINTS_DIR, copy_tokenizer_files, load_model_dir
 from sce_jax.cli_config import add_dataclass_flags, resolve_dataclass
-from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig
+from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pattern
 from sce_jax.encoder import DTYPES, SparseCrossEncoder, build_model
 from sce_jax.losses import LOSSES, get_loss
 from sce_jax.runs import InputError, atomic_write
@@ -42,7 +42,7 @@ from sce_jax.weights import CheckpointError
 SCHEDULES = ("constant", "linear")
 # The released models' attention pattern (the config defaults), and a standard cross-encoder's.
 PATTERNS = {
-    "sparse": {flag: getattr(SparseCrossEncoderConfig(), flag) for flag in PATTERN_FLAGS},
+    "sparse": {flag: released_pattern()[flag] for flag in PATTERN_FLAGS},  # flags only: the window is separate
     "full": dict.fromkeys(PATTERN_FLAGS, True),
 }
 RESOLVED_CONFIG = "train_config.yaml"
