@@ -79,16 +79,26 @@ def doc_attention(
     window: int | None,
     impl: str = "xla",
     interpret: bool = False,
+    doc_slot_DxL: jax.Array | None = None,
+    global_slot_DxG: jax.Array | None = None,
 ) -> jax.Array:
     """Document rows: ±window document keys plus global ([CLS], query) keys, one softmax.
+
+    For rows holding several documents, `doc_slot_DxL` gives each token's document (-1: padding) and
+    `global_slot_DxG` each global key's (-1: every document of the row); a token then sees only keys of its own
+    document. None means one document per row.
 
     impl "dense" builds the full [L, L] band mask (the readable reference), "xla" computes only the band
     (`_blocked_doc_attention`, memory O(L·(block + 2·window))), "pallas" runs the fused GPU kernel.
     """
     impl = resolve_attention_impl(impl)
     length = q_DxLxHxK.shape[1]
+    segments = (doc_slot_DxL, global_slot_DxG)
     if impl == "pallas":
         from kernels import windowed_attention
+
+        if doc_slot_DxL is not None:
+            raise ValueError("the Pallas kernel takes one document per row")
 
         return windowed_attention(
             q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG,
@@ -96,25 +106,35 @@ def doc_attention(
         )
     if impl == "dense" or window is None or window >= length - 1:
         return _dense_doc_attention(
-            q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG, window
+            q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG, window, *segments
         )
     return _blocked_doc_attention(
-        q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG, window
+        q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG, window, *segments
     )
 
 
-def _dense_doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window):
+def _dense_doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window, doc_slot_DxL=None, global_slot_DxG=None):
     length = q.shape[1]
     pos = jnp.arange(length)
     band_LxL = jnp.ones((length, length), bool) if window is None else abs(pos[:, None] - pos[None, :]) <= window
     local_mask = band_LxL[None, None] & doc_mask_DxL[:, None, None, :]
-    global_mask = jnp.broadcast_to(global_mask_DxG[:, None, None, :], (*local_mask.shape[:3], kg.shape[1]))
+    global_mask = global_mask_DxG[:, None, None, :]
+    if doc_slot_DxL is not None:
+        local_mask &= doc_slot_DxL[:, None, :, None] == doc_slot_DxL[:, None, None, :]
+        global_mask &= _owned(global_slot_DxG, doc_slot_DxL)[:, None]
+    global_mask = jnp.broadcast_to(global_mask, (*local_mask.shape[:3], kg.shape[1]))
     scores = jnp.concatenate([_scores(q, kg), _scores(q, k)], axis=-1)
     probs = _masked_softmax(scores, jnp.concatenate([global_mask, local_mask], axis=-1))
     num_global = kg.shape[1]
     out = jnp.einsum("dhts,dshk->dthk", probs[..., :num_global].astype(vg.dtype), vg, preferred_element_type=jnp.float32)
     out += jnp.einsum("dhts,dshk->dthk", probs[..., num_global:].astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
+
+
+def _owned(global_slot_DxG, doc_slot_DxL):
+    """[D, L, G]: global key g is shared by the row (-1) or belongs to token l's document."""
+    owner = global_slot_DxG[:, None, :]
+    return (owner < 0) | (owner == doc_slot_DxL[:, :, None])
 
 
 def _block_size(window: int) -> int:
@@ -146,7 +166,9 @@ def _unskew(band, span):
     return padded.reshape(*lead, rows * (span + 1))[..., : rows * span].reshape(*lead, rows, span)
 
 
-def _blocked_doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window):
+def _blocked_doc_attention(
+    q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window, doc_slot_DxL=None, global_slot_DxG=None
+):
     """Band attention with scores from block matmuls and a softmax over just the 2w + 1 band offsets.
 
     Row block n (B rows) scores its keys [n·B - w, n·B + B + w) in one matmul; `_skew` keeps each row's 2w + 1
@@ -174,11 +196,18 @@ def _blocked_doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, windo
     band_DxLxHxO = band_DxLxHxO[:, :length] * scale
     # Offset o of row r is key r - window + o.
     key_mask = pad_tokens(doc_mask_DxL, window, window)
-    band_mask_DxLx1xO = jnp.stack([key_mask[:, o : o + length] for o in range(offsets)], axis=-1)[:, :, None]
+    band_mask_DxLxO = jnp.stack([key_mask[:, o : o + length] for o in range(offsets)], axis=-1)
+    global_mask = global_mask_DxG[:, None, None, :]
+    if doc_slot_DxL is not None:
+        key_slot = jnp.pad(doc_slot_DxL, [(0, 0), (window, window)], constant_values=-1)
+        same_slot = jnp.stack([key_slot[:, o : o + length] for o in range(offsets)], axis=-1) == doc_slot_DxL[..., None]
+        band_mask_DxLxO &= same_slot
+        global_mask &= _owned(global_slot_DxG, doc_slot_DxL)[:, :, None, :]
+    band_mask_DxLx1xO = band_mask_DxLxO[:, :, None]
 
     global_DxLxHxG = jnp.einsum("dlhk,dghk->dlhg", q, kg, preferred_element_type=jnp.float32) * scale
     num_global = kg.shape[1]
-    global_mask = jnp.broadcast_to(global_mask_DxG[:, None, None, :], global_DxLxHxG.shape)
+    global_mask = jnp.broadcast_to(global_mask, global_DxLxHxG.shape)
     probs = _masked_softmax(
         jnp.concatenate([global_DxLxHxG, band_DxLxHxO], axis=-1),
         jnp.concatenate([global_mask, jnp.broadcast_to(band_mask_DxLx1xO, band_DxLxHxO.shape)], axis=-1),
@@ -205,37 +234,62 @@ def _blocked_doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, windo
     return out.astype(q.dtype)
 
 
-def single_row_attention(q_DxHxK: jax.Array, segments) -> jax.Array:
-    """One query row per document ([CLS]) against key segments, with one joint softmax.
+def cls_attention(
+    q_cls_DxCxHxK: jax.Array,
+    k_cls_DxCxHxK: jax.Array,
+    v_cls_DxCxHxK: jax.Array,
+    kq_DxQxHxK: jax.Array,
+    vq_DxQxHxK: jax.Array,
+    query_mask_DxQ: jax.Array,
+    k_doc_DxLxHxK: jax.Array,
+    v_doc_DxLxHxK: jax.Array,
+    doc_slot_DxL: jax.Array,
+) -> jax.Array:
+    """[CLS] c of each row attends to itself, the row's query keys (`query_mask`) and the tokens of document slot c
+    (`doc_slot`, -1 to hide a token), in one float32 softmax per [CLS] and head.
 
-    Keys and values stay in the projection's layout [D, S, H·K]: scores come from a matmul with a block-diagonal
-    [H·K, H] matrix built from the row, and outputs from [H, S] x [S, H·K] keeping the diagonal blocks, so no
-    [D, S, H, K] tensor is transposed (XLA CPU otherwise transposes every document's keys and values).
+    Each document token meets only its own [CLS]: the [CLS] rows are spread over the tokens with a one-hot
+    [C, L] matmul and multiplied elementwise, and values summed back by the same one-hot matmul. So the work
+    is a few passes over the document tokens, in the projection's layout (XLA CPU otherwise transposes every
+    row's keys and values), whatever the number of slots.
     """
-    num_docs, heads, head_dim = q_DxHxK.shape
+    num_rows, slots, heads, head_dim = q_cls_DxCxHxK.shape
+    length = k_doc_DxLxHxK.shape[1]
     features = heads * head_dim
-    eye_HxH = jnp.eye(heads, dtype=q_DxHxK.dtype)
-    q_DxFxH = (q_DxHxK[:, :, :, None] * eye_HxH[None, :, None, :]).reshape(num_docs, features, heads)
     scale = 1.0 / math.sqrt(head_dim)
-    scores_DxSxH = jnp.concatenate(
-        [
-            jnp.einsum("dsf,dfh->dsh", k.reshape(num_docs, -1, features), q_DxFxH, preferred_element_type=jnp.float32)
-            for k, _, _ in segments
-        ],
-        axis=1,
+    onehot_DxCxL = doc_slot_DxL[:, None, :] == jnp.arange(slots)[None, :, None]
+    own_cls_DxLxF = jnp.einsum(
+        "dcl,dcf->dlf", onehot_DxCxL.astype(q_cls_DxCxHxK.dtype), q_cls_DxCxHxK.reshape(num_rows, slots, features)
+    )
+    doc_DxLxH = jnp.sum(
+        own_cls_DxLxF.reshape(k_doc_DxLxHxK.shape).astype(jnp.float32) * k_doc_DxLxHxK.astype(jnp.float32), axis=-1
+    )
+    self_DxCxH = jnp.sum(q_cls_DxCxHxK.astype(jnp.float32) * k_cls_DxCxHxK.astype(jnp.float32), axis=-1)
+    query_DxCxHxQ = jnp.einsum("dchk,dqhk->dchq", q_cls_DxCxHxK, kq_DxQxHxK, preferred_element_type=jnp.float32)
+    scores = jnp.concatenate(
+        [self_DxCxH[..., None], query_DxCxHxQ, jnp.broadcast_to(jnp.swapaxes(doc_DxLxH, 1, 2)[:, None], (num_rows, slots, heads, length))],
+        axis=-1,
     ) * scale
-    mask_DxS = jnp.concatenate([m for _, _, m in segments], axis=1)
-    probs_DxHxS = _masked_softmax(jnp.swapaxes(scores_DxSxH, 1, 2), mask_DxS[:, None, :])
-    out_DxHxF = 0
-    start = 0
-    for _, v, m in segments:
-        p = probs_DxHxS[..., start : start + m.shape[-1]].astype(v.dtype)
-        out_DxHxF += jnp.einsum(
-            "dhs,dsf->dhf", p, v.reshape(num_docs, -1, features), preferred_element_type=jnp.float32
-        )
-        start += m.shape[-1]
-    out_DxHxHxK = out_DxHxF.reshape(num_docs, heads, heads, head_dim)
-    return jnp.einsum("dhgk,hg->dhk", out_DxHxHxK, eye_HxH.astype(out_DxHxF.dtype)).astype(q_DxHxK.dtype)
+    num_query = kq_DxQxHxK.shape[1]
+    mask = jnp.concatenate(
+        [
+            jnp.ones((num_rows, slots, 1), bool),
+            jnp.broadcast_to(query_mask_DxQ[:, None], (num_rows, slots, num_query)),
+            onehot_DxCxL,
+        ],
+        axis=-1,
+    )[:, :, None]
+    probs = _masked_softmax(scores, mask)  # [D, C, H, 1 + Q + L]
+    out = probs[..., 0, None] * v_cls_DxCxHxK.astype(jnp.float32)
+    out += jnp.einsum(
+        "dchq,dqhk->dchk", probs[..., 1 : 1 + num_query].astype(vq_DxQxHxK.dtype), vq_DxQxHxK,
+        preferred_element_type=jnp.float32,
+    )
+    # Each token's weight from its own [CLS] (the other slots' entries are zero).
+    token_DxLxH = jnp.swapaxes(probs[..., 1 + num_query :].sum(axis=1), 1, 2)
+    weighted_DxLxF = (token_DxLxH[..., None] * v_doc_DxLxHxK.astype(jnp.float32)).reshape(num_rows, length, features)
+    out += jnp.einsum("dcl,dlf->dcf", onehot_DxCxL.astype(jnp.float32), weighted_DxLxF).reshape(out.shape)
+    return out.astype(q_cls_DxCxHxK.dtype)
 
 
 def sparse_attention(
@@ -243,7 +297,7 @@ def sparse_attention(
     k: Groups,
     v: Groups,
     query_mask_QxLq: jax.Array,
-    doc_mask_DxLd: jax.Array,
+    doc_slot_DxLd: jax.Array,
     doc_query_D: jax.Array,
     config: SparseCrossEncoderConfig,
     *,
@@ -252,50 +306,55 @@ def sparse_attention(
 ) -> Groups:
     """One layer's attention for all three groups, following the config's pattern.
 
-    `q.query` etc. have Q rows; `doc_query_D` maps documents to them (the identity when the query is encoded
-    per document).
+    Rows of documents: `q.cls` is [D, C, ...] (C document slots per row), `doc_slot_DxLd` the slot of each document
+    token (-1: padding). `q.query` etc. have Q rows; `doc_query_D` maps rows to them (the identity when the query
+    is encoded per document, which needs C = 1).
     """
-    num_docs = doc_mask_DxLd.shape[0]
-    ones_Dx1 = jnp.ones((num_docs, 1), bool)
-    false_Dx1 = jnp.zeros((num_docs, 1), bool)
-    # Query keys as seen from each document (a gather of Lq rows per document).
+    num_rows, slots = q.cls.shape[:2]
+    doc_mask_DxLd = doc_slot_DxLd >= 0
+    slot_C = jnp.arange(slots)
+    # Query keys as seen from each row (a gather of Lq rows per row).
     kq_D, vq_D, qmask_D = k.query[doc_query_D], v.query[doc_query_D], query_mask_QxLq[doc_query_D]
-    k_cls, v_cls = k.cls[:, None], v.cls[:, None]
 
-    cls_out = single_row_attention(
-        q.cls,
-        [
-            (k_cls, v_cls, ones_Dx1),
-            (kq_D, vq_D, qmask_D & config.cls_query_attention),
-            (k.doc, v.doc, doc_mask_DxLd & config.cls_doc_attention),
-        ],
+    cls_out = cls_attention(
+        q.cls, k.cls, v.cls, kq_D, vq_D, qmask_D & config.cls_query_attention, k.doc, v.doc,
+        jnp.where(config.cls_doc_attention, doc_slot_DxLd, -1),
     )
 
     if config.query_is_shared:
         query_out = segment_attention(q.query, [(k.query, v.query, query_mask_QxLq)])
-    else:
+    else:  # one document per row (the model checks)
         query_out = segment_attention(
             q.query,
             [
                 (k.query, v.query, query_mask_QxLq),
-                (k_cls, v_cls, ones_Dx1 if config.query_cls_attention else false_Dx1),
+                (k.cls, v.cls, jnp.full((num_rows, 1), config.query_cls_attention)),
                 (k.doc, v.doc, doc_mask_DxLd & config.query_doc_attention),
             ],
         )
 
     global_mask = jnp.concatenate(
-        [ones_Dx1 if config.doc_cls_attention else false_Dx1, qmask_D & config.doc_query_attention], axis=1
+        [jnp.full((num_rows, slots), config.doc_cls_attention), qmask_D & config.doc_query_attention], axis=1
     )
+    # With several documents per row, a token sees only its own document's [CLS]; query keys are the row's.
+    slot_args = {}
+    if slots > 1:
+        query_owner = jnp.full(kq_D.shape[:2], -1, jnp.int32)
+        slot_args = dict(
+            doc_slot_DxL=doc_slot_DxLd,
+            global_slot_DxG=jnp.concatenate([jnp.broadcast_to(slot_C, (num_rows, slots)), query_owner], axis=1),
+        )
     doc_out = doc_attention(
         q.doc,
         k.doc,
         v.doc,
-        jnp.concatenate([k_cls, kq_D], axis=1),
-        jnp.concatenate([v_cls, vq_D], axis=1),
+        jnp.concatenate([k.cls, kq_D], axis=1),
+        jnp.concatenate([v.cls, vq_D], axis=1),
         doc_mask_DxLd,
         global_mask,
         window=config.attention_window_size,
         impl=impl,
         interpret=interpret,
+        **slot_args,
     )
     return Groups(cls_out, query_out, doc_out)

@@ -11,14 +11,17 @@ import numpy as np
 class Batch(NamedTuple):
     """Listwise model input (see docs/architecture.md).
 
-    query_ids: [Q, Lq] query wordpieces + [SEP] [SEP], 0-padded.
-    doc_ids:   [D, Ld] document wordpieces + [SEP] [SEP], 0-padded; an all-padding row is a padding document.
-    doc_query: [D] index of each document's query row.
+    query_ids:   [Q, Lq] query wordpieces + [SEP] [SEP], 0-padded.
+    doc_ids:     [D, Ld] rows of document wordpieces + [SEP] [SEP], 0-padded; an all-padding row is a padding row.
+    doc_query:   [D] index of each row's query.
+    doc_lengths: [D, C] lengths of the C documents packed back to back in each row (0: empty slot), all of the
+                 row's query; None means one document per row (C = 1). Scores come out per slot, [D·C].
     """
 
     query_ids: np.ndarray
     doc_ids: np.ndarray
     doc_query: np.ndarray
+    doc_lengths: np.ndarray | None = None
 
 
 def make_batch(
@@ -54,6 +57,32 @@ def make_batch(
         doc_ids[i, : len(tokens)] = tokens
     doc_query_arr[: len(doc_query)] = doc_query
     return Batch(query_ids, doc_ids, doc_query_arr)
+
+
+def pack_rows(
+    query_tokens: Sequence[Sequence[int]],
+    rows: Sequence[Sequence[Sequence[int]]],
+    row_query: Sequence[int],
+    *,
+    query_length: int,
+    row_length: int,
+    slots: int,
+    num_queries: int | None = None,
+    num_rows: int | None = None,
+    pad_id: int = 0,
+) -> Batch:
+    """A packed batch: row i holds the documents `rows[i]` (token lists, all of query `row_query[i]`) back to back."""
+    num_rows = len(rows) if num_rows is None else num_rows
+    if len(rows) > num_rows or any(len(docs) > slots for docs in rows):
+        raise ValueError(f"{len(rows)} rows / {max(map(len, rows), default=0)} documents per row do not fit "
+                         f"{num_rows} / {slots} slots")
+    batch = make_batch(query_tokens, [[t for doc in docs for t in doc] for docs in rows], row_query,
+                       query_length=query_length, doc_length=row_length, num_queries=num_queries, num_docs=num_rows,
+                       pad_id=pad_id)
+    doc_lengths = np.zeros((num_rows, slots), np.int32)
+    for i, docs in enumerate(rows):
+        doc_lengths[i, : len(docs)] = [len(doc) for doc in docs]
+    return batch._replace(doc_lengths=doc_lengths)
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from sce_jax.attention import resolve_attention_impl
-from sce_jax.batch import Batch, bucket_length, length_buckets, make_batch
+from sce_jax.batch import Batch, bucket_length, length_buckets, pack_rows
 from sce_jax.checkpoint import load_model_dir
 from sce_jax.config import SparseCrossEncoderConfig
 from sce_jax.model import SparseCrossEncoderModel
@@ -68,6 +68,50 @@ def maxp_chunk_starts(length: int, size: int) -> range:
     return range(0, stride * (1 + max(0, -(-(length - size) // stride))), stride)
 
 
+# Documents per row when short documents are packed together: enough to fill rows with passages (~4 per row of
+# 304 tokens) while the [CLS] slots, computed whether filled or not, stay a small part of a row.
+PACKED_SLOTS = 8
+# Rows of packed documents are at least this long (then rounded up to a length bucket).
+PACKED_ROW_LENGTH = 256
+
+
+class Row(NamedTuple):
+    length: int  # padded row length
+    query: int
+    docs: list[int]  # document indices, in row order
+
+
+def pack_documents(
+    lengths: np.ndarray, doc_query: np.ndarray, buckets: Sequence[int], *, max_slots: int
+) -> list[Row]:
+    """Rows of documents, sorted by (length, query).
+
+    With `max_slots` 1, each document has its own row, padded to its length bucket. Otherwise each query's
+    documents, longest first, go into the first of its rows with room and a free slot (first-fit decreasing);
+    the query's rows are as long as the bucket of its longest document, and at least `PACKED_ROW_LENGTH`.
+    """
+    rows = []
+    if max_slots == 1:
+        rows = [Row(bucket_length(n, buckets), int(q), [i]) for i, (n, q) in enumerate(zip(lengths, doc_query))]
+    else:
+        for query in dict.fromkeys(doc_query.tolist()):
+            docs = np.flatnonzero(doc_query == query)
+            docs = docs[np.argsort(-lengths[docs], kind="stable")]
+            length = bucket_length(max(int(lengths[docs[0]]), min(PACKED_ROW_LENGTH, buckets[-1])), buckets)
+            free, members = [], []
+            for doc in docs.tolist():
+                n = lengths[doc]
+                target = next((r for r, room in enumerate(free) if room >= n and len(members[r]) < max_slots), None)
+                if target is None:
+                    free.append(length)
+                    members.append([])
+                    target = len(free) - 1
+                free[target] -= n
+                members[target].append(doc)
+            rows += [Row(length, query, m) for m in members]
+    return sorted(rows, key=lambda row: (row.length, row.query))
+
+
 class SparseCrossEncoder:
     """A loaded re-ranker: tokenizer + model + a jitted, shape-bucketed scoring loop."""
 
@@ -89,7 +133,7 @@ class SparseCrossEncoder:
             jax.shard_map(
                 lambda state, batch: nnx.merge(graphdef, state)(batch),
                 mesh=self.mesh,
-                in_specs=(P(), Batch(P("docs"), P("docs"), P("docs"))),
+                in_specs=(P(), Batch(P("docs"), P("docs"), P("docs"), P("docs"))),
                 out_specs=P("docs"),
                 # Pallas kernels in interpret mode do not annotate varying manual axes; outputs vary anyway.
                 check_vma=False,
@@ -205,14 +249,16 @@ class SparseCrossEncoder:
     ) -> np.ndarray:
         """The batched scoring loop over encoded tokens (see QueryDocTokenizer for their layout).
 
-        Documents are sorted into length buckets; within a bucket, documents of the same query stay together
-        so a batch needs few query slots. Shapes come from a small fixed set: document length from
-        `length_buckets`, query slots a power of two (one per length bucket), document slots `batch_size`
-        (fewer for long documents, so a batch holds at most `max_tokens_per_batch` tokens, and for the last
-        batch of a length, the smallest power of two that holds its documents). A document's score
-        does not depend on its batch mates (other padded shapes reorder float sums: differences ~1e-7 relative,
-        never more); with several devices, each device scores whole batches, so scores
-        are bit-identical for any device count.
+        Documents go into rows (`pack_documents`): with the sparse pattern, several documents of one query share
+        a row, back to back, so little compute goes to padding; otherwise (full attention, a query that sees the
+        documents, the Pallas kernel) each document has its own row. Rows are batched by length, rows of the
+        same query together so a batch needs few query slots. Shapes come from a small fixed set: row length
+        from `length_buckets`, document slots per row and query slots a power of two (one each per row length),
+        rows `batch_size` (fewer for long rows, so a batch holds at most `max_tokens_per_batch` tokens, and for
+        the last batch of a length, the smallest power of two that holds its rows). A document's score does not
+        depend on its batch or row mates (other shapes reorder float sums: differences ~1e-7 relative, never
+        more); with several devices, each device scores whole batches, so scores are bit-identical for any
+        device count.
         """
         num_docs = len(doc_tokens)
         scores = np.zeros(num_docs, np.float32)
@@ -226,61 +272,65 @@ class SparseCrossEncoder:
         too_long = np.flatnonzero(1 + np.array([len(query_tokens[q]) for q in doc_query]) + lengths > max_length)
         if too_long.size:
             raise ValueError(f"documents {too_long[:5].tolist()} exceed max_length {max_length} with their query")
-        buckets = length_buckets(max_length, step=16)
-        doc_bucket = np.array([bucket_length(n, buckets) for n in lengths])
+        cfg = self.config
+        packed = cfg.query_is_shared and cfg.attention_window_size is not None and self.model.attention_impl != "pallas"
+        rows = pack_documents(
+            lengths, doc_query, length_buckets(max_length, step=16), max_slots=PACKED_SLOTS if packed else 1
+        )
         query_length = -(-max(len(t) for t in query_tokens) // 8) * 8
-        order = np.lexsort((doc_query, doc_bucket))
 
-        sorted_buckets = doc_bucket[order]
-        batches = []
+        row_lengths = np.array([row.length for row in rows])
+        batches = []  # (rows, row slots)
         start = 0
-        while start < num_docs:
-            length = sorted_buckets[start]
-            # The last batch of a length gets the fewest (power-of-two) slots that hold its documents, so small
-            # lengths do not pad to a full batch: a few more shapes, much less wasted compute.
-            left = np.searchsorted(sorted_buckets, length, side="right") - start
-            slots = min(batch_size, _power_of_two_at_most(max_tokens_per_batch // length), _power_of_two_at_least(left))
-            end = start
-            while end < num_docs and end - start < slots and doc_bucket[order[end]] == length:
-                end += 1
-            batches.append((order[start:end], length, slots))
-            start = end
-        # Query slots: one count per length bucket, so a batch's shapes do not depend on its neighbours.
-        query_slots = {}
-        for indices, length, _ in batches:
-            needed = _power_of_two_at_least(len(np.unique(doc_query[indices])))
+        while start < len(rows):
+            length = rows[start].length
+            left = np.searchsorted(row_lengths, length, side="right") - start
+            # The last batch of a length gets the fewest (power-of-two) rows that hold its rows, so rare lengths
+            # do not pad to a full batch: a few more shapes, much less wasted compute.
+            size = min(batch_size, _power_of_two_at_most(max_tokens_per_batch // length), _power_of_two_at_least(left))
+            batches.append((rows[start : start + min(size, left)], size))
+            start += min(size, left)
+        # Document slots per row and query slots: one count per row length, so a batch's shapes do not depend on
+        # its neighbours.
+        slots, query_slots = {}, {}
+        for batch, _ in batches:
+            length = batch[0].length
+            slots[length] = max(slots.get(length, 1), _power_of_two_at_least(max(len(row.docs) for row in batch)))
+            needed = _power_of_two_at_least(len({row.query for row in batch}))
             query_slots[length] = max(query_slots.get(length, 1), needed)
         # With several devices, each scores one batch per step, exactly as a single device would (same shapes,
-        # same batch mates), so scores do not depend on the device count. Steps hold batches of one shape.
+        # same batch mates), so scores do not depend on the device count. Steps hold batches of one length.
         num_devices = self.mesh.size
-        steps = []
-        for batch in batches:
-            if steps and len(steps[-1]) < num_devices and steps[-1][0][1:] == batch[1:]:
-                steps[-1].append(batch)
+        steps = []  # (batches, row length, row slots)
+        for batch, size in batches:
+            shape = (batch[0].length, size)
+            if steps and len(steps[-1][0]) < num_devices and steps[-1][1:] == shape:
+                steps[-1][0].append(batch)
             else:
-                steps.append([batch])
+                steps.append(([batch], *shape))
 
         bar = tqdm(total=num_docs, unit="doc", desc="scoring", disable=not progress, smoothing=0.1)
-        for step in steps:
-            _, length, slots = step[0]
+        for step, length, num_rows in steps:
             parts = []
-            for indices, _, _ in step + [(np.zeros(0, np.int64), length, slots)] * (num_devices - len(step)):
-                queries, local_query = np.unique(doc_query[indices], return_inverse=True)
-                parts.append(make_batch(
+            for batch in step + [[]] * (num_devices - len(step)):
+                queries, row_query = np.unique(np.array([row.query for row in batch], np.int64), return_inverse=True)
+                parts.append(pack_rows(
                     [query_tokens[q] for q in queries],
-                    [doc_tokens[i] for i in indices],
-                    local_query,
+                    [[doc_tokens[i] for i in row.docs] for row in batch],
+                    row_query,
                     query_length=query_length,
-                    doc_length=length,
+                    row_length=length,
+                    slots=slots[length],
                     num_queries=query_slots[length],
-                    num_docs=slots,
-                    pad_id=self.config.pad_token_id,
+                    num_rows=num_rows,
+                    pad_id=cfg.pad_token_id,
                 ))
-            batch = Batch(*(np.concatenate(arrays) for arrays in zip(*parts)))
-            self.compiled_shapes.add(tuple(a.shape for a in batch))
-            step_scores = np.asarray(self._forward(self._state, batch)).reshape(num_devices, slots)
-            for (indices, _, _), device_scores in zip(step, step_scores):
-                scores[indices] = device_scores[: len(indices)]
-            bar.update(sum(len(indices) for indices, _, _ in step))
+            arrays = Batch(*(np.concatenate(fields) for fields in zip(*parts)))
+            self.compiled_shapes.add(tuple(a.shape for a in arrays))
+            step_scores = np.asarray(self._forward(self._state, arrays)).reshape(num_devices, num_rows, slots[length])
+            for batch, device_scores in zip(step, step_scores):
+                for row, row_scores in zip(batch, device_scores):
+                    scores[row.docs] = row_scores[: len(row.docs)]
+            bar.update(sum(len(row.docs) for batch in step for row in batch))
         bar.close()
         return scores

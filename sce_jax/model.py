@@ -32,9 +32,9 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 class _Layout:
     """Where each group sits in the flat token matrix, and how to split it back."""
 
-    def __init__(self, num_docs: int, num_queries: int, query_length: int, doc_length: int):
-        self.shapes = ((num_docs,), (num_queries, query_length), (num_docs, doc_length))
-        self.sizes = [num_docs, num_queries * query_length, num_docs * doc_length]
+    def __init__(self, num_rows: int, slots: int, num_queries: int, query_length: int, row_length: int):
+        self.shapes = ((num_rows, slots), (num_queries, query_length), (num_rows, row_length))
+        self.sizes = [num_rows * slots, num_queries * query_length, num_rows * row_length]
 
     def split(self, x_TxF: jax.Array) -> Groups:
         cls_end, query_end = self.sizes[0], self.sizes[0] + self.sizes[1]
@@ -43,6 +43,23 @@ class _Layout:
 
     def join(self, groups: Groups) -> jax.Array:
         return jnp.concatenate([g.reshape(size, *g.shape[len(s):]) for g, size, s in zip(groups, self.sizes, self.shapes)])
+
+    def states(self, x_TxF: jax.Array) -> Groups:
+        """Hidden states per group, [CLS] as one row per document slot."""
+        groups = self.split(x_TxF)
+        return groups._replace(cls=groups.cls.reshape(-1, *groups.cls.shape[2:]))
+
+
+def doc_segments(doc_lengths_DxC: jax.Array, row_length: int) -> tuple[jax.Array, jax.Array]:
+    """For rows of documents packed back to back: each token's document slot (-1 for padding) and its offset
+    within that document."""
+    slots = doc_lengths_DxC.shape[1]
+    ends_DxC = jnp.cumsum(doc_lengths_DxC, axis=1)
+    token_L = jnp.arange(row_length)
+    slot_DxL = (token_L[None, :, None] >= ends_DxC[:, None, :]).sum(-1)
+    starts_DxC = ends_DxC - doc_lengths_DxC
+    offset_DxL = token_L[None, :] - jnp.take_along_axis(starts_DxC, jnp.minimum(slot_DxL, slots - 1), axis=1)
+    return jnp.where(slot_DxL < slots, slot_DxL, -1), offset_DxL
 
 
 class Embeddings(nnx.Module):
@@ -111,27 +128,36 @@ class SparseCrossEncoderModel(nnx.Module):
         self.classifier = nnx.Linear(config.hidden_size, 1, **dense)
 
     def __call__(self, batch: Batch, *, dropout_rng: jax.Array | None = None, return_hidden_states: bool = False):
+        """Scores [D·C] (row-major over rows and document slots; [D] for one document per row)."""
         cfg = self.config
-        query_ids, doc_ids, doc_query = (jnp.asarray(a) for a in batch)
-        num_docs, doc_length = doc_ids.shape
+        query_ids, doc_ids, doc_query = (jnp.asarray(a) for a in batch[:3])
+        num_rows, row_length = doc_ids.shape
+        if batch.doc_lengths is None:
+            doc_lengths = (doc_ids != cfg.pad_token_id).sum(axis=1, keepdims=True)
+        else:
+            doc_lengths = jnp.asarray(batch.doc_lengths)
+        slots = doc_lengths.shape[1]
+        slot_DxL, offset_DxL = doc_segments(doc_lengths, row_length)
         query_length = query_ids.shape[1]
         query_lengths_Q = (query_ids != cfg.pad_token_id).sum(axis=1)
         if not cfg.query_is_shared:
+            if slots != 1:
+                raise ValueError("rows of several documents need a query that sees neither [CLS] nor documents")
             # The query sees [CLS] or the document, so its encoding differs per document.
             query_ids, query_lengths_Q = query_ids[doc_query], query_lengths_Q[doc_query]
-            doc_query = jnp.arange(num_docs)
+            doc_query = jnp.arange(num_rows)
         num_queries = query_ids.shape[0]
-        layout = _Layout(num_docs, num_queries, query_length, doc_length)
+        layout = _Layout(num_rows, slots, num_queries, query_length, row_length)
 
-        ids = Groups(jnp.full((num_docs,), cfg.cls_token_id, jnp.int32), query_ids, doc_ids)
+        ids = Groups(jnp.full((num_rows, slots), cfg.cls_token_id, jnp.int32), query_ids, doc_ids)
         positions = Groups(
-            jnp.zeros((num_docs,), jnp.int32),
+            jnp.zeros((num_rows, slots), jnp.int32),
             jnp.broadcast_to(1 + jnp.arange(query_length), query_ids.shape),
-            1 + query_lengths_Q[doc_query][:, None] + jnp.arange(doc_length)[None, :],
+            1 + query_lengths_Q[doc_query][:, None] + offset_DxL,
         )
         types = Groups(jnp.zeros_like(ids.cls), jnp.zeros_like(query_ids), jnp.ones_like(doc_ids))
         # Padding rows may point past the position table; their results are discarded, so clamp them.
-        positions_T = jnp.minimum(layout.join(positions), cfg.max_position_embeddings - 1)
+        positions_T = jnp.clip(layout.join(positions), 0, cfg.max_position_embeddings - 1)
         x_TxF = self.embeddings(layout.join(ids), positions_T, layout.join(types))
 
         # Two dropout sites per layer, then the embeddings and the pooled output.
@@ -140,17 +166,17 @@ class SparseCrossEncoderModel(nnx.Module):
             rngs = list(jax.random.split(dropout_rng, len(rngs)))
         x_TxF = _dropout(x_TxF, cfg.hidden_dropout_prob, rngs[-1])
 
-        masks = (query_ids != cfg.pad_token_id, doc_ids != cfg.pad_token_id, doc_query)
-        hidden = [layout.split(x_TxF)] if return_hidden_states else None
+        masks = (query_ids != cfg.pad_token_id, slot_DxL, doc_query)
+        hidden = [layout.states(x_TxF)] if return_hidden_states else None
         for i, layer in enumerate(self.layers):
             x_TxF = layer(
                 x_TxF, layout, masks, impl=self.attention_impl, interpret=self.interpret,
                 dropout_rngs=rngs[2 * i : 2 * i + 2],
             )
             if hidden is not None:
-                hidden.append(layout.split(x_TxF))
+                hidden.append(layout.states(x_TxF))
 
-        cls_DxF = x_TxF[:num_docs]
+        cls_DxF = x_TxF[: num_rows * slots]
         pooled = jnp.tanh(self.pooler(cls_DxF))
         scores_D = self.classifier(_dropout(pooled, cfg.hidden_dropout_prob, rngs[-2]))[:, 0].astype(jnp.float32)
         if return_hidden_states:

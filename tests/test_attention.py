@@ -25,24 +25,27 @@ def test_skew_picks_each_rows_band_and_unskew_inverts_it(rows, window):
     np.testing.assert_array_equal(back, np.where(on_band, block, 0))
 
 
-def test_single_row_attention_matches_numpy():
+@pytest.mark.parametrize("slots", [1, 3])
+def test_cls_attention_matches_numpy(slots):
+    """[CLS] c sees itself, the row's visible query keys and exactly the tokens of document slot c."""
     rng = np.random.default_rng(0)
-    docs, heads, head_dim = 3, 4, 8
-    q = rng.standard_normal((docs, heads, head_dim)).astype(np.float32)
-    segments = []
-    for length in (1, 5, 7):
-        k, v = (rng.standard_normal((docs, length, heads, head_dim)).astype(np.float32) for _ in range(2))
-        mask = rng.random((docs, length)) < 0.7
-        segments.append((k, v, mask))
-    segments[0][2][:] = True  # every row sees at least one key
+    rows, heads, head_dim, query_length, length = 3, 4, 8, 5, 11
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    q_cls, k_cls, v_cls = (normal(rows, slots, heads, head_dim) for _ in range(3))
+    kq, vq = (normal(rows, query_length, heads, head_dim) for _ in range(2))
+    k_doc, v_doc = (normal(rows, length, heads, head_dim) for _ in range(2))
+    query_mask = rng.random((rows, query_length)) < 0.7
+    doc_slot = np.sort(rng.integers(-1, slots, (rows, length)), axis=1)[:, ::-1].copy()  # -1 (padding) last
 
-    out = np.asarray(attention.single_row_attention(jnp.asarray(q), [tuple(map(jnp.asarray, s)) for s in segments]))
+    out = np.asarray(attention.cls_attention(*map(jnp.asarray, (q_cls, k_cls, v_cls, kq, vq, query_mask, k_doc, v_doc, doc_slot))))
 
-    k = np.concatenate([s[0] for s in segments], axis=1).astype(np.float64)
-    v = np.concatenate([s[1] for s in segments], axis=1).astype(np.float64)
-    mask = np.concatenate([s[2] for s in segments], axis=1)
-    scores = np.einsum("dhk,dshk->dhs", q, k) / math.sqrt(head_dim)
-    scores = np.where(mask[:, None, :], scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    np.testing.assert_allclose(out, np.einsum("dhs,dshk->dhk", probs, v), atol=1e-5, rtol=1e-5)
+    expected = np.zeros(out.shape)
+    for d in range(rows):
+        for c in range(slots):
+            keys = np.concatenate([k_cls[d, c, None], kq[d][query_mask[d]], k_doc[d][doc_slot[d] == c]])
+            values = np.concatenate([v_cls[d, c, None], vq[d][query_mask[d]], v_doc[d][doc_slot[d] == c]])
+            scores = np.einsum("hk,shk->hs", q_cls[d, c].astype(np.float64), keys) / math.sqrt(head_dim)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            expected[d, c] = np.einsum("hs,shk->hk", probs, values)
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)

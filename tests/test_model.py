@@ -13,7 +13,7 @@ import pytest
 
 import dense_reference
 from flax import nnx
-from sce_jax.batch import make_batch
+from sce_jax.batch import make_batch, pack_rows
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig
 from sce_jax.encoder import build_model
 from sce_jax.weights import hf_to_params, read_hf_state_dict
@@ -134,6 +134,40 @@ def test_sparse_matches_dense_numpy_reference(request, name, pattern, window, im
     assert max(diffs) <= 1e-5
 
 
+PACKED_CASES = [c for c in CASES if not (c[1]["query_doc_attention"] or c[1]["query_cls_attention"])]
+
+
+@pytest.mark.parametrize("name,pattern,window,impl,weights", PACKED_CASES,
+                         ids=[f"{c[0]}-w{c[2]}-{c[3]}-{c[4]}" for c in PACKED_CASES])
+def test_rows_of_several_documents_match_dense_numpy_reference(request, name, pattern, window, impl, weights):
+    """Documents packed back to back in rows score as if alone: per-document logits and last-layer states."""
+    model_dir = request.getfixturevalue("minilm_hf_dir" if weights == "minilm" else "tiny_hf_dir")
+    state, hf_config = _state_and_config(str(model_dir))
+    model = _model(model_dir, pattern, window, impl)
+    queries, docs = _tokens(str(model_dir))
+    # Row 0: query 0's documents 2, 0, 4; row 1: query 1's 1, 3; row 2: padding. Four slots per row.
+    rows, row_query = [[2, 0, 4], [1, 3], []], [0, 1, 0]
+    batch = pack_rows(queries, [[docs[d] for d in row] for row in rows], row_query,
+                      query_length=24, row_length=160, slots=4)
+    scores, hidden = _run(model, batch, hidden=True)
+    scores = np.asarray(scores).reshape(3, 4)
+    for r, row in enumerate(rows):
+        start = 0
+        for c, d in enumerate(row):
+            logit, ref_hidden = dense_reference.forward(state, hf_config, queries[row_query[r]], docs[d], pattern, window)
+            assert abs(float(scores[r, c]) - logit) <= 1e-5, (name, r, c)
+            doc_rows = np.asarray(hidden[-1].doc[r, start : start + len(docs[d])])
+            np.testing.assert_allclose(doc_rows, ref_hidden[-1, 1 + len(queries[row_query[r]]) :], atol=1e-5)
+            start += len(docs[d])
+
+
+def test_rows_of_several_documents_need_a_shared_query(tiny_hf_dir):
+    queries, docs = _tokens(str(tiny_hf_dir))
+    batch = pack_rows(queries, [[docs[0], docs[2]]], [0], query_length=24, row_length=128, slots=2)
+    with pytest.raises(ValueError, match="several documents"):
+        _run(_model(tiny_hf_dir, {**RELEASED, "query_doc_attention": True}, 4), batch)
+
+
 def test_scores_do_not_depend_on_batch_mates_or_padding(minilm_hf_dir):
     model = _model(minilm_hf_dir, RELEASED, 4)
     queries, docs = _tokens(str(minilm_hf_dir))
@@ -158,8 +192,9 @@ def test_doc_tokens_outside_window_get_zero_gradient(tiny_hf_dir):
     x = jax.random.normal(jax.random.key(0), (1 + 16 + 48, cfg.hidden_size))
     from sce_jax.model import _Layout
 
-    layout = _Layout(1, 1, 16, 48)
-    masks = (jnp.asarray(batch.query_ids != 0), jnp.asarray(batch.doc_ids != 0), jnp.asarray(batch.doc_query))
+    layout = _Layout(1, 1, 1, 16, 48)
+    doc_slot = jnp.where(jnp.asarray(batch.doc_ids != 0), 0, -1)
+    masks = (jnp.asarray(batch.query_ids != 0), doc_slot, jnp.asarray(batch.doc_query))
     row = 20
 
     def doc_output(x):

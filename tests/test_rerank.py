@@ -154,6 +154,40 @@ def test_maxp_chunk_starts_cover_the_document():
     assert list(maxp_chunk_starts(7, 4)) == [0, 2, 4]
 
 
+def test_pack_documents_first_fit_decreasing_per_query():
+    from sce_jax.batch import length_buckets
+    from sce_jax.encoder import Row, pack_documents
+
+    buckets = length_buckets(512, step=16)  # ..., 240, 304, 384, 480, 512
+    lengths = np.array([100, 200, 50, 150, 400, 10, 10, 10])
+    doc_query = np.array([0, 0, 0, 0, 1, 2, 2, 2])
+    # Query 0 (rows of 304, the bucket of 256): 200 opens a row, 150 a second, 100 joins the first (104 free),
+    # 50 the second. Query 1: its 400-token document sets rows of 480. Query 2: two slots per row.
+    assert pack_documents(lengths, doc_query, buckets, max_slots=2) == [
+        Row(304, 0, [1, 0]), Row(304, 0, [3, 2]), Row(304, 2, [5, 6]), Row(304, 2, [7]), Row(480, 1, [4])
+    ]
+    # One document per row: each padded to its own length bucket.
+    assert pack_documents(lengths[:3], doc_query[:3], buckets, max_slots=1) == [
+        Row(64, 0, [2]), Row(112, 0, [0]), Row(240, 0, [1])
+    ]
+
+
+def test_packed_rows_score_like_one_document_per_row(sparse_encoder, monkeypatch):
+    import sce_jax.encoder
+
+    rng = np.random.default_rng(0)
+    words = "telescope mirror lens star galaxy orbit light planet moon comet".split()
+    queries = ["history of the telescope", "moons of pluto", "what is a comet"]
+    docs = [" ".join(rng.choice(words, rng.integers(1, 30))) for _ in range(25)]
+    doc_query = rng.integers(0, 3, len(docs))
+    shapes_before = set(sparse_encoder.compiled_shapes)
+    packed = sparse_encoder.score_pairs(queries, docs, doc_query, batch_size=4, progress=False)
+    assert any(shape[3][1] > 1 for shape in sparse_encoder.compiled_shapes - shapes_before)  # really packed
+    monkeypatch.setattr(sce_jax.encoder, "PACKED_SLOTS", 1)
+    alone = sparse_encoder.score_pairs(queries, docs, doc_query, batch_size=4, progress=False)
+    np.testing.assert_allclose(packed, alone, atol=1e-5, rtol=1e-5)
+
+
 def test_maxp_scores_the_best_half_overlapping_chunk(sparse_encoder):
     from transformers import AutoTokenizer
 
