@@ -254,8 +254,9 @@ class SparseCrossEncoder:
         documents, the Pallas kernel) each document has its own row. Rows are batched by length, rows of the
         same query together so a batch needs few query slots. Shapes come from a small fixed set: row length
         from `length_buckets`, document slots per row and query slots a power of two (one each per row length),
-        rows `batch_size` (fewer for long rows, so a batch holds at most `max_tokens_per_batch` tokens, and for
-        the last batch of a length, the smallest power of two that holds its rows). A document's score does not
+        rows: about `batch_size` documents (a power of two of rows; fewer for long rows, so a batch holds at most
+        `max_tokens_per_batch` tokens; for the last batch of a length, the smallest power of two that holds its
+        rows). A document's score does not
         depend on its batch or row mates (other shapes reorder float sums: differences ~1e-7 relative, never
         more); with several devices, each device scores whole batches, so scores are bit-identical for any
         device count.
@@ -280,14 +281,19 @@ class SparseCrossEncoder:
         query_length = -(-max(len(t) for t in query_tokens) // 8) * 8
 
         row_lengths = np.array([row.length for row in rows])
+        # Rows per batch, per row length: about `batch_size` documents (a power of two of rows).
+        docs_per_row = {length: np.mean([len(row.docs) for row in rows if row.length == length])
+                        for length in set(row_lengths.tolist())}
         batches = []  # (rows, row slots)
         start = 0
         while start < len(rows):
             length = rows[start].length
             left = np.searchsorted(row_lengths, length, side="right") - start
+            full = min(_power_of_two_at_most(batch_size / docs_per_row[length]),
+                       _power_of_two_at_most(max_tokens_per_batch // length))
             # The last batch of a length gets the fewest (power-of-two) rows that hold its rows, so rare lengths
             # do not pad to a full batch: a few more shapes, much less wasted compute.
-            size = min(batch_size, _power_of_two_at_most(max_tokens_per_batch // length), _power_of_two_at_least(left))
+            size = min(full, _power_of_two_at_least(left))
             batches.append((rows[start : start + min(size, left)], size))
             start += min(size, left)
         # Document slots per row and query slots: one count per row length, so a batch's shapes do not depend on

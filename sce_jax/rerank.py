@@ -49,7 +49,7 @@ HELP = {
     "output": "re-ranked TREC run to write",
     "model": "converted sce_jax directory, Hugging Face directory, or hub id",
     "depth": "documents per query taken from the input (by input rank, then score); 0 keeps all",
-    "batch_size": "rows per forward pass (a row holds one document or several short ones of one query)",
+    "batch_size": "documents per forward pass",
     "max_length": "tokens per query-document input ([CLS] + query + document)",
     "max_query_length": "query wordpieces + 2 [SEP]",
     "max_p": "score over-long documents by their best 50%%-overlapping chunk (MaxP) instead of truncating",
