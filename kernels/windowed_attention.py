@@ -209,6 +209,13 @@ def _mask_spec(length: int):
     return pl.BlockSpec((pl.squeezed, length), lambda d, h, i: (d, 0))
 
 
+def _query_block_specs(block_q: int, length: int, num_global: int, head_dim: int):
+    """Inputs of a kernel over query-row blocks: q rows, whole k, v, global k, v, document and global masks."""
+    whole = _whole_spec(length, head_dim)
+    global_keys = _whole_spec(num_global, head_dim)
+    return [_row_spec(block_q, head_dim), whole, whole, global_keys, global_keys, _mask_spec(length), _mask_spec(num_global)]
+
+
 def _per_row_spec(block: int):
     """Tiles of a [D, H, L] per-row statistic (log-sum-exp, delta)."""
     return pl.BlockSpec((pl.squeezed, pl.squeezed, block), lambda d, h, i: (d, h, i))
@@ -225,15 +232,7 @@ def _forward(q, k, v, kg, vg, doc_mask, global_mask, static: _Static):
     return pl.pallas_call(
         functools.partial(_forward_kernel, static=static),
         grid=(D, H, Lp // block_q),
-        in_specs=[
-            _row_spec(block_q, Kp),
-            _whole_spec(Lp, Kp),
-            _whole_spec(Lp, Kp),
-            _whole_spec(Gp, Kp),
-            _whole_spec(Gp, Kp),
-            _mask_spec(Lp),
-            _mask_spec(Gp),
-        ],
+        in_specs=_query_block_specs(block_q, Lp, Gp, Kp),
         out_specs=[_row_spec(block_q, Kp), _per_row_spec(block_q)],
         out_shape=[_out_struct(q, q.shape, q.dtype), _out_struct(q, (D, H, Lp), jnp.float32)],
         compiler_params=static.config.compiler_params(),
@@ -316,13 +315,7 @@ def _backward(static: _Static, residuals, dout):
         functools.partial(_dq_kernel, static=static),
         grid=(D, H, n_query_blocks),
         in_specs=[
-            _row_spec(block_q, Kp),
-            _whole_spec(Lp, Kp),
-            _whole_spec(Lp, Kp),
-            _whole_spec(Gp, Kp),
-            _whole_spec(Gp, Kp),
-            _mask_spec(Lp),
-            _mask_spec(Gp),
+            *_query_block_specs(block_q, Lp, Gp, Kp),
             _row_spec(block_q, Kp),
             _per_row_spec(block_q),
             _per_row_spec(block_q),

@@ -194,14 +194,15 @@ def _blocked_doc_attention(
     block_scores = jnp.einsum("dnbhk,dnshk->dnhbs", q_DxNxBxHxK, k_DxNxSxHxK, preferred_element_type=jnp.float32)
     band_DxLxHxO = jnp.moveaxis(_skew(block_scores, window), 2, 3).reshape(num_docs, padded, heads, offsets)
     band_DxLxHxO = band_DxLxHxO[:, :length] * scale
-    # Offset o of row r is key r - window + o.
-    key_mask = pad_tokens(doc_mask_DxL, window, window)
-    band_mask_DxLxO = jnp.stack([key_mask[:, o : o + length] for o in range(offsets)], axis=-1)
+    def band_keys(x_DxL, fill):
+        """[D, L, 2w + 1]: entry o of row r is key r - window + o (`fill` outside the row)."""
+        halo_padded = jnp.pad(x_DxL, [(0, 0), (window, window)], constant_values=fill)
+        return jnp.stack([halo_padded[:, o : o + length] for o in range(offsets)], axis=-1)
+
+    band_mask_DxLxO = band_keys(doc_mask_DxL, False)
     global_mask = global_mask_DxG[:, None, None, :]
     if doc_slot_DxL is not None:
-        key_slot = jnp.pad(doc_slot_DxL, [(0, 0), (window, window)], constant_values=-1)
-        same_slot = jnp.stack([key_slot[:, o : o + length] for o in range(offsets)], axis=-1) == doc_slot_DxL[..., None]
-        band_mask_DxLxO &= same_slot
+        band_mask_DxLxO &= band_keys(doc_slot_DxL, -1) == doc_slot_DxL[..., None]
         global_mask &= _owned(global_slot_DxG, doc_slot_DxL)[:, :, None, :]
     band_mask_DxLx1xO = band_mask_DxLxO[:, :, None]
 
@@ -266,10 +267,8 @@ def cls_attention(
     )
     self_DxCxH = jnp.sum(q_cls_DxCxHxK.astype(jnp.float32) * k_cls_DxCxHxK.astype(jnp.float32), axis=-1)
     query_DxCxHxQ = jnp.einsum("dchk,dqhk->dchq", q_cls_DxCxHxK, kq_DxQxHxK, preferred_element_type=jnp.float32)
-    scores = jnp.concatenate(
-        [self_DxCxH[..., None], query_DxCxHxQ, jnp.broadcast_to(jnp.swapaxes(doc_DxLxH, 1, 2)[:, None], (num_rows, slots, heads, length))],
-        axis=-1,
-    ) * scale
+    doc_DxCxHxL = jnp.broadcast_to(jnp.swapaxes(doc_DxLxH, 1, 2)[:, None], (num_rows, slots, heads, length))
+    scores = jnp.concatenate([self_DxCxH[..., None], query_DxCxHxQ, doc_DxCxHxL], axis=-1) * scale
     num_query = kq_DxQxHxK.shape[1]
     mask = jnp.concatenate(
         [
