@@ -291,6 +291,23 @@ def cls_attention(
     return out.astype(q_cls_DxCxHxK.dtype)
 
 
+def pattern_cls_attention(
+    q_cls_DxCxHxK: jax.Array,
+    k: Groups,
+    v: Groups,
+    query_mask_QxLq: jax.Array,
+    doc_slot_DxLd: jax.Array,
+    doc_query_D: jax.Array,
+    config: SparseCrossEncoderConfig,
+) -> jax.Array:
+    """The [CLS] rows' attention under the config's pattern (what the last layer needs for the scores)."""
+    return cls_attention(
+        q_cls_DxCxHxK, k.cls, v.cls, k.query[doc_query_D], v.query[doc_query_D],
+        query_mask_QxLq[doc_query_D] & config.cls_query_attention, k.doc, v.doc,
+        jnp.where(config.cls_doc_attention, doc_slot_DxLd, -1),
+    )
+
+
 def sparse_attention(
     q: Groups,
     k: Groups,
@@ -314,11 +331,7 @@ def sparse_attention(
     slot_C = jnp.arange(slots)
     # Query keys as seen from each row (a gather of Lq rows per row).
     kq_D, vq_D, qmask_D = k.query[doc_query_D], v.query[doc_query_D], query_mask_QxLq[doc_query_D]
-
-    cls_out = cls_attention(
-        q.cls, k.cls, v.cls, kq_D, vq_D, qmask_D & config.cls_query_attention, k.doc, v.doc,
-        jnp.where(config.cls_doc_attention, doc_slot_DxLd, -1),
-    )
+    cls_out = pattern_cls_attention(q.cls, k, v, query_mask_QxLq, doc_slot_DxLd, doc_query_D, config)
 
     if config.query_is_shared:
         query_out = segment_attention(q.query, [(k.query, v.query, query_mask_QxLq)])
