@@ -249,25 +249,33 @@ def cls_attention(
     """[CLS] c of each row attends to itself, the row's query keys (`query_mask`) and the tokens of document slot c
     (`doc_slot`, -1 to hide a token), in one float32 softmax per [CLS] and head.
 
-    Each document token meets only its own [CLS]: the [CLS] rows are spread over the tokens with a one-hot
-    [C, L] matmul and multiplied elementwise, and values summed back by the same one-hot matmul. So the work
-    is a few passes over the document tokens, in the projection's layout (XLA CPU otherwise transposes every
-    row's keys and values), whatever the number of slots.
+    The document keys and values stay in the projection's layout (XLA CPU would otherwise transpose every row's
+    keys and values). One slot per row: the [CLS] queries of all heads, as a block-diagonal [H, H·K] matrix, meet
+    the row's keys in one matmul, and the probabilities its values in another. Several slots: each document token
+    meets only its own [CLS], spread over the tokens by a one-hot [C, L] matmul and multiplied elementwise, and
+    values are summed back by the same one-hot matmul (a few passes over the tokens, not C matmuls).
     """
     num_rows, slots, heads, head_dim = q_cls_DxCxHxK.shape
     length = k_doc_DxLxHxK.shape[1]
     features = heads * head_dim
     scale = 1.0 / math.sqrt(head_dim)
+    k_doc_DxLxF = k_doc_DxLxHxK.reshape(num_rows, length, features)
+    v_doc_DxLxF = v_doc_DxLxHxK.reshape(num_rows, length, features)
     onehot_DxCxL = doc_slot_DxL[:, None, :] == jnp.arange(slots)[None, :, None]
-    own_cls_DxLxF = jnp.einsum(
-        "dcl,dcf->dlf", onehot_DxCxL.astype(q_cls_DxCxHxK.dtype), q_cls_DxCxHxK.reshape(num_rows, slots, features)
-    )
-    doc_DxLxH = jnp.sum(
-        own_cls_DxLxF.reshape(k_doc_DxLxHxK.shape).astype(jnp.float32) * k_doc_DxLxHxK.astype(jnp.float32), axis=-1
-    )
+    eye_HxH = jnp.eye(heads, dtype=q_cls_DxCxHxK.dtype)
+    if slots == 1:
+        q_bd_DxHxF = (q_cls_DxCxHxK[:, 0, :, None, :] * eye_HxH[None, :, :, None]).reshape(num_rows, heads, features)
+        doc_DxCxHxL = jnp.einsum("dhf,dlf->dhl", q_bd_DxHxF, k_doc_DxLxF, preferred_element_type=jnp.float32)[:, None]
+    else:
+        own_cls_DxLxF = jnp.einsum(
+            "dcl,dcf->dlf", onehot_DxCxL.astype(q_cls_DxCxHxK.dtype), q_cls_DxCxHxK.reshape(num_rows, slots, features)
+        )
+        doc_DxLxH = jnp.sum(
+            own_cls_DxLxF.reshape(k_doc_DxLxHxK.shape).astype(jnp.float32) * k_doc_DxLxHxK.astype(jnp.float32), axis=-1
+        )
+        doc_DxCxHxL = jnp.broadcast_to(jnp.swapaxes(doc_DxLxH, 1, 2)[:, None], (num_rows, slots, heads, length))
     self_DxCxH = jnp.sum(q_cls_DxCxHxK.astype(jnp.float32) * k_cls_DxCxHxK.astype(jnp.float32), axis=-1)
     query_DxCxHxQ = jnp.einsum("dchk,dqhk->dchq", q_cls_DxCxHxK, kq_DxQxHxK, preferred_element_type=jnp.float32)
-    doc_DxCxHxL = jnp.broadcast_to(jnp.swapaxes(doc_DxLxH, 1, 2)[:, None], (num_rows, slots, heads, length))
     scores = jnp.concatenate([self_DxCxH[..., None], query_DxCxHxQ, doc_DxCxHxL], axis=-1) * scale
     num_query = kq_DxQxHxK.shape[1]
     mask = jnp.concatenate(
@@ -284,10 +292,18 @@ def cls_attention(
         "dchq,dqhk->dchk", probs[..., 1 : 1 + num_query].astype(vq_DxQxHxK.dtype), vq_DxQxHxK,
         preferred_element_type=jnp.float32,
     )
-    # Each token's weight from its own [CLS] (the other slots' entries are zero).
-    token_DxLxH = jnp.swapaxes(probs[..., 1 + num_query :].sum(axis=1), 1, 2)
-    weighted_DxLxF = (token_DxLxH[..., None] * v_doc_DxLxHxK.astype(jnp.float32)).reshape(num_rows, length, features)
-    out += jnp.einsum("dcl,dlf->dcf", onehot_DxCxL.astype(jnp.float32), weighted_DxLxF).reshape(out.shape)
+    doc_probs = probs[..., 1 + num_query :]
+    if slots == 1:
+        # Every head's probabilities against all heads' values; keep each head's own block.
+        all_DxHxF = jnp.einsum(
+            "dhl,dlf->dhf", doc_probs[:, 0].astype(v_doc_DxLxF.dtype), v_doc_DxLxF, preferred_element_type=jnp.float32
+        )
+        out += jnp.einsum("dhgk,hg->dhk", all_DxHxF.reshape(num_rows, heads, heads, head_dim), eye_HxH.astype(jnp.float32))[:, None]
+    else:
+        # Each token's weight from its own [CLS] (the other slots' entries are zero).
+        token_DxLxH = jnp.swapaxes(doc_probs.sum(axis=1), 1, 2)
+        weighted_DxLxF = (token_DxLxH[..., None] * v_doc_DxLxHxK.astype(jnp.float32)).reshape(num_rows, length, features)
+        out += jnp.einsum("dcl,dlf->dcf", onehot_DxCxL.astype(jnp.float32), weighted_DxLxF).reshape(out.shape)
     return out.astype(q_cls_DxCxHxK.dtype)
 
 
