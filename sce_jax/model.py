@@ -22,6 +22,12 @@ _ACTIVATIONS = {
 }
 
 
+# On CPU the feed-forward block runs on token chunks of about this size, so its [tokens, intermediate] activations
+# stay in cache between the two matmuls (4 x 2960-token batches of documents: +3-5% in same-process A/B on the
+# 2-core benchmark VM; batches of passages have fewer tokens and are not split).
+_CPU_TOKEN_CHUNK = 2048
+
+
 def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     if rng is None or rate == 0.0:
         return x
@@ -118,7 +124,22 @@ class Layer(nnx.Module):
         return self._feed_forward(cls_TxF, attended.reshape(cls_TxF.shape), dropout_rngs)
 
     def _feed_forward(self, x_TxF, attended_TxF, dropout_rngs):
-        """Attention output projection, then the feed-forward block, each with residual and layer norm."""
+        """Attention output projection, then the feed-forward block, each with residual and layer norm; on CPU in
+        chunks of at most `_CPU_TOKEN_CHUNK` tokens."""
+        num_tokens = x_TxF.shape[0]
+        if jax.default_backend() != "cpu" or num_tokens <= _CPU_TOKEN_CHUNK * 3 // 2:
+            return self._feed_forward_chunk(x_TxF, attended_TxF, dropout_rngs)
+        pieces = -(-num_tokens // _CPU_TOKEN_CHUNK)
+        step = -(-num_tokens // pieces)
+        return jnp.concatenate([
+            self._feed_forward_chunk(
+                x_TxF[start : start + step], attended_TxF[start : start + step],
+                [None if rng is None else jax.random.fold_in(rng, start) for rng in dropout_rngs],
+            )
+            for start in range(0, num_tokens, step)
+        ])
+
+    def _feed_forward_chunk(self, x_TxF, attended_TxF, dropout_rngs):
         rate = self.config.hidden_dropout_prob
         x_TxF = self.attention_norm(x_TxF + _dropout(self.attention_output(attended_TxF), rate, dropout_rngs[0]))
         h = self.output(_ACTIVATIONS[self.config.hidden_act](self.intermediate(x_TxF)))

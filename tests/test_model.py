@@ -223,3 +223,27 @@ def test_bfloat16_compute_stays_close_to_float32(tiny_hf_dir):
     assert half_model.layers[0].qkv.kernel[...].dtype == jnp.float32  # float32 master weights
     np.testing.assert_allclose(half, full, atol=2e-2)
     assert not np.array_equal(half, full)
+
+
+def test_feed_forward_in_token_chunks_matches_dense_numpy_reference(tiny_hf_dir, monkeypatch):
+    """On CPU, batches of many tokens run the feed-forward block chunk by chunk (forced here with 16-token
+    chunks): logits and last-layer document states still equal the numpy reference's."""
+    from sce_jax import model as model_module
+
+    chunks = []
+    unchunked = model_module.Layer._feed_forward_chunk
+    monkeypatch.setattr(model_module, "_CPU_TOKEN_CHUNK", 16)
+    monkeypatch.setattr(
+        model_module.Layer, "_feed_forward_chunk", lambda self, x, *a: chunks.append(x.shape[0]) or unchunked(self, x, *a)
+    )
+    state, hf_config = _state_and_config(str(tiny_hf_dir))
+    model = _model(tiny_hf_dir, RELEASED, 4)
+    batch = _batch(tiny_hf_dir, doc_length=80)  # a shape no other test compiles
+    scores, hidden = _run(model, batch, hidden=True)
+    cls_only_scores = _run(model, batch)
+    assert max(chunks) <= 16 and len(chunks) > 2 * model.config.num_hidden_layers
+    queries, docs = _tokens(str(tiny_hf_dir))
+    for d, ((q, _), doc) in enumerate(zip(DOCS, docs)):
+        logit, ref_hidden = dense_reference.forward(state, hf_config, queries[q], doc, RELEASED, 4)
+        assert abs(float(scores[d]) - logit) <= 1e-5 and abs(float(cls_only_scores[d]) - logit) <= 1e-5
+        np.testing.assert_allclose(np.asarray(hidden[-1].doc[d, : len(doc)]), ref_hidden[-1, 1 + len(queries[q]) :], atol=1e-5)
