@@ -89,24 +89,32 @@ def synthetic_texts(model_dir: str, workload: str, count: int, seed: int = 0) ->
     return queries, docs, [i // per_query for i in range(count)]
 
 
-def matmul_flops(tokens: int, keys_per_token: float) -> float:
-    """Matmul FLOPs of a BERT layer stack for `tokens` tokens that attend to `keys_per_token` keys on average."""
+def layer_flops(tokens: int, keys_per_token: float) -> float:
+    """Matmul FLOPs of one BERT layer for `tokens` tokens that attend to `keys_per_token` keys on average."""
     linear = 2 * tokens * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * INTERMEDIATE)
     attention = 4 * tokens * keys_per_token * HIDDEN
-    return LAYERS * (linear + attention)
+    return linear + attention
+
+
+def key_value_flops(tokens: int) -> float:
+    return 2 * tokens * 2 * HIDDEN * HIDDEN
 
 
 def sparse_flops(query_len: int, doc_lens: np.ndarray, num_queries: int) -> float:
     """[CLS] sees query + doc; query tokens see the query (encoded once per query); doc tokens see their
-    window, [CLS] and the query."""
-    cls = sum(matmul_flops(1, 1 + query_len + d) for d in doc_lens)
-    query = num_queries * matmul_flops(query_len, query_len)
-    docs = sum(matmul_flops(d, min(2 * WINDOW + 1, d) + 1 + query_len) for d in doc_lens)
+    window, [CLS] and the query. The scores read only [CLS], so in the last layer the other tokens give just
+    keys and values."""
+    cls = sum(LAYERS * layer_flops(1, 1 + query_len + d) for d in doc_lens)
+    query = num_queries * ((LAYERS - 1) * layer_flops(query_len, query_len) + key_value_flops(query_len))
+    docs = sum((LAYERS - 1) * layer_flops(d, min(2 * WINDOW + 1, d) + 1 + query_len) + key_value_flops(d) for d in doc_lens)
     return cls + query + docs
 
 
-def full_flops(seq_lens: np.ndarray) -> float:
-    return sum(matmul_flops(n, n) for n in seq_lens)
+def full_flops(seq_lens: np.ndarray, *, cls_only_last_layer: bool) -> float:
+    """Every token sees every token; sce_jax computes only [CLS] in the last layer (keys and values for all)."""
+    if cls_only_last_layer:
+        return sum((LAYERS - 1) * layer_flops(n, n) + key_value_flops(n - 1) + layer_flops(1, n) for n in seq_lens)
+    return sum(LAYERS * layer_flops(n, n) for n in seq_lens)
 
 
 # --- workers (one per subprocess) -------------------------------------------------------------------------
@@ -152,7 +160,7 @@ def worker_sce(spec: dict) -> dict:
     doc_lens = np.array([len(t) for t in doc_tokens])
     query_len = int(np.mean([len(t) for t in query_tokens]))
     if spec["pattern"] == "full":
-        flops = full_flops(1 + query_len + doc_lens)
+        flops = full_flops(1 + query_len + doc_lens, cls_only_last_layer=True)
     else:
         flops = sparse_flops(query_len, doc_lens, len(queries))
     # XLA's CPU runtime keeps freed buffers, so resident memory does not show a pass's peak; XLA's own buffer
@@ -197,7 +205,7 @@ def worker_torch(spec: dict) -> dict:
     start = time.perf_counter()
     seq_lens = score()
     seconds = time.perf_counter() - start
-    return {"docs_per_s": len(docs) / seconds, "gflops": full_flops(seq_lens) / seconds / 1e9,
+    return {"docs_per_s": len(docs) / seconds, "gflops": full_flops(seq_lens, cls_only_last_layer=False) / seconds / 1e9,
             "mean_doc_tokens": float(seq_lens.mean()), "attn_implementation": model.config._attn_implementation}
 
 
