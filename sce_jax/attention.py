@@ -298,7 +298,10 @@ def cls_attention(
         all_DxHxF = jnp.einsum(
             "dhl,dlf->dhf", doc_probs[:, 0].astype(v_doc_DxLxF.dtype), v_doc_DxLxF, preferred_element_type=jnp.float32
         )
-        out += jnp.einsum("dhgk,hg->dhk", all_DxHxF.reshape(num_rows, heads, heads, head_dim), eye_HxH.astype(jnp.float32))[:, None]
+        own_DxHxK = jnp.einsum(
+            "dhgk,hg->dhk", all_DxHxF.reshape(num_rows, heads, heads, head_dim), eye_HxH.astype(jnp.float32)
+        )
+        out += own_DxHxK[:, None]
     else:
         # Each token's weight from its own [CLS] (the other slots' entries are zero).
         token_DxLxH = jnp.swapaxes(doc_probs.sum(axis=1), 1, 2)
