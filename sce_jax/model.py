@@ -109,8 +109,8 @@ class Layer(nnx.Module):
 
     def cls_states(self, x_TxF, layout: _Layout, masks, *, dropout_rngs):
         """The layer's output for the [CLS] rows only, [D·C, F]: all the last layer has to compute for the
-        scores. Every token still gives keys and values, but only [CLS] gets queries, attention and the
-        feed-forward (about 1/6 of the last layer's work)."""
+        scores. Every token still gives keys and values (1/6 of a layer's matmul work), but only [CLS] gets
+        queries, attention, the output projection and the feed-forward."""
         cfg = self.config
         hidden = cfg.hidden_size
         num_cls = layout.sizes[0]
