@@ -194,6 +194,7 @@ def _blocked_doc_attention(
     block_scores = jnp.einsum("dnbhk,dnshk->dnhbs", q_DxNxBxHxK, k_DxNxSxHxK, preferred_element_type=jnp.float32)
     band_DxLxHxO = jnp.moveaxis(_skew(block_scores, window), 2, 3).reshape(num_docs, padded, heads, offsets)
     band_DxLxHxO = band_DxLxHxO[:, :length] * scale
+
     def band_keys(x_DxL, fill):
         """[D, L, 2w + 1]: entry o of row r is key r - window + o (`fill` outside the row)."""
         halo_padded = jnp.pad(x_DxL, [(0, 0), (window, window)], constant_values=fill)

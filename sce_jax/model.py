@@ -208,18 +208,17 @@ class SparseCrossEncoderModel(nnx.Module):
 
         masks = (query_ids != cfg.pad_token_id, slot_DxL, doc_query)
         hidden = [layout.states(x_TxF)] if return_hidden_states else None
-        *layers, last = self.layers
-        for i, layer in enumerate(layers if hidden is None else self.layers):
-            x_TxF = layer(
-                x_TxF, layout, masks, impl=self.attention_impl, interpret=self.interpret,
-                dropout_rngs=rngs[2 * i : 2 * i + 2],
-            )
+        cls_DxF = None
+        for i, layer in enumerate(self.layers):
+            layer_rngs = rngs[2 * i : 2 * i + 2]
+            if hidden is None and i == len(self.layers) - 1:
+                # The scores read only [CLS], so the last layer computes nothing else.
+                cls_DxF = layer.cls_states(x_TxF, layout, masks, dropout_rngs=layer_rngs)
+                break
+            x_TxF = layer(x_TxF, layout, masks, impl=self.attention_impl, interpret=self.interpret, dropout_rngs=layer_rngs)
             if hidden is not None:
                 hidden.append(layout.states(x_TxF))
-        if hidden is None:
-            # The scores read only [CLS], so the last layer computes nothing else.
-            cls_DxF = last.cls_states(x_TxF, layout, masks, dropout_rngs=rngs[2 * len(layers) : 2 * len(layers) + 2])
-        else:
+        if cls_DxF is None:
             cls_DxF = x_TxF[: num_rows * slots]
         pooled = jnp.tanh(self.pooler(cls_DxF))
         scores_D = self.classifier(_dropout(pooled, cfg.hidden_dropout_prob, rngs[-2]))[:, 0].astype(jnp.float32)
