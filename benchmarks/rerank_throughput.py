@@ -3,7 +3,9 @@
     python benchmarks/rerank_throughput.py [--passages 256] [--documents 4] [--rounds 3] [--output results.json]
 
 All three score the same synthetic texts with the same random MiniLM-L6-shaped weights (4096 positions, the
-sparse model's window 4 and flags; "full" runs the same weights with every attention edge on). The PyTorch
+sparse model's window 4 and flags; "full" runs the same weights with every attention edge on). sce_jax runs with
+its default `attention_impl="auto"`: on CPU the C++ attention kernel for the sparse pattern, the XLA path for full
+attention (the table names the one used). The PyTorch
 baseline is Hugging Face `BertForSequenceClassification` fed as sentence-transformers' CrossEncoder does it:
 pairs sorted by length, batches of 32 (4 for documents, as for sce_jax), `[CLS] q [SEP] d [SEP]`.
 Every measurement runs in a fresh subprocess; timings exclude compilation (one warm-up pass over the same data
@@ -171,7 +173,8 @@ def worker_sce(spec: dict) -> dict:
         for shapes in encoder.compiled_shapes
     )
     return {"docs_per_s": len(docs) / seconds, "gflops": flops / seconds / 1e9, "peak_mib": temp_bytes / 2**20,
-            "mean_doc_tokens": float(doc_lens.mean()), "compiled_shapes": len(encoder.compiled_shapes)}
+            "mean_doc_tokens": float(doc_lens.mean()), "compiled_shapes": len(encoder.compiled_shapes),
+            "attention_impl": encoder.model.attention_impl}
 
 
 def worker_torch(spec: dict) -> dict:
@@ -353,6 +356,8 @@ def format_report(results: dict) -> str:
     for workload, rows in results["throughput"].items():
         for name, row in rows.items():
             reference = matmul["torch_matmul_gflops" if name.startswith("torch") else "jax_matmul_gflops"]
+            if "attention_impl" in row:
+                name = f"{name} ({row['attention_impl']})"
             lines.append(f"| {workload} | {name} | {row['docs_per_s']:.2f} | {row['vs_torch']:.2f}x | "
                          f"{row['gflops']:.1f} | {100 * row['gflops'] / reference:.0f}% | {row['peak_mib']:.0f} |")
     lines += ["", "| one document of | sce_jax sparse MiB | sce_jax full MiB | torch cross-encoder MiB |",

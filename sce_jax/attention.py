@@ -6,7 +6,9 @@ so no transposes are needed. Scores and softmax are float32 whatever the compute
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 
 from sce_jax.config import SparseCrossEncoderConfig
 
-ATTENTION_IMPLS = ("auto", "xla", "dense", "pallas")
+ATTENTION_IMPLS = ("auto", "cpu", "xla", "dense", "pallas")
 
 # Mask value for scores: finite so fully masked rows stay NaN-free (they are zeroed explicitly).
 _NEG = -1e30
@@ -28,13 +30,60 @@ class Groups(NamedTuple):
     doc: jax.Array
 
 
+class TokenLayout:
+    """Where each group sits in the model's flat token matrix ([CLS] rows, query tokens, document rows), and how
+    to split it back."""
+
+    def __init__(self, num_rows: int, slots: int, num_queries: int, query_length: int, row_length: int):
+        self.shapes = ((num_rows, slots), (num_queries, query_length), (num_rows, row_length))
+        self.sizes = [num_rows * slots, num_queries * query_length, num_rows * row_length]
+
+    def split(self, x_TxF: jax.Array) -> Groups:
+        cls_end, query_end = self.sizes[0], self.sizes[0] + self.sizes[1]
+        parts = (x_TxF[:cls_end], x_TxF[cls_end:query_end], x_TxF[query_end:])
+        return Groups(*(p.reshape(*shape, *x_TxF.shape[1:]) for p, shape in zip(parts, self.shapes)))
+
+    def join(self, groups: Groups) -> jax.Array:
+        return jnp.concatenate([g.reshape(size, *g.shape[len(s):]) for g, size, s in zip(groups, self.sizes, self.shapes)])
+
+    def states(self, x_TxF: jax.Array) -> Groups:
+        """Hidden states per group, [CLS] as one row per document slot."""
+        groups = self.split(x_TxF)
+        return groups._replace(cls=groups.cls.reshape(-1, *groups.cls.shape[2:]))
+
+
+
 def resolve_attention_impl(impl: str) -> str:
-    """Turn "auto" into a concrete implementation for the default backend."""
+    """Turn "auto" into a concrete implementation for the default backend: the Pallas kernel on GPU, the C++
+    kernel on CPU (the XLA path, with a warning, where it cannot be built), the XLA path elsewhere."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
+    backend = jax.default_backend()
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        if backend == "gpu":
+            return "pallas"
+        if backend != "cpu":
+            return "xla"
+        ok, why = _cpu_kernel_available()
+        if not ok:
+            _warn_once(f"the CPU attention kernel is unavailable, using attention_impl='xla' (slower): {why}")
+        return "cpu" if ok else "xla"
+    if impl == "cpu":
+        ok, why = _cpu_kernel_available()
+        if not ok:
+            raise RuntimeError(f"attention_impl='cpu': {why}")
     return impl
+
+
+def _cpu_kernel_available() -> tuple[bool, str]:
+    from kernels import cpu_attention
+
+    return cpu_attention.available()
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
@@ -390,3 +439,61 @@ def sparse_attention(
         **slot_args,
     )
     return Groups(cls_out, query_out, doc_out)
+
+
+def supports_cpu_kernel(config: SparseCrossEncoderConfig) -> bool:
+    """The C++ kernel covers windowed patterns whose query sees only itself (the released models'); others
+    run the XLA path."""
+    return config.query_is_shared and config.attention_window_size is not None
+
+
+def cpu_layer_attention(
+    q_TxPxHxK: jax.Array,
+    kv_TxPxHxK: jax.Array,
+    query_mask_QxLq: jax.Array,
+    doc_slot_DxLd: jax.Array,
+    doc_query_D: jax.Array,
+    config: SparseCrossEncoderConfig,
+    layout: TokenLayout,
+    *,
+    cls_only: bool = False,
+) -> jax.Array:
+    """One layer's attention over the flat token matrix by the C++ CPU kernel (kernels/cpu_attention.py):
+    [tokens, H, K] in the layout's order, or [D·C, H, K] for the [CLS] rows with `cls_only`.
+
+    Queries come from plane 0 of `q_TxPxHxK`, keys and values from the last two planes of `kv_TxPxHxK` (pass the
+    QKV projection [tokens, 3, H, K] as both). Gradients go through the XLA path (`sparse_attention`,
+    `pattern_cls_attention`), which computes the same function.
+    """
+    from kernels import cpu_attention as kernel
+
+    flags = (
+        kernel.CLS_QUERY * config.cls_query_attention
+        | kernel.CLS_DOC * config.cls_doc_attention
+        | kernel.DOC_CLS * config.doc_cls_attention
+        | kernel.DOC_QUERY * config.doc_query_attention
+        | kernel.CLS_ONLY * cls_only
+    )
+
+    def reference(q_src, kv_src):
+        k, v = (layout.split(kv_src[:, plane]) for plane in (-2, -1))
+        masks = (query_mask_QxLq, doc_slot_DxLd, doc_query_D)
+        if cls_only:
+            return pattern_cls_attention(q_src[:, 0].reshape(k.cls.shape), k, v, *masks, config).reshape(-1, *k.cls.shape[2:])
+        return layout.join(sparse_attention(layout.split(q_src[:, 0]), k, v, *masks, config))
+
+    @jax.custom_vjp
+    def attend(q_src, kv_src):
+        out = kernel.cpu_attention(
+            q_src, kv_src, doc_slot_DxLd, doc_query_D, query_mask_QxLq, window=config.attention_window_size, flags=flags
+        )
+        return out.astype(q_src.dtype)
+
+    def attend_fwd(q_src, kv_src):
+        return attend(q_src, kv_src), (q_src, kv_src)
+
+    def attend_bwd(residuals, grad):
+        return jax.vjp(reference, *residuals)[1](grad)
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend(q_TxPxHxK, kv_TxPxHxK)

@@ -11,7 +11,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sce_jax.attention import Groups, pattern_cls_attention, sparse_attention
+from sce_jax.attention import (
+    Groups,
+    TokenLayout,
+    cpu_layer_attention,
+    pattern_cls_attention,
+    sparse_attention,
+    supports_cpu_kernel,
+)
 from sce_jax.batch import Batch
 from sce_jax.config import SparseCrossEncoderConfig
 
@@ -33,27 +40,6 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-class _Layout:
-    """Where each group sits in the flat token matrix, and how to split it back."""
-
-    def __init__(self, num_rows: int, slots: int, num_queries: int, query_length: int, row_length: int):
-        self.shapes = ((num_rows, slots), (num_queries, query_length), (num_rows, row_length))
-        self.sizes = [num_rows * slots, num_queries * query_length, num_rows * row_length]
-
-    def split(self, x_TxF: jax.Array) -> Groups:
-        cls_end, query_end = self.sizes[0], self.sizes[0] + self.sizes[1]
-        parts = (x_TxF[:cls_end], x_TxF[cls_end:query_end], x_TxF[query_end:])
-        return Groups(*(p.reshape(*shape, *x_TxF.shape[1:]) for p, shape in zip(parts, self.shapes)))
-
-    def join(self, groups: Groups) -> jax.Array:
-        return jnp.concatenate([g.reshape(size, *g.shape[len(s):]) for g, size, s in zip(groups, self.sizes, self.shapes)])
-
-    def states(self, x_TxF: jax.Array) -> Groups:
-        """Hidden states per group, [CLS] as one row per document slot."""
-        groups = self.split(x_TxF)
-        return groups._replace(cls=groups.cls.reshape(-1, *groups.cls.shape[2:]))
 
 
 def doc_segments(doc_lengths_DxC: jax.Array, row_length: int) -> tuple[jax.Array, jax.Array]:
@@ -100,14 +86,17 @@ class Layer(nnx.Module):
         self.output = nnx.Linear(config.intermediate_size, hidden, **dense)
         self.output_norm = nnx.LayerNorm(hidden, **norm)
 
-    def __call__(self, x_TxF, layout: _Layout, masks, *, impl, interpret, dropout_rngs):
+    def __call__(self, x_TxF, layout: TokenLayout, masks, *, impl, interpret, dropout_rngs):
         cfg = self.config
-        qkv_TxF3 = self.qkv(x_TxF).reshape(x_TxF.shape[0], 3, cfg.num_attention_heads, cfg.head_dim)
-        q, k, v = (layout.split(qkv_TxF3[:, i]) for i in range(3))
-        attended = sparse_attention(q, k, v, *masks, cfg, impl=impl, interpret=interpret)
-        return self._feed_forward(x_TxF, layout.join(attended).reshape(x_TxF.shape), dropout_rngs)
+        qkv_Tx3xHxK = self.qkv(x_TxF).reshape(x_TxF.shape[0], 3, cfg.num_attention_heads, cfg.head_dim)
+        if impl == "cpu" and supports_cpu_kernel(cfg):
+            attended_TxHxK = cpu_layer_attention(qkv_Tx3xHxK, qkv_Tx3xHxK, *masks, cfg, layout)
+        else:
+            q, k, v = (layout.split(qkv_Tx3xHxK[:, i]) for i in range(3))
+            attended_TxHxK = layout.join(sparse_attention(q, k, v, *masks, cfg, impl=impl, interpret=interpret))
+        return self._feed_forward(x_TxF, attended_TxHxK.reshape(x_TxF.shape), dropout_rngs)
 
-    def cls_states(self, x_TxF, layout: _Layout, masks, *, dropout_rngs):
+    def cls_states(self, x_TxF, layout: TokenLayout, masks, *, impl, dropout_rngs):
         """The layer's output for the [CLS] rows only, [D·C, F]: all the last layer has to compute for the
         scores. Every token still gives keys and values (1/6 of a layer's matmul work), but only [CLS] gets
         queries, attention, the output projection and the feed-forward."""
@@ -117,10 +106,14 @@ class Layer(nnx.Module):
         cls_TxF = x_TxF[:num_cls]
         kernel, bias = self.qkv.kernel[...], self.qkv.bias[...]
         x, kernel, bias = self.qkv.promote_dtype((x_TxF, kernel, bias), dtype=self.qkv.dtype)
-        kv_TxF2 = (x @ kernel[:, hidden:] + bias[hidden:]).reshape(x.shape[0], 2, cfg.num_attention_heads, cfg.head_dim)
-        k, v = (layout.split(kv_TxF2[:, i]) for i in range(2))
-        q_cls = (x[:num_cls] @ kernel[:, :hidden] + bias[:hidden]).reshape(k.cls.shape)
-        attended = pattern_cls_attention(q_cls, k, v, *masks, cfg)
+        heads = (cfg.num_attention_heads, cfg.head_dim)
+        kv_Tx2xHxK = (x @ kernel[:, hidden:] + bias[hidden:]).reshape(x.shape[0], 2, *heads)
+        q_cls_Nx1xHxK = (x[:num_cls] @ kernel[:, :hidden] + bias[:hidden]).reshape(num_cls, 1, *heads)
+        if impl == "cpu" and supports_cpu_kernel(cfg):
+            attended = cpu_layer_attention(q_cls_Nx1xHxK, kv_Tx2xHxK, *masks, cfg, layout, cls_only=True)
+        else:
+            k, v = (layout.split(kv_Tx2xHxK[:, i]) for i in range(2))
+            attended = pattern_cls_attention(q_cls_Nx1xHxK.reshape(k.cls.shape), k, v, *masks, cfg)
         return self._feed_forward(cls_TxF, attended.reshape(cls_TxF.shape), dropout_rngs)
 
     def _feed_forward(self, x_TxF, attended_TxF, dropout_rngs):
@@ -187,7 +180,7 @@ class SparseCrossEncoderModel(nnx.Module):
             query_ids, query_lengths_Q = query_ids[doc_query], query_lengths_Q[doc_query]
             doc_query = jnp.arange(num_rows)
         num_queries = query_ids.shape[0]
-        layout = _Layout(num_rows, slots, num_queries, query_length, row_length)
+        layout = TokenLayout(num_rows, slots, num_queries, query_length, row_length)
 
         ids = Groups(jnp.full((num_rows, slots), cfg.cls_token_id, jnp.int32), query_ids, doc_ids)
         positions = Groups(
@@ -213,7 +206,7 @@ class SparseCrossEncoderModel(nnx.Module):
             layer_rngs = rngs[2 * i : 2 * i + 2]
             if hidden is None and i == len(self.layers) - 1:
                 # The scores read only [CLS], so the last layer computes nothing else.
-                cls_DxF = layer.cls_states(x_TxF, layout, masks, dropout_rngs=layer_rngs)
+                cls_DxF = layer.cls_states(x_TxF, layout, masks, impl=self.attention_impl, dropout_rngs=layer_rngs)
                 break
             x_TxF = layer(x_TxF, layout, masks, impl=self.attention_impl, interpret=self.interpret, dropout_rngs=layer_rngs)
             if hidden is not None:

@@ -13,6 +13,7 @@ import pytest
 
 import dense_reference
 from flax import nnx
+from kernels import cpu_attention
 from sce_jax.batch import make_batch, pack_rows
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig
 from sce_jax.encoder import build_model
@@ -65,6 +66,8 @@ def _run(model, batch, hidden=False):
 
 
 def _model(model_dir, pattern, window, impl="xla"):
+    if impl == "cpu" and not cpu_attention.available()[0]:
+        pytest.skip(f"no CPU kernel: {cpu_attention.available()[1]}")
     state, hf_config = _state_and_config(str(model_dir))
     config = SparseCrossEncoderConfig.from_hf_dict(hf_config).replace(attention_window_size=window, **pattern)
     return build_model(config, hf_to_params(state, config), attention_impl=impl)
@@ -113,6 +116,11 @@ CASES = [
     ("no-cls-links", {**RELEASED, "cls_doc_attention": False, "doc_cls_attention": False}, 4, "xla", "tiny"),
     ("doc-alone", {**RELEASED, "doc_query_attention": False, "doc_cls_attention": False}, 16, "dense", "tiny"),
     ("cls-blind", {**RELEASED, "cls_query_attention": False}, None, "xla", "tiny"),
+    # The C++ CPU kernel (full attention and a query that sees documents fall back to the XLA path).
+    ("released", RELEASED, 4, "cpu", "minilm"),
+    ("released", RELEASED, 1, "cpu", "tiny"),
+    ("no-cls-links", {**RELEASED, "cls_doc_attention": False, "doc_cls_attention": False}, 16, "cpu", "tiny"),
+    ("query-sees-doc", {**RELEASED, "query_doc_attention": True}, 4, "cpu", "tiny"),
 ]
 
 
@@ -194,9 +202,9 @@ def test_doc_tokens_outside_window_get_zero_gradient(tiny_hf_dir):
     cfg = model.config
     layer = model.layers[0]
     x = jax.random.normal(jax.random.key(0), (1 + 16 + 48, cfg.hidden_size))
-    from sce_jax.model import _Layout
+    from sce_jax.attention import TokenLayout
 
-    layout = _Layout(1, 1, 1, 16, 48)
+    layout = TokenLayout(1, 1, 1, 16, 48)
     doc_slot = jnp.where(jnp.asarray(batch.doc_ids != 0), 0, -1)
     masks = (jnp.asarray(batch.query_ids != 0), doc_slot, jnp.asarray(batch.doc_query))
     row = 20
