@@ -89,7 +89,7 @@ class Layer(nnx.Module):
     def __call__(self, x_TxF, layout: TokenLayout, masks, *, impl, interpret, dropout_rngs):
         cfg = self.config
         qkv_Tx3xHxK = self.qkv(x_TxF).reshape(x_TxF.shape[0], 3, cfg.num_attention_heads, cfg.head_dim)
-        if impl == "cpu" and supports_cpu_kernel(cfg):
+        if impl == "cpu":
             attended_TxHxK = cpu_layer_attention(qkv_Tx3xHxK, qkv_Tx3xHxK, *masks, cfg, layout)
         else:
             q, k, v = (layout.split(qkv_Tx3xHxK[:, i]) for i in range(3))
@@ -109,7 +109,7 @@ class Layer(nnx.Module):
         heads = (cfg.num_attention_heads, cfg.head_dim)
         kv_Tx2xHxK = (x @ kernel[:, hidden:] + bias[hidden:]).reshape(x.shape[0], 2, *heads)
         q_cls_Nx1xHxK = (x[:num_cls] @ kernel[:, :hidden] + bias[:hidden]).reshape(num_cls, 1, *heads)
-        if impl == "cpu" and supports_cpu_kernel(cfg):
+        if impl == "cpu":
             attended = cpu_layer_attention(q_cls_Nx1xHxK, kv_Tx2xHxK, *masks, cfg, layout, cls_only=True)
         else:
             k, v = (layout.split(kv_Tx2xHxK[:, i]) for i in range(2))
@@ -152,7 +152,8 @@ class SparseCrossEncoderModel(nnx.Module):
         interpret: bool = False,
     ):
         self.config = config
-        self.attention_impl = attention_impl
+        # Patterns the C++ CPU kernel does not cover run the XLA path.
+        self.attention_impl = "xla" if attention_impl == "cpu" and not supports_cpu_kernel(config) else attention_impl
         self.interpret = interpret
         dense = dict(dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.embeddings = Embeddings(config, dtype=dtype, rngs=rngs)

@@ -59,7 +59,7 @@ HELP = {
     "queries": "TSV file qid<TAB>text with the query texts",
     "docs": "TSV (docno<TAB>text) or JSONL file with the document texts",
     "devices": "local devices to split documents over (default: all)",
-    "attention_impl": "attention implementation: auto, xla, dense or pallas",
+    "attention_impl": "attention implementation: auto (the C++ kernel on CPU, Pallas on GPU), cpu, xla, dense or pallas",
     "dtype": "float32 or bfloat16",
     "run_tag": "tag in the output run's last column",
     "eval_output": "JSON file for the evaluation results (default: OUTPUT.eval.json)",

@@ -166,3 +166,19 @@ def test_without_a_compiler_auto_falls_back_to_xla(tmp_path, monkeypatch):
         cpu_attention._load.cache_clear()
         attention._warn_once.cache_clear()
     assert cpu_attention.available() == (True, "")
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({}, "cpu"),
+    ({"attention_window_size": None}, "xla"),  # full attention
+    ({"query_doc_attention": True}, "xla"),  # the query's encoding depends on the document
+])
+def test_patterns_the_kernel_does_not_cover_run_the_xla_path(overrides, expected):
+    from flax import nnx
+
+    from sce_jax.model import SparseCrossEncoderModel
+
+    config = SparseCrossEncoderConfig(hidden_size=64, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1,
+                                      attention_window_size=4, **RELEASED).replace(**overrides)
+    model = nnx.eval_shape(lambda: SparseCrossEncoderModel(config, rngs=nnx.Rngs(0), attention_impl="cpu"))
+    assert model.attention_impl == expected
