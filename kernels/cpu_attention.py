@@ -68,7 +68,7 @@ def _load() -> None:
     library = _cache_dir() / f"cpu_attention-{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
-        logger.info("compiling the CPU attention kernel for this machine (once, ~20 s; cached in %s)", library.parent)
+        logger.info("compiling the CPU attention kernel for this machine (once, a few seconds; cached in %s)", library.parent)
         # Compile to a temporary name and rename, so concurrent processes never load a half-written file.
         fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
         os.close(fd)
