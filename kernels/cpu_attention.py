@@ -55,8 +55,7 @@ def _cpu_model() -> str:
         return platform.processor()
 
 
-@functools.cache
-def _load() -> None:
+def _build_and_register() -> None:
     """Compile (once per source, compiler, jax version and CPU model) and register the kernel."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
@@ -86,10 +85,11 @@ def _load() -> None:
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
 
 
+@functools.cache
 def available() -> tuple[bool, str]:
-    """(True, "") when the kernel is built and registered, else (False, why)."""
+    """(True, "") when the kernel is built and registered, else (False, why); tried once per process."""
     try:
-        _load()
+        _build_and_register()
     except KernelUnavailable as error:
         return False, str(error)
     return True, ""
@@ -112,7 +112,9 @@ def cpu_attention(
     doc_slot: each document token's slot in its row (-1 padding); doc_query: each row's query; query_mask: real
     query tokens. float32 only; forward only (sce_jax.attention differentiates through the XLA reference).
     """
-    _load()
+    ok, why = available()
+    if not ok:
+        raise KernelUnavailable(why)
     tokens, _, heads, head_dim = kv_TxPxHxK.shape
     num_rows, row_length = doc_slot_DxL.shape
     num_queries, query_length = query_mask_QxLq.shape

@@ -152,7 +152,7 @@ def test_inconsistent_shapes_are_rejected():
 def test_without_a_compiler_auto_falls_back_to_xla(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("SCE_JAX_CACHE_DIR", str(tmp_path / "cache"))
-    cpu_attention._load.cache_clear()
+    cpu_attention.available.cache_clear()
     attention._warn_once.cache_clear()
     try:
         ok, why = cpu_attention.available()
@@ -163,7 +163,7 @@ def test_without_a_compiler_auto_falls_back_to_xla(tmp_path, monkeypatch):
             attention.resolve_attention_impl("cpu")
     finally:
         monkeypatch.undo()
-        cpu_attention._load.cache_clear()
+        cpu_attention.available.cache_clear()
         attention._warn_once.cache_clear()
     assert cpu_attention.available() == (True, "")
 
