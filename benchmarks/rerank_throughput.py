@@ -5,8 +5,8 @@
 All three score the same synthetic texts with the same random MiniLM-L6-shaped weights (4096 positions, the
 sparse model's window 4 and flags; "full" runs the same weights with every attention edge on). sce_jax runs with
 its default `attention_impl="auto"`: on CPU the C++ attention kernel for the sparse pattern, the XLA path for full
-attention (the table names the one used). The PyTorch
-baseline is Hugging Face `BertForSequenceClassification` fed as sentence-transformers' CrossEncoder does it:
+attention (the table names the one used). The PyTorch baseline is Hugging Face `BertForSequenceClassification`
+fed as sentence-transformers' CrossEncoder does it:
 pairs sorted by length, batches of 32 (4 for documents, as for sce_jax), `[CLS] q [SEP] d [SEP]`.
 Every measurement runs in a fresh subprocess; timings exclude compilation (one warm-up pass over the same data
 first). GFLOP/s counts the matmul FLOPs each attention pattern needs for the real (unpadded) tokens, against a

@@ -1,7 +1,7 @@
 """One sparse cross-encoder layer's attention on CPU as a fused C++ kernel (an XLA FFI custom call).
 
 `cpu_attention` takes the QKV projection's output for the model's flat token matrix ([CLS] rows, then query
-tokens, then document rows; see sce_jax/model.py) and returns every token's attention output, [tokens, H, K]:
+tokens, then document rows; `sce_jax.attention.TokenLayout`) and returns every token's attention output, [tokens, H, K]:
 [CLS] sees itself, its query and its document; query tokens see the query; document tokens see their ±window
 neighbours of the same document, their [CLS] and the query (each edge switched by the config's flags), one
 float32 softmax per token and head. `sce_jax.attention.sparse_attention` is the reference it matches.
@@ -92,6 +92,8 @@ def available() -> tuple[bool, str]:
         _build_and_register()
     except KernelUnavailable as error:
         return False, str(error)
+    except OSError as error:  # an unwritable cache directory, a library that does not load
+        return False, f"{type(error).__name__}: {error}"
     return True, ""
 
 

@@ -52,7 +52,6 @@ class TokenLayout:
         return groups._replace(cls=groups.cls.reshape(-1, *groups.cls.shape[2:]))
 
 
-
 def resolve_attention_impl(impl: str) -> str:
     """Turn "auto" into a concrete implementation for the default backend: the Pallas kernel on GPU, the C++
     kernel on CPU (the XLA path, with a warning, where it cannot be built), the XLA path elsewhere."""
