@@ -19,6 +19,8 @@ from typing import IO
 import numpy as np
 import pandas as pd
 
+from sce_jax.errors import InputError, located  # noqa: F401  (re-exported: older imports)
+
 logger = logging.getLogger(__name__)
 
 # The TREC run line, shared by reader and writer. A 5-column line lacks the tag.
@@ -27,16 +29,6 @@ RUN_COLUMNS = ("qid", "q0", "docno", "rank", "score", "tag")
 # The original's JSON field names, and the ir_datasets names accepted in their place.
 JSON_FIELD_ALIASES = {"qid": ("qid", "query_id"), "docno": ("docno", "doc_id")}
 JSON_TEXT_FIELDS = ("query", "text")
-
-
-class InputError(ValueError):
-    """Bad user input (file contents, ids, options): the CLI prints the message and exits with code 2."""
-
-
-def located(path: str | os.PathLike, where: str | int, message: str) -> InputError:
-    """An InputError naming the file and the line (an int) or item (a string) at fault."""
-    where = f"line {where}" if isinstance(where, int) else where
-    return InputError(f"{path}: {where}: {message}")
 
 
 def open_text(path: str | os.PathLike) -> IO[str]:
