@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from sce_jax.config import SparseCrossEncoderConfig
+from sce_jax.errors import InputError, one_line, user_path
 from sce_jax.tokenization import TOKENIZER_FILES
 from sce_jax.weights import CheckpointError, hf_to_params, param_shapes, read_hf_state_dict
 
@@ -40,29 +41,71 @@ def abstract_params(config: SparseCrossEncoderConfig) -> dict:
 def copy_tokenizer_files(source: str | Path, destination: str | Path) -> None:
     for name in TOKENIZER_FILES:
         if (Path(source) / name).exists():
-            shutil.copy2(Path(source) / name, Path(destination) / name)
+            shutil.copyfile(Path(source) / name, Path(destination) / name)  # new files: modes from the umask
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it; there is no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """`path` (made absolute) if a model directory can be written there, else an InputError; writes nothing.
+
+    It must not be a file or a non-empty directory, and its nearest existing parent must be a writable directory.
+    """
+    path = user_path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise InputError(f"output {path} exists and is not a directory")
+        if any(path.iterdir()):
+            raise InputError(f"output {path} exists and is not empty")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"output {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"output {path}: directory {parent} is not writable")
+    return path
 
 
 @contextlib.contextmanager
 def staged_directory(path: str | Path) -> Iterator[Path]:
     """Yield a staging directory beside `path` that is renamed to `path` only if the block succeeds.
 
-    A failure leaves neither a partial `path` nor a stray staging directory; an existing non-empty `path` is
-    never touched.
+    A failure leaves neither a partial `path` nor a stray staging directory (nor parents it created); an
+    existing non-empty `path` is never touched. The directory gets the mode the umask gives (mkdtemp's is 0700).
     """
-    path = Path(path).absolute()
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not empty")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    path = check_output_dir(path)
+    created = []
+    for parent in reversed(path.parents):
+        if not parent.exists():
+            created.append(parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        _remove_created(created)
+        raise InputError(f"cannot create {path}: {e.strerror or e}") from None
+    try:
+        os.chmod(staging, 0o777 & ~current_umask())
         yield staging
         if path.exists():
             path.rmdir()
         os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_created(created)
         raise
+
+
+def _remove_created(directories: list[Path]) -> None:
+    for directory in reversed(directories):  # deepest first
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 def save_model_dir(path: str | Path, config: SparseCrossEncoderConfig, params: dict, tokenizer_dir: str | Path) -> Path:
@@ -74,31 +117,64 @@ def save_model_dir(path: str | Path, config: SparseCrossEncoderConfig, params: d
         copy_tokenizer_files(tokenizer_dir, staging)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, jax.tree.map(np.asarray, params))
-    return Path(path)
+    return user_path(path)
+
+
+def _names_and_shapes(tree) -> dict[str, tuple]:
+    """{"layers.0.qkv.kernel": shape} for a tree of shapes, arrays or Orbax array metadata."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, tuple) or hasattr(x, "shape"))
+    return {
+        ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(getattr(leaf, "shape", leaf))
+        for path, leaf in leaves
+    }
+
+
+def _check_stored_shapes(stored, config: SparseCrossEncoderConfig, where: Path) -> None:
+    """A one-line CheckpointError if the stored parameter tree differs from the config's."""
+    expected = _names_and_shapes(param_shapes(config))
+    found = _names_and_shapes(stored)
+    differing = [f"{name} stored {found.get(name)} expected {expected.get(name)}"
+                 for name in sorted(set(expected) | set(found)) if found.get(name) != expected.get(name)]
+    if differing:
+        raise CheckpointError(f"{where}: parameters do not match config.json: {len(differing)} tensors differ, "
+                              f"first: {differing[0]}")
 
 
 def _restore_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:
     import orbax.checkpoint as ocp
 
     target = abstract_params(config)
+    where = directory / PARAMS_DIR
     try:
-        if (directory / PARAMS_DIR).exists():
+        if where.exists():
             with ocp.StandardCheckpointer() as checkpointer:
-                return checkpointer.restore(directory / PARAMS_DIR, target)
+                _check_stored_shapes(checkpointer.metadata(where).item_metadata, config, where)
+                return checkpointer.restore(where, target)
         with ocp.CheckpointManager(directory / CHECKPOINTS_DIR) as manager:
             step = manager.latest_step()
             if step is None:
                 raise CheckpointError(f"{directory / CHECKPOINTS_DIR} holds no finished checkpoint")
+            where = directory / CHECKPOINTS_DIR / str(step)
+            metadata = manager.item_metadata(step)
+            if metadata is not None and metadata.get("params") is not None:
+                _check_stored_shapes(metadata["params"], config, where)
             restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
             return restored["params"]
-    except (ValueError, KeyError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{directory}: parameters do not match config.json: {e}") from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # Orbax/TensorStore raise many types for truncated or corrupt shards
+        raise CheckpointError(f"{where}: cannot read the parameters ({one_line(e)}); "
+                              "is the checkpoint truncated or corrupt?") from None
 
 
 def is_sce_dir(path: Path) -> bool:
     return (path / "config.json").exists() and ((path / PARAMS_DIR).exists() or (path / CHECKPOINTS_DIR).exists())
+
+
+OFFLINE_HINT = (
+    "to work offline, pass a local model directory (--model DIR), make one with `python -m sce_jax.convert` "
+    "(see the README's offline route), or set HF_HUB_OFFLINE=1 to use models already in the Hugging Face cache"
+)
 
 
 def fetch_hub_model(model_id: str) -> Path:
@@ -108,26 +184,48 @@ def fetch_hub_model(model_id: str) -> Path:
     try:
         return Path(snapshot_download(model_id, allow_patterns=_HUB_PATTERNS))
     except Exception as e:  # the hub client raises many types (offline, 404, auth); all mean "not available"
-        raise FileNotFoundError(
-            f"{model_id!r} is neither a local directory nor a reachable Hugging Face hub model ({type(e).__name__}: {e})"
+        raise InputError(
+            f"model {model_id!r} is neither a local directory nor a reachable Hugging Face hub model "
+            f"({type(e).__name__}: {one_line(e, 160)}); {OFFLINE_HINT}"
         ) from None
 
 
-def load_model_dir(source: str | Path) -> tuple[SparseCrossEncoderConfig, dict, Path]:
-    """(config, params, tokenizer directory) from a converted dir, training dir, HF dir or hub id."""
-    path = Path(source)
-    if not path.exists():
-        if str(source).startswith((".", "/")) or str(source).count("/") != 1:
-            raise FileNotFoundError(f"model {str(source)!r} not found (not a directory, not a hub id like org/name)")
-        path = fetch_hub_model(str(source))
-    if not path.is_dir():
-        raise FileNotFoundError(f"model {str(source)!r} is not a directory")
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no config.json")
-    config = SparseCrossEncoderConfig.from_json(path / "config.json")
-    if is_sce_dir(path):
-        params = _restore_params(path, config)
-    else:
-        params = hf_to_params(read_hf_state_dict(path), config, source=str(path))
-    return config, params, path
+def _looks_like_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and "\\" not in source
 
+
+def resolve_model_dir(source: str | os.PathLike) -> Path:
+    """The local directory of a model: `source` itself (relative to the working directory, `~` expanded), or for
+    a hub id (org/name) that is not a local path, its downloaded or cached snapshot."""
+    text = os.fspath(source)
+    path = user_path(text)
+    if not path.exists():
+        if not _looks_like_hub_id(text):
+            raise InputError(f"model {text!r} not found (not a directory, not a hub id like org/name)")
+        path = fetch_hub_model(text)
+    if not path.is_dir():
+        raise InputError(f"model {text!r} is not a directory")
+    if not (path / "config.json").exists():
+        raise InputError(f"model {text!r}: {path} has no config.json")
+    return path
+
+
+def read_model_config(directory: Path) -> SparseCrossEncoderConfig:
+    return SparseCrossEncoderConfig.from_json(directory / "config.json")
+
+
+def load_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:
+    """The parameters of the model in `directory` (sce_jax params/ or checkpoints/, or HF weights)."""
+    if is_sce_dir(directory):
+        return _restore_params(directory, config)
+    return hf_to_params(read_hf_state_dict(directory), config, source=str(directory))
+
+
+def load_model_dir(source: str | Path) -> tuple[SparseCrossEncoderConfig, dict, Path]:
+    """(config, params, tokenizer directory) from a converted dir, training dir, HF dir or hub id.
+
+    Every problem (not found, bad config.json, unreadable or mismatched weights) is an InputError.
+    """
+    directory = resolve_model_dir(source)
+    config = read_model_config(directory)
+    return config, load_params(directory, config), directory

@@ -11,6 +11,26 @@ import typing
 
 import yaml
 
+from sce_jax.errors import one_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let PyYAML report it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first})", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
 
 def _options(hint) -> tuple[tuple, bool]:
     """A type hint's non-None types (`int | None` -> (int,)) and whether it takes None."""
@@ -69,17 +89,35 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, help_texts: dict[s
 
 
 def read_yaml_settings(cls, path: str, error_type: type[Exception]) -> dict:
-    """The YAML file's settings for `cls`, each checked against its field's type; errors name the file."""
+    """The YAML file's settings for `cls`, each checked against its field's type; errors (one line) name the
+    file, and the line where YAML knows it. A key given twice (also as `a_b` and `a-b`) is an error."""
     try:
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as error:
-        raise error_type(f"cannot read config {path}: {error}") from None
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise error_type(f"cannot read config {path}: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8-sig")  # a BOM is not part of the settings
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise error_type(f"{path}: line {line}: not UTF-8 text (byte {error.start})") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(error, "problem", None) or one_line(error)
+        raise error_type(f"{path}: {where}cannot read config: {one_line(problem)}") from None
     if loaded is None:  # an empty file
         return {}
     if not isinstance(loaded, dict):
         raise error_type(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
-    values = {str(key).replace("-", "_"): value for key, value in loaded.items()}
+    values = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name in values:
+            raise error_type(f"{path}: setting {name} is given twice (as {'/'.join(sorted({name, str(key)}))})")
+        values[name] = value
     hints = typing.get_type_hints(cls)
     names = [field.name for field in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
+
+from sce_jax.errors import InputError, located
 
 # Which token group may see which other group. [CLS]->[CLS], query->query and doc->doc (within the window) are
 # always on; these flags switch the cross-group edges. All True and window None is a standard BERT cross-encoder.
@@ -61,14 +65,10 @@ class SparseCrossEncoderConfig:
     doc_query_attention: bool = True
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
-            )
-        if self.attention_window_size is not None and self.attention_window_size < 1:
-            raise ValueError(f"attention_window_size must be >= 1 or None, got {self.attention_window_size}")
-        if self.hidden_act not in ("gelu", "gelu_new", "relu"):
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (gelu, gelu_new or relu)")
+        problem = _first_problem(self)
+        if problem is not None:
+            field, message = problem
+            raise InputError(f"{field}: {message}")
 
     @property
     def head_dim(self) -> int:
@@ -87,26 +87,41 @@ class SparseCrossEncoderConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any]) -> SparseCrossEncoderConfig:
+    def from_hf_dict(cls, hf: dict[str, Any], *, source: str | os.PathLike = "config.json") -> SparseCrossEncoderConfig:
         """Read a Hugging Face config.json dict.
 
         A config without the sparse fields (a plain BERT cross-encoder such as
-        cross-encoder/ms-marco-MiniLM-L-6-v2) is the full attention pattern.
+        cross-encoder/ms-marco-MiniLM-L-6-v2) is the full attention pattern. A bad value raises an InputError
+        naming `source` and the field.
         """
+        if not isinstance(hf, dict):
+            raise InputError(f"{source}: expected a JSON object of settings, got {type(hf).__name__}")
+
+        def bad(field: str, message: str) -> InputError:
+            return located(source, f"field {field}", message)
+
         if hf.get("model_type", "bert") != "bert":
-            raise ValueError(f"only BERT models are supported, config has model_type={hf.get('model_type')!r}")
+            raise bad("model_type", f"only BERT models are supported, got {hf.get('model_type')!r}")
         if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError("only absolute position embeddings are supported")
-        num_labels = len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 1)
+            raise bad("position_embedding_type", "only absolute position embeddings are supported")
+        if "id2label" in hf:
+            if not isinstance(hf["id2label"], dict):
+                raise bad("id2label", f"expected an object, got {type(hf['id2label']).__name__}")
+            num_labels, label_field = len(hf["id2label"]), "id2label"
+        else:
+            num_labels, label_field = hf.get("num_labels", 1), "num_labels"
         if num_labels != 1:
-            raise ValueError(f"a re-ranker needs a single-logit classifier, config has {num_labels} labels")
+            raise bad(label_field, f"a re-ranker needs a single-logit classifier, config has {num_labels!r} labels")
         kwargs = {k: hf.get(k, default) for k, default in _BERT_FIELDS.items()}
-        kwargs["cls_token_id"] = hf.get("cls_token_id", 101)
-        kwargs["sep_token_id"] = hf.get("sep_token_id", 102)
+        for name, default in (("pad_token_id", 0), ("cls_token_id", 101), ("sep_token_id", 102)):
+            kwargs[name] = default if hf.get(name) is None else hf[name]  # configs may say null
         sparse = "attention_window_size" in hf or any(f in hf for f in PATTERN_FLAGS)
         kwargs["attention_window_size"] = hf.get("attention_window_size") if sparse else None
         for flag in PATTERN_FLAGS:
-            kwargs[flag] = bool(hf.get(flag, True))
+            kwargs[flag] = hf.get(flag, True)
+        problem = _first_problem(kwargs)
+        if problem is not None:
+            raise bad(*problem)
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -127,14 +142,60 @@ class SparseCrossEncoderConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> SparseCrossEncoderConfig:
-        with open(path) as f:
-            try:
-                return cls.from_hf_dict(json.load(f))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        """Read config.json; an unreadable file, bad JSON or a bad value is one InputError naming the file."""
+        try:
+            text = Path(path).read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+        try:
+            hf = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise located(path, e.lineno, f"not valid JSON ({e.msg}, column {e.colno})") from None
+        return cls.from_hf_dict(hf, source=path)
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "type_vocab_size")
+_TOKEN_ID_FIELDS = ("pad_token_id", "cls_token_id", "sep_token_id")
+_FLOAT_FIELDS = ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _first_problem(values: Any) -> tuple[str, str] | None:
+    """(field, what is wrong) for the first invalid value of a config (a dict or the dataclass), else None."""
+    get = values.get if isinstance(values, dict) else lambda name: getattr(values, name)
+    for name in _INT_FIELDS:
+        if not _is_int(get(name)) or get(name) < 1:
+            return name, f"must be a positive integer, got {get(name)!r}"
+    for name in _TOKEN_ID_FIELDS:
+        if not _is_int(get(name)) or not 0 <= get(name) < get("vocab_size"):
+            return name, f"must be a token id in 0..{get('vocab_size') - 1}, got {get(name)!r}"
+    for name in _FLOAT_FIELDS:
+        value = get(name)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            return name, f"must be a number, got {value!r}"
+        if not (0 < value < 1 if name == "layer_norm_eps" else 0 <= value < 1):
+            return name, f"must be in {'(0, 1)' if name == 'layer_norm_eps' else '[0, 1)'}, got {value!r}"
+    if get("hidden_size") % get("num_attention_heads"):
+        return "num_attention_heads", (
+            f"{get('num_attention_heads')} does not divide hidden_size {get('hidden_size')}")
+    if get("hidden_act") not in ("gelu", "gelu_new", "relu"):
+        return "hidden_act", f"unsupported {get('hidden_act')!r} (gelu, gelu_new or relu)"
+    window = get("attention_window_size")
+    if window is not None and (not _is_int(window) or window < 1):
+        return "attention_window_size", f"must be an integer >= 1 or null, got {window!r}"
+    for name in PATTERN_FLAGS:
+        if not isinstance(get(name), bool):
+            return name, f"must be true or false, got {get(name)!r}"
+    return None
 
 
 def released_pattern() -> dict[str, Any]:

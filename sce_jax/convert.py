@@ -1,20 +1,40 @@
 """Convert Hugging Face (PyTorch) checkpoints to sce_jax model directories, and export them back.
 
-The command line lives in `convert_torch_checkpoint.py` at the repository root.
+The command: `python -m sce_jax.convert` (installed as `sce-jax-convert`; `convert_torch_checkpoint.py` at the
+repository root is the same command).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sce_jax.checkpoint import copy_tokenizer_files, load_model_dir, save_model_dir, staged_directory
+from sce_jax.checkpoint import (
+    check_output_dir,
+    copy_tokenizer_files,
+    current_umask,
+    is_sce_dir,
+    load_params,
+    read_model_config,
+    resolve_model_dir,
+    save_model_dir,
+    staged_directory,
+)
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pattern
-from sce_jax.weights import CheckpointError, extend_position_embeddings, params_to_hf
+from sce_jax.errors import InputError, run_cli
+from sce_jax.weights import (
+    extend_position_embeddings,
+    hf_to_params,
+    is_bare_encoder,
+    params_to_hf,
+    read_hf_state_dict,
+    with_untrained_head,
+)
 
 
 def convert(
@@ -24,11 +44,34 @@ def convert(
     config_overrides: dict[str, Any] | None = None,
     extend_positions: int | None = None,
     trained_positions: int | None = None,
+    add_untrained_head: bool = False,
 ) -> SparseCrossEncoderConfig:
-    """Write an sce_jax model directory for `source` (hub id, HF directory or sce_jax directory)."""
-    config, params, directory = load_model_dir(source)
+    """Write an sce_jax model directory for `source` (hub id, HF directory or sce_jax directory).
+
+    `add_untrained_head`: `source` is a bare BERT encoder (BertModel, e.g. sentence-transformers' MiniLM);
+    give it a random single-logit classifier (`weights.with_untrained_head`), so that every command can be tried
+    with it. Its scores mean nothing until it is fine-tuned. Everything is checked before anything is written.
+    """
+    check_output_dir(output)
+    directory = resolve_model_dir(source)
+    config = read_model_config(directory)
     if config_overrides:
         config = config.replace(**config_overrides)
+    if extend_positions is not None:
+        old = config.max_position_embeddings
+        if extend_positions < old:
+            raise InputError(f"--extend-positions {extend_positions}: the model already has {old} positions")
+        if trained_positions is not None and not 2 <= trained_positions <= old:
+            raise InputError(f"--trained-positions must be in [2, {old}], got {trained_positions}")
+    if add_untrained_head:
+        if is_sce_dir(directory):
+            raise InputError(f"--add-untrained-head: {source} is an sce_jax model, it has a classifier")
+        state = read_hf_state_dict(directory)
+        if not is_bare_encoder(state):
+            raise InputError(f"--add-untrained-head: {source} already has a classifier")
+        params = hf_to_params(with_untrained_head(state, config), config, source=str(directory))
+    else:
+        params = load_params(directory, config)
     if extend_positions is not None:
         table = np.asarray(params["embeddings"]["position_embeddings"]["embedding"])
         params["embeddings"]["position_embeddings"]["embedding"] = extend_position_embeddings(
@@ -43,10 +86,14 @@ def export_hf(source: str | Path, output: str | Path) -> SparseCrossEncoderConfi
     """Write a Hugging Face directory (config.json + model.safetensors with the original key names)."""
     from safetensors.numpy import save_file
 
-    config, params, directory = load_model_dir(source)
+    check_output_dir(output)
+    directory = resolve_model_dir(source)
+    config = read_model_config(directory)
+    params = load_params(directory, config)
     with staged_directory(output) as staging:
         config.to_json(staging / "config.json")
         save_file(params_to_hf(params, config), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(staging / "model.safetensors", 0o666 & ~current_umask())  # safetensors creates it 0600
         copy_tokenizer_files(directory, staging)
     return config
 
@@ -62,7 +109,7 @@ def _window(value: str) -> int | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="convert_torch_checkpoint.py",
+        prog="sce-jax-convert",
         description="Convert a Hugging Face sparse/full cross-encoder (hub id or directory) into an sce_jax model "
         "directory, or export an sce_jax model back to a Hugging Face directory (--export).",
     )
@@ -80,7 +127,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="linearly interpolate the position table to N rows (see README)")
     parser.add_argument("--trained-positions", type=int, metavar="K",
                         help="with --extend-positions: only the first K rows count as trained")
-    return parser.parse_args(argv)
+    parser.add_argument("--add-untrained-head", action="store_true",
+                        help="the source is a bare BERT encoder (BertModel, e.g. the packaged all-MiniLM-L6-v2): add "
+                        "a RANDOM single-logit classifier so every command can be tried offline; its scores mean "
+                        "nothing until the model is fine-tuned")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    args = parser.parse_args(argv)
+    if args.trained_positions is not None and args.extend_positions is None:
+        parser.error("--trained-positions needs --extend-positions")
+    if args.export and (args.extend_positions is not None or args.add_untrained_head
+                        or config_overrides_from_args(args)):
+        parser.error("--export writes the model as it is: it takes no pattern, position or head options")
+    return args
 
 
 def config_overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,20 +153,28 @@ def config_overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.export:
-            config = export_hf(args.source, args.output)
-        else:
-            config = convert(
-                args.source,
-                args.output,
-                config_overrides=config_overrides_from_args(args),
-                extend_positions=args.extend_positions,
-                trained_positions=args.trained_positions,
-            )
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.export:
+        config = export_hf(args.source, args.output)
+    else:
+        config = convert(
+            args.source,
+            args.output,
+            config_overrides=config_overrides_from_args(args),
+            extend_positions=args.extend_positions,
+            trained_positions=args.trained_positions,
+            add_untrained_head=args.add_untrained_head,
+        )
     pattern = "full attention" if config.is_full_attention else f"window {config.attention_window_size}"
-    print(f"wrote {args.output} ({config.num_hidden_layers} layers, {config.max_position_embeddings} positions, {pattern})")
+    head = "; its classifier is UNTRAINED (random)" if args.add_untrained_head else ""
+    print(f"wrote {args.output} ({config.num_hidden_layers} layers, {config.max_position_embeddings} positions, "
+          f"{pattern}{head})")
     return 0
+
+
+def cli() -> None:
+    """The `sce-jax-convert` console script: bad input is one line `error: ...` and exit status 2."""
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -15,13 +15,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from sce_jax.attention import resolve_attention_impl
+from sce_jax.attention import ATTENTION_IMPLS, resolve_attention_impl
 from sce_jax.batch import Batch, bucket_length, length_buckets, pack_rows
-from sce_jax.checkpoint import load_model_dir
+from sce_jax.checkpoint import load_params, read_model_config, resolve_model_dir
 from sce_jax.config import SparseCrossEncoderConfig
+from sce_jax.errors import InputError, SettingsError
 from sce_jax.model import SparseCrossEncoderModel
 from sce_jax.runs import rank_by_score
-from sce_jax.tokenization import QueryDocTokenizer
+from sce_jax.tokenization import QueryDocTokenizer, check_lengths
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -34,21 +35,38 @@ def build_model(
     attention_impl: str = "auto",
     interpret: bool = False,
 ) -> SparseCrossEncoderModel:
-    """A model holding `params` (a pure parameter tree), without initialising random weights first."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    """A model holding `params` (a pure parameter tree), without initialising random weights first.
+
+    A bad `dtype` or `attention_impl` (or one this machine cannot run) is a SettingsError naming it.
+    """
+    check_compute_settings(dtype, attention_impl)
+    try:
+        impl = resolve_attention_impl(attention_impl)
+    except RuntimeError as error:  # e.g. attention_impl='cpu' where the C++ kernel cannot be built
+        raise SettingsError("attention_impl", str(error)) from None
     abstract = nnx.eval_shape(
         lambda: SparseCrossEncoderModel(
-            config,
-            rngs=nnx.Rngs(0),
-            dtype=DTYPES[dtype],
-            attention_impl=resolve_attention_impl(attention_impl),
-            interpret=interpret,
+            config, rngs=nnx.Rngs(0), dtype=DTYPES[dtype], attention_impl=impl, interpret=interpret
         )
     )
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state)
+
+
+def check_compute_settings(dtype: str, attention_impl: str, devices: int | None = None) -> None:
+    """SettingsError (naming the setting) for an unknown dtype or attention_impl, or a device count this
+    machine does not have."""
+    if dtype not in DTYPES:
+        raise SettingsError("dtype", f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if attention_impl not in ATTENTION_IMPLS:
+        raise SettingsError(
+            "attention_impl", f"unknown attention_impl {attention_impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}"
+        )
+    if devices is not None:
+        local = len(jax.local_devices())
+        if not isinstance(devices, int) or isinstance(devices, bool) or not 1 <= devices <= local:
+            raise SettingsError("devices", f"devices={devices!r}, but there are {local} local devices")
 
 
 def _power_of_two_at_least(n: int) -> int:
@@ -151,7 +169,7 @@ class SparseCrossEncoder:
         cls,
         path_or_hub_id: str | Path,
         *,
-        max_length: int = 512,
+        max_length: int | None = None,
         max_query_length: int = 32,
         attention_impl: str = "auto",
         dtype: str = "float32",
@@ -161,19 +179,39 @@ class SparseCrossEncoder:
     ) -> SparseCrossEncoder:
         """Load a converted directory, a training output directory, a Hugging Face directory or a hub id.
 
-        `config_overrides` changes the attention pattern (e.g. {"attention_window_size": 4, ...}) so a full
-        cross-encoder can be run or fine-tuned as a sparse one. `devices`: how many local devices to split
-        documents over (default: all).
+        A relative path is relative to the working directory (`~` is expanded). `max_length` (tokens per
+        query-document input) defaults to the model's positions (`max_position_embeddings`: 512 or 4096 for the
+        released models). `config_overrides` changes the attention pattern (e.g. {"attention_window_size": 4,
+        ...}) so a full cross-encoder can be run or fine-tuned as a sparse one. `devices`: how many local devices
+        to split documents over (default: all).
+
+        Settings are checked before the weights are read: a bad one is a `SettingsError` whose `setting` names
+        it; a model that cannot be found or read is an `InputError`.
         """
-        config, params, directory = load_model_dir(path_or_hub_id)
+        check_compute_settings(dtype, attention_impl, devices)
+        if max_length is not None:
+            check_lengths(max_length, max_query_length)
+        directory = resolve_model_dir(path_or_hub_id)
+        config = read_model_config(directory)
         if config_overrides:
-            config = config.replace(**config_overrides)
+            unknown = sorted(set(config_overrides) - set(SparseCrossEncoderConfig.__dataclass_fields__))
+            if unknown:
+                raise SettingsError("config_overrides", f"unknown config field(s) {', '.join(unknown)}")
+            try:
+                config = config.replace(**config_overrides)
+            except InputError as error:
+                raise SettingsError("config_overrides", str(error)) from None
+        if max_length is None:
+            max_length = config.max_position_embeddings
         if max_length > config.max_position_embeddings:
-            raise ValueError(
+            raise SettingsError(
+                "max_length",
                 f"max_length {max_length} exceeds the model's {config.max_position_embeddings} positions "
-                "(extend them with convert_torch_checkpoint.py --extend-positions)"
+                "(extend them with `python -m sce_jax.convert --extend-positions`)",
             )
+        check_lengths(max_length, max_query_length)
         tokenizer = QueryDocTokenizer.from_dir(directory, max_length=max_length, max_query_length=max_query_length)
+        params = load_params(directory, config)
         model = build_model(config, params, dtype=dtype, attention_impl=attention_impl, interpret=interpret)
         return cls(model, tokenizer, source=str(path_or_hub_id), devices=devices)
 

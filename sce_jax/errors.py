@@ -25,10 +25,24 @@ class InputError(ValueError):
     """Bad user input (file contents, ids, options): the CLI prints the message and exits with code 2."""
 
 
+class SettingsError(InputError):
+    """A bad setting (max_length, devices, dtype, ...); `setting` names it, so a CLI can name its flag."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+
 def located(path: str | os.PathLike, where: str | int, message: str) -> InputError:
     """An InputError naming the file and the line (an int) or item (a string) at fault."""
     where = f"line {where}" if isinstance(where, int) else where
     return InputError(f"{path}: {where}: {message}")
+
+
+def one_line(error: object, limit: int = 200) -> str:
+    """An exception's message as one short line (library messages can span many lines or kilobytes)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def user_path(path: str | os.PathLike) -> Path:

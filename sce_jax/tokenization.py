@@ -10,16 +10,48 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from sce_jax.errors import InputError, SettingsError, one_line
+
 # Files that make up a Hugging Face tokenizer; copied along with converted checkpoints.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
+class TextError(InputError):
+    """A text the tokenizer cannot take (not a string, or not encodable Unicode such as a lone surrogate).
+
+    `index` is its position in the list given to the tokenizer, so a caller can name the file and line.
+    """
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+def text_problem(text) -> str | None:
+    """Why `text` cannot be tokenized, or None if it can."""
+    if not isinstance(text, str):
+        return f"not a string but {type(text).__name__} {text!r:.40}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode ({e.reason} {text[e.start]!r} at character {e.start})"
+    return None
+
+
+def check_lengths(max_length, max_query_length) -> None:
+    """SettingsError (naming the setting) unless the lengths leave room for a query and a document."""
+    for name, value, least in (("max_query_length", max_query_length, 3), ("max_length", max_length, 8)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise SettingsError(name, f"{name} must be an integer >= {least}, got {value!r}")
+    if max_length < max_query_length + 4:
+        raise SettingsError(
+            "max_length", f"max_length {max_length} leaves no room for documents after {max_query_length} query tokens"
+        )
+
+
 class QueryDocTokenizer:
     def __init__(self, tokenizer, *, max_length: int = 512, max_query_length: int = 32):
-        if max_query_length < 3:
-            raise ValueError(f"max_query_length must be >= 3, got {max_query_length}")
-        if max_length < max_query_length + 4:
-            raise ValueError(f"max_length {max_length} leaves no room for documents after {max_query_length} query tokens")
+        check_lengths(max_length, max_query_length)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_query_length = max_query_length
@@ -33,11 +65,31 @@ class QueryDocTokenizer:
 
         directory = Path(directory)
         if not any((directory / f).exists() for f in ("tokenizer.json", "vocab.txt")):
-            raise FileNotFoundError(f"{directory} has no tokenizer files (tokenizer.json or vocab.txt)")
-        return cls(AutoTokenizer.from_pretrained(str(directory)), **kwargs)
+            raise InputError(f"{directory} has no tokenizer files (tokenizer.json or vocab.txt)")
+        check_lengths(kwargs.get("max_length", 512), kwargs.get("max_query_length", 32))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        except Exception as e:  # a corrupt tokenizer.json/vocab.txt raises anything from JSON to Rust errors
+            raise InputError(f"{directory}: cannot load the tokenizer ({one_line(e)})") from None
+        if tokenizer.sep_token_id is None or tokenizer.cls_token_id is None or tokenizer.pad_token_id is None:
+            raise InputError(f"{directory}: the tokenizer has no [CLS], [SEP] or [PAD] token")
+        return cls(tokenizer, **kwargs)
 
     def _wordpieces(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        """Wordpiece ids of each text, untruncated (the callers cut them). A text the tokenizer cannot take is a
+        TextError naming its index."""
+        texts = list(texts)
+        try:
+            # verbose=False: no "sequence length is longer than the specified maximum" warning, the callers truncate.
+            return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)[
+                "input_ids"
+            ]
+        except (TypeError, ValueError) as error:
+            for index, text in enumerate(texts):
+                problem = text_problem(text)
+                if problem is not None:
+                    raise TextError(index, f"text {index}: {problem}") from None
+            raise error
 
     def encode_queries(self, queries: Sequence[str]) -> list[list[int]]:
         """Query wordpieces (at most max_query_length - 2) + [SEP] + [SEP]."""

@@ -10,13 +10,24 @@ import jax
 import numpy as np
 
 from sce_jax.config import SparseCrossEncoderConfig
+from sce_jax.errors import InputError, one_line
 
 # Keys a Hugging Face checkpoint may carry that hold no parameters.
 _IGNORED_KEYS = ("bert.embeddings.position_ids",)
+# How a bare encoder (BertModel, e.g. a sentence-transformers model) can be turned into a cross-encoder.
+UNTRAINED_HEAD_HINT = (
+    "convert it with `python -m sce_jax.convert SOURCE OUTPUT --add-untrained-head` to try the commands "
+    "(the added classifier is random, so its scores mean nothing until the model is fine-tuned)"
+)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model config (names the offending tensors)."""
+class CheckpointError(InputError):
+    """Weights that cannot be read or do not match the model config (one line naming the file and tensors)."""
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _mapping(config: SparseCrossEncoderConfig) -> Iterator[tuple[tuple, tuple[str, ...], str]]:
@@ -88,26 +99,59 @@ def _get(tree: dict, path: tuple) -> Any:
     return tree
 
 
+def is_bare_encoder(state: dict[str, Any]) -> bool:
+    """A BertModel's weights (keys `embeddings.*`/`encoder.*`, or `bert.*` without a classifier)."""
+    keys = set(state)
+    bare_keys = any(k.startswith("embeddings.") for k in keys) and not any(k.startswith("bert.") for k in keys)
+    return bare_keys or (any(k.startswith("bert.") for k in keys) and not any(k.startswith("classifier.") for k in keys))
+
+
+def with_untrained_head(state: dict[str, np.ndarray], config: SparseCrossEncoderConfig, *, seed: int = 0) -> dict:
+    """A bare encoder's weights as a BertForSequenceClassification's, with a RANDOM single-logit classifier.
+
+    The classifier (and a pooler, if the encoder has none) is drawn like BERT's initialisation (normal, std
+    0.02, zero bias) from `seed`: the result runs every command, but its scores mean nothing until trained.
+    """
+    state = {k if k.startswith("bert.") else f"bert.{k}": v for k, v in state.items()}
+    rng = np.random.default_rng(seed)
+    hidden = config.hidden_size
+    new = {"classifier.weight": (1, hidden), "bert.pooler.dense.weight": (hidden, hidden)}
+    for name, shape in new.items():
+        if name not in state:
+            state[name] = rng.normal(0.0, 0.02, shape).astype(np.float32)
+            state[name.replace(".weight", ".bias")] = np.zeros(shape[0], np.float32)
+    return state
+
+
 def hf_to_params(state: dict[str, np.ndarray], config: SparseCrossEncoderConfig, *, source: str = "checkpoint") -> dict:
-    """Map a Hugging Face BertForSequenceClassification state dict to the sce_jax parameter tree."""
+    """Map a Hugging Face BertForSequenceClassification state dict to the sce_jax parameter tree.
+
+    A mismatch is one CheckpointError line: how many tensors are missing, unexpected or misshaped, the first
+    few of each.
+    """
     expected = _expected_hf_shapes(config)
     present = {k for k in state if k not in _IGNORED_KEYS}
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected))
+    if missing and is_bare_encoder(state):
+        raise CheckpointError(
+            f"{source} holds a bare BERT encoder (BertModel, no classifier), not a sequence-classification "
+            f"cross-encoder; {UNTRAINED_HEAD_HINT}"
+        )
     wrong = [
-        f"{k}: {tuple(state[k].shape)} (expected {expected[k]})"
+        f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
         for k in sorted(present & set(expected))
-        if tuple(state[k].shape) != expected[k]
+        if tuple(np.shape(state[k])) != expected[k]
     ]
     problems = []
     if missing:
-        problems.append("missing tensors: " + ", ".join(missing))
+        problems.append(f"{len(missing)} missing tensors: {_listed(missing)}")
     if unexpected:
-        problems.append("unexpected tensors: " + ", ".join(unexpected))
+        problems.append(f"{len(unexpected)} unexpected tensors: {_listed(unexpected)}")
     if wrong:
-        problems.append("wrong shapes: " + "; ".join(wrong))
+        problems.append(f"{len(wrong)} wrong shapes: {_listed(wrong)}")
     if problems:
-        raise CheckpointError(f"{source} does not match its config:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{source} does not match its config.json: " + "; ".join(problems))
 
     params: dict = {}
     for path, keys, kind in _mapping(config):
@@ -145,7 +189,11 @@ def read_hf_state_dict(directory: str | Path) -> dict[str, np.ndarray]:
     if safetensors_file.exists():
         from safetensors.numpy import load_file
 
-        return load_file(str(safetensors_file))
+        try:
+            return load_file(str(safetensors_file))
+        except Exception as e:  # safetensors raises its own error type (and OSError, ValueError) for bad files
+            raise CheckpointError(f"{safetensors_file}: cannot read the weights ({one_line(e)}); "
+                                  "is the file truncated or corrupt?") from None
     if bin_file.exists():
         try:
             import torch
@@ -155,7 +203,13 @@ def read_hf_state_dict(directory: str | Path) -> dict[str, np.ndarray]:
                 "(or provide model.safetensors)"
             ) from None
         # weights_only: a checkpoint must never be able to run code.
-        state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip/pickle, a refused (code-running) pickle, ...
+            raise CheckpointError(f"{bin_file}: cannot read the weights ({one_line(e)}); "
+                                  "is the file truncated, corrupt or not a plain tensor checkpoint?") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{bin_file}: not a state dict of tensors")
         return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
     raise CheckpointError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
 
@@ -170,9 +224,9 @@ def extend_position_embeddings(table: np.ndarray, new_length: int, trained_lengt
     old_length = table.shape[0]
     trained_length = old_length if trained_length is None else trained_length
     if not 2 <= trained_length <= old_length:
-        raise ValueError(f"trained_length must be in [2, {old_length}], got {trained_length}")
+        raise InputError(f"trained_length must be in [2, {old_length}], got {trained_length}")
     if new_length < old_length:
-        raise ValueError(f"cannot extend {old_length} positions to fewer ({new_length})")
+        raise InputError(f"cannot extend {old_length} positions to fewer ({new_length})")
     source = np.linspace(0.0, trained_length - 1, new_length)
     low = np.floor(source).astype(int)
     high = np.minimum(low + 1, trained_length - 1)

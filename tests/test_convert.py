@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,10 +14,16 @@ from safetensors.numpy import load_file, save_file
 
 from sce_jax import SparseCrossEncoder
 from sce_jax.checkpoint import load_model_dir
-from sce_jax.convert import main as convert_main
+from sce_jax.convert import main
+from sce_jax.errors import run_cli
 from sce_jax.weights import CheckpointError, extend_position_embeddings, read_hf_state_dict
 
 DOCS = ["the cat sat on the mat", "a dog", "telescopes see far into space and time " * 3]
+
+
+def convert_main(argv: list[str]) -> int:
+    """The command as its console script runs it: bad input is one line and exit status 2."""
+    return run_cli(main, argv)
 
 
 def _assert_trees_equal(a, b):
@@ -112,7 +119,7 @@ def test_missing_tensor_is_named(tiny_hf_dir, tmp_path, capsys):
     directory = _corrupted_copy(tiny_hf_dir, tmp_path, lambda s: s.pop("bert.encoder.layer.1.output.dense.bias"))
     assert convert_main([str(directory), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "missing tensors: bert.encoder.layer.1.output.dense.bias" in err
+    assert "1 missing tensors: bert.encoder.layer.1.output.dense.bias" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -124,12 +131,13 @@ def test_misshaped_and_unexpected_tensors_are_named(tiny_hf_dir, tmp_path):
     directory = _corrupted_copy(tiny_hf_dir, tmp_path, change)
     with pytest.raises(CheckpointError) as info:
         load_model_dir(directory)
-    assert "bert.pooler.dense.weight: (32, 16) (expected (32, 32))" in str(info.value)
-    assert "unexpected tensors: lm_head.weight" in str(info.value)
+    assert "1 wrong shapes: bert.pooler.dense.weight (32, 16) (expected (32, 32))" in str(info.value)
+    assert "1 unexpected tensors: lm_head.weight" in str(info.value)
 
 
 def test_unknown_source_and_existing_output(tiny_hf_dir, converted, capsys):
     assert convert_main(["nobody/no-such-model", "/tmp/never-written"]) == 2
+    assert not Path("/tmp/never-written").exists()
     assert "nobody/no-such-model" in capsys.readouterr().err
     assert convert_main([str(tiny_hf_dir), str(converted)]) == 2
     assert "not empty" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sce_jax import SparseCrossEncoder
+from sce_jax.errors import InputError, SettingsError
 from sce_jax.tokenization import QueryDocTokenizer
 
 LONG_QUERY = "what are the long term effects of " + "very " * 40 + "strong coffee"
@@ -59,7 +60,7 @@ def test_score_keeps_input_order_and_ignores_batch_mates(tiny_hf_dir):
 
 
 def test_errors_are_clear(tiny_hf_dir, tmp_path):
-    with pytest.raises(ValueError, match="exceeds the model's 128 positions"):
+    with pytest.raises(SettingsError, match="exceeds the model's 128 positions"):
         SparseCrossEncoder.load(tiny_hf_dir, max_length=512)
-    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+    with pytest.raises(InputError, match="no tokenizer files"):
         QueryDocTokenizer.from_dir(tmp_path)
