@@ -58,10 +58,22 @@ def test_hyphenated_yaml_keys_and_empty_file(tmp_path):
     ("run_tag: null\n", "settings.yaml: run_tag must be str, got None"),
     ("[steps]\n", "settings.yaml: expected a mapping of settings, got list"),
     ("steps: [\n", "cannot read config"),
+    ("steps: 1\nrate: 2\nsteps: 3\n", "settings.yaml: line 3: cannot read config: duplicate key 'steps' (first given on line 1)"),
+    ("run_tag: a\nrun-tag: b\n", "settings.yaml: setting run_tag is given twice (as run-tag/run_tag)"),
 ])
 def test_bad_yaml_raises_the_given_error_naming_the_file(tmp_path, yaml_text, message):
     with pytest.raises(SettingsError, match=re.escape(message)):
         resolve(tmp_path, yaml_text, [])
+
+
+def test_non_utf8_yaml_is_one_line_naming_file_and_line(tmp_path):
+    path = tmp_path / "settings.yaml"
+    path.write_bytes(b"steps: 3\nrun_tag: caf\xe9\n")
+    with pytest.raises(SettingsError) as info:
+        resolve_dataclass(Settings, str(path), {}, SettingsError)
+    assert str(info.value) == f"{path}: line 2: not UTF-8 text (byte 21)"
+    path.write_bytes("\ufeffsteps: 3\n".encode())  # a byte-order mark is not part of the first key
+    assert resolve_dataclass(Settings, str(path), {}, SettingsError).steps == 3
 
 
 def test_bad_flag_value_is_a_usage_error(tmp_path, capsys):
