@@ -155,9 +155,9 @@ def _restore_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:
             if step is None:
                 raise CheckpointError(f"{directory / CHECKPOINTS_DIR} holds no finished checkpoint")
             where = directory / CHECKPOINTS_DIR / str(step)
-            metadata = manager.item_metadata(step)
-            if metadata is not None and metadata.get("params") is not None:
-                _check_stored_shapes(metadata["params"], config, where)
+            if (where / "params").is_dir():  # the item's own metadata: compare shapes before restoring
+                with ocp.StandardCheckpointer() as checkpointer:
+                    _check_stored_shapes(checkpointer.metadata(where / "params").item_metadata, config, where)
             restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
             return restored["params"]
     except CheckpointError:

@@ -184,6 +184,8 @@ def _first_problem(values: Any) -> tuple[str, str] | None:
             return name, f"must be a number, got {value!r}"
         if not (0 < value < 1 if name == "layer_norm_eps" else 0 <= value < 1):
             return name, f"must be in {'(0, 1)' if name == 'layer_norm_eps' else '[0, 1)'}, got {value!r}"
+    if get("type_vocab_size") < 2:
+        return "type_vocab_size", f"must be >= 2 (queries have token type 0, documents 1), got {get('type_vocab_size')}"
     if get("hidden_size") % get("num_attention_heads"):
         return "num_attention_heads", (
             f"{get('num_attention_heads')} does not divide hidden_size {get('hidden_size')}")

@@ -211,6 +211,11 @@ class SparseCrossEncoder:
             )
         check_lengths(max_length, max_query_length)
         tokenizer = QueryDocTokenizer.from_dir(directory, max_length=max_length, max_query_length=max_query_length)
+        if len(tokenizer.tokenizer) > config.vocab_size:  # larger ids would silently read clamped embeddings
+            raise InputError(
+                f"{directory}: the tokenizer has {len(tokenizer.tokenizer)} tokens, but config.json's vocab_size is "
+                f"{config.vocab_size}"
+            )
         params = load_params(directory, config)
         model = build_model(config, params, dtype=dtype, attention_impl=attention_impl, interpret=interpret)
         return cls(model, tokenizer, source=str(path_or_hub_id), devices=devices)

@@ -99,6 +99,7 @@ BAD_CONFIGS = {
     "window 0": (lambda c: {**c, "attention_window_size": 0}, "field attention_window_size: must be an integer >= 1"),
     "pad id outside vocab": (lambda c: {**c, "pad_token_id": 40000}, "field pad_token_id: must be a token id"),
     "two labels": (lambda c: {**c, "id2label": {"0": "a", "1": "b"}}, "field id2label: a re-ranker needs a single"),
+    "one token type": (lambda c: {**c, "type_vocab_size": 1}, "field type_vocab_size: must be >= 2"),
     "labels not a map": (lambda c: {**c, "id2label": ["a"]}, "field id2label: expected an object"),
     "not JSON": (lambda c: b'{"hidden_size": 32,\n', "line 2: not valid JSON"),
     "not UTF-8": (lambda c: b'{"model_type": "\xff"}', "not UTF-8 text"),
@@ -114,6 +115,12 @@ def test_bad_config_json_is_one_line_naming_file_and_field(tiny_hf_dir, tmp_path
     assert f"{source / 'config.json'}: " in line and message in line, line
     assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match="config.json"):
+        SparseCrossEncoder.load(source)
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tiny_hf_dir, tmp_path):
+    source = _with_config(tiny_hf_dir, tmp_path / "small", lambda c: {**c, "vocab_size": 1000})
+    with pytest.raises(InputError, match="the tokenizer has 30522 tokens, but config.json's vocab_size is 1000"):
         SparseCrossEncoder.load(source)
 
 
@@ -408,19 +415,31 @@ def test_unencodable_text_names_which_text(tiny_hf_dir):
         encoder.score("query", ["\udcff"])
 
 
-def test_no_sequence_length_warning_for_long_texts(tiny_hf_dir, capfd):
+def test_no_sequence_length_warning_for_long_texts(tiny_hf_dir):
+    """transformers warns of "indexing errors" for texts longer than the model; we truncate them ourselves."""
+    import logging
+
     import transformers
 
-    tokenizer = QueryDocTokenizer.from_dir(tiny_hf_dir, max_length=64)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library_logger = logging.getLogger("transformers")  # transformers' loggers report here (and do not propagate)
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_warning()
+    library_logger.addHandler(handler)
     try:
-        (q,) = tokenizer.encode_queries(["query"])
+        tokenizer = QueryDocTokenizer.from_dir(tiny_hf_dir, max_length=64)
+        (q,) = tokenizer.encode_queries(["query " * 600])
         (d,) = tokenizer.encode_docs([q], ["word " * 1000])
+        # What transformers says to a plain call (a fresh tokenizer: each warns once), so the check would see it.
+        transformers.AutoTokenizer.from_pretrained(str(tiny_hf_dir))(["word " * 1000])
     finally:
+        library_logger.removeHandler(handler)
         transformers.logging.set_verbosity(previous)
-    assert len(d) == 64 - 1 - len(q)
-    assert "longer than the specified maximum" not in capfd.readouterr().err
+    assert len(q) == 32 and len(d) == 64 - 1 - len(q)
+    messages = [record.getMessage() for record in records]
+    assert len(messages) == 1 and "longer than the specified maximum" in messages[0], messages
 
 
 def test_corrupt_tokenizer_is_one_line(tiny_hf_dir, tmp_path):
