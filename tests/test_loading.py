@@ -36,6 +36,14 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
+def assert_trees_equal(a, b):
+    import jax
+
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def tree(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")) if directory.exists() else []
 
@@ -56,17 +64,21 @@ def test_relative_paths_from_another_working_directory(tiny_hf_dir, tmp_path, mo
     monkeypatch.chdir(work)
     assert convert("hf", "models/x") == 0, capsys.readouterr().err
     assert (work / "models" / "x" / "params").is_dir()
-    expected = SparseCrossEncoder.load(tiny_hf_dir).score("cat on a mat", DOCS)
-    np.testing.assert_array_equal(SparseCrossEncoder.load("models/x").score("cat on a mat", DOCS), expected)
-    np.testing.assert_array_equal(SparseCrossEncoder.load("./models/x").score("cat on a mat", DOCS), expected)
+    _, expected, _ = load_model_dir(tiny_hf_dir)
     assert convert("--export", "models/x", "exported/x") == 0
-    np.testing.assert_array_equal(SparseCrossEncoder.load("exported/x").score("cat on a mat", DOCS), expected)
+    for relative in ("models/x", "./models/x", "exported/x"):
+        _, params, directory = load_model_dir(relative)
+        assert directory == work / relative.removeprefix("./")
+        assert_trees_equal(params, expected)
+        assert SparseCrossEncoder.load(relative).config.hidden_size == 32
 
     from sce_jax.rerank import main as rerank_main
 
-    shutil.copy(REPO / "examples" / "run.jsonl", work / "run.jsonl")
-    assert rerank_main(["--model", "models/x", "--run", "run.jsonl", "--output", "out.run", "--max-length", "64"]) == 0
-    assert (work / "out.run").read_text().strip()
+    lines = (REPO / "examples" / "run.jsonl").read_text().splitlines()[:3]  # few documents: few compilations
+    (work / "run.jsonl").write_text("\n".join(lines) + "\n")
+    assert rerank_main(["--model", "models/x", "--run", "run.jsonl", "--output", "out.run", "--max-length", "64",
+                        "--max-query-length", "16", "--batch-size", "8"]) == 0
+    assert len((work / "out.run").read_text().splitlines()) == 3
 
 
 def test_home_directory_is_expanded(tiny_hf_dir, tmp_path, monkeypatch):
