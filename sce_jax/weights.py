@@ -109,10 +109,12 @@ def is_bare_encoder(state: dict[str, Any]) -> bool:
 def with_untrained_head(state: dict[str, np.ndarray], config: SparseCrossEncoderConfig, *, seed: int = 0) -> dict:
     """A bare encoder's weights as a BertForSequenceClassification's, with a RANDOM single-logit classifier.
 
-    The classifier (and a pooler, if the encoder has none) is drawn like BERT's initialisation (normal, std
+    Other heads (e.g. a masked-LM head's `cls.*`) are dropped. The classifier (and a pooler, if the encoder has none) is drawn like BERT's initialisation (normal, std
     0.02, zero bias) from `seed`: the result runs every command, but its scores mean nothing until trained.
     """
-    state = {k if k.startswith("bert.") else f"bert.{k}": v for k, v in state.items()}
+    if not any(k.startswith("bert.") for k in state):  # BertModel's names lack the "bert." prefix
+        state = {f"bert.{k}": v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k.startswith("bert.")}  # e.g. drop a masked-LM head
     rng = np.random.default_rng(seed)
     hidden = config.hidden_size
     new = {"classifier.weight": (1, hidden), "bert.pooler.dense.weight": (hidden, hidden)}
