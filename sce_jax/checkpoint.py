@@ -7,6 +7,7 @@ tokenizer files + checkpoints/ (Orbax CheckpointManager, item "params" per step)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -134,10 +135,36 @@ def _names_and_shapes(tree) -> dict[str, tuple]:
     }
 
 
+def _verify_item(item: Path) -> None:
+    """Read an Orbax item directory's metadata files and every stored byte once, in this thread: a truncated or
+    corrupt file becomes one CheckpointError line here, rather than Orbax's parallel restore failing with many
+    tracebacks from its worker threads (and absl log lines)."""
+    for name in ("_CHECKPOINT_METADATA", "_METADATA"):
+        if (item / name).exists():
+            try:
+                json.loads((item / name).read_bytes())
+            except ValueError as e:
+                raise CheckpointError(f"{item / name}: not valid JSON ({one_line(e, 120)}); is it truncated?") from None
+    if not (item / "manifest.ocdbt").exists():
+        return
+    import tensorstore as ts
+
+    try:
+        store = ts.KvStore.open({"driver": "ocdbt", "base": item.as_uri() + "/"}).result()
+        reads = [store.read(key) for key in store.list().result()]
+        for read in reads:
+            read.result()
+    except Exception as e:  # TensorStore reports DATA_LOSS / OUT_OF_RANGE as ValueError, others as other types
+        raise CheckpointError(f"{item}: cannot read the parameters ({one_line(e)}); "
+                              "is the checkpoint truncated or corrupt?") from None
+
+
 def _check_stored_shapes(stored, config: SparseCrossEncoderConfig, where: Path) -> None:
     """A one-line CheckpointError if the stored parameter tree differs from the config's."""
     expected = _names_and_shapes(param_shapes(config))
     found = _names_and_shapes(stored)
+    if not found:
+        raise CheckpointError(f"{where}: no parameters found in the checkpoint's metadata; is it truncated?")
     differing = [f"{name} stored {found.get(name)} expected {expected.get(name)}"
                  for name in sorted(set(expected) | set(found)) if found.get(name) != expected.get(name)]
     if differing:
@@ -152,6 +179,7 @@ def _restore_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:
     where = directory / PARAMS_DIR
     try:
         if where.exists():
+            _verify_item(where)
             with ocp.StandardCheckpointer() as checkpointer:
                 _check_stored_shapes(checkpointer.metadata(where).item_metadata, config, where)
                 return checkpointer.restore(where, target)
@@ -161,6 +189,7 @@ def _restore_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:
                 raise CheckpointError(f"{directory / CHECKPOINTS_DIR} holds no finished checkpoint")
             where = directory / CHECKPOINTS_DIR / str(step)
             if (where / "params").is_dir():  # the item's own metadata: compare shapes before restoring
+                _verify_item(where / "params")
                 with ocp.StandardCheckpointer() as checkpointer:
                     _check_stored_shapes(checkpointer.metadata(where / "params").item_metadata, config, where)
             restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
