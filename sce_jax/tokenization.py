@@ -7,6 +7,7 @@ wordpieces + [SEP], which is what is computed here, so whole documents can also 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def text_problem(text) -> str | None:
 def check_lengths(max_length, max_query_length) -> None:
     """SettingsError (naming the setting) unless the lengths leave room for a query and a document."""
     for name, value, least in (("max_query_length", max_query_length, 3), ("max_length", max_length, 8)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
             raise SettingsError(name, f"{name} must be an integer >= {least}, got {value!r}")
     if max_length < max_query_length + 4:
         raise SettingsError(
