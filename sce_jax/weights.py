@@ -101,16 +101,18 @@ def _get(tree: dict, path: tuple) -> Any:
 
 def is_bare_encoder(state: dict[str, Any]) -> bool:
     """A BertModel's weights (keys `embeddings.*`/`encoder.*`, or `bert.*` without a classifier)."""
-    keys = set(state)
-    bare_keys = any(k.startswith("embeddings.") for k in keys) and not any(k.startswith("bert.") for k in keys)
-    return bare_keys or (any(k.startswith("bert.") for k in keys) and not any(k.startswith("classifier.") for k in keys))
+    prefixed = any(k.startswith("bert.") for k in state)
+    if not prefixed:
+        return any(k.startswith("embeddings.") for k in state)
+    return not any(k.startswith("classifier.") for k in state)
 
 
 def with_untrained_head(state: dict[str, np.ndarray], config: SparseCrossEncoderConfig, *, seed: int = 0) -> dict:
     """A bare encoder's weights as a BertForSequenceClassification's, with a RANDOM single-logit classifier.
 
-    Other heads (e.g. a masked-LM head's `cls.*`) are dropped. The classifier (and a pooler, if the encoder has none) is drawn like BERT's initialisation (normal, std
-    0.02, zero bias) from `seed`: the result runs every command, but its scores mean nothing until trained.
+    Other heads (e.g. a masked-LM head's `cls.*`) are dropped. The classifier (and a pooler, if the encoder has
+    none) is drawn like BERT's initialisation (normal, std 0.02, zero bias) from `seed`: the result runs every
+    command, but its scores mean nothing until trained.
     """
     if not any(k.startswith("bert.") for k in state):  # BertModel's names lack the "bert." prefix
         state = {f"bert.{k}": v for k, v in state.items()}
