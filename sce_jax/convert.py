@@ -112,3 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     pattern = "full attention" if config.is_full_attention else f"window {config.attention_window_size}"
     print(f"wrote {args.output} ({config.num_hidden_layers} layers, {config.max_position_embeddings} positions, {pattern})")
     return 0
+
+
+def cli() -> None:
+    """The installed console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import cpu_attention
+from sce_jax.kernels import cpu_attention
 from sce_jax import attention
 from sce_jax.attention import TokenLayout
 from sce_jax.config import SparseCrossEncoderConfig
