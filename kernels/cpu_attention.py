@@ -19,6 +19,7 @@ a separate process, exports the kernel and leaves the floating-point mode alone 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -89,19 +90,22 @@ def _timeout() -> float:
 
 def _run(command: list[str], *, cwd: Path, timeout: float, what: str) -> str:
     """Run `command` in its own process group (the compiler driver's children included); on a timeout, an
-    error or an interrupt (SIGINT, or SIGTERM where its handler is the default) kill the whole group first."""
+    error or an interrupt (SIGINT, or SIGTERM: see `_sigterm_raises`) kill the whole group first."""
     env = dict(os.environ, TMPDIR=str(cwd))  # the compiler's own temporary files go with the build directory
+    process = None
     try:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
-    except OSError as error:
-        raise KernelUnavailable(f"cannot run {command[0]}: {error}") from error
-    try:
+        with _signals_held():  # an interrupt now would leave a started compiler without anyone to kill it
+            try:
+                process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                           errors="replace", start_new_session=True)
+            except OSError as error:
+                raise KernelUnavailable(f"cannot run {command[0]}: {error}") from error
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         raise KernelUnavailable(f"{what} timed out after {timeout:g} s (set SCE_JAX_BUILD_TIMEOUT)") from None
     finally:
-        if process.returncode is None:
+        if process is not None and process.returncode is None:
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -112,12 +116,54 @@ def _run(command: list[str], *, cwd: Path, timeout: float, what: str) -> str:
     return output
 
 
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Defer SIGINT and SIGTERM (their Python handlers; main thread only) to the end of the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {}
+    for number in _INTERRUPTS:
+        handler = signal.getsignal(number)
+        if handler is not None and handler is not signal.SIG_IGN:
+            previous[number] = signal.signal(number, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in pending:
+            signal.raise_signal(number)
+
+
 class _Terminated(BaseException):
-    pass
+    """SIGTERM arrived during a build: unwinds it (killing the compiler, removing the build directory)."""
 
 
 def _on_sigterm(signum, frame):
     raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Where SIGTERM has its default action (main thread only), turn it into _Terminated for the block, and end
+    the process by SIGTERM, as it would have, once the build has been cleaned up."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _build_key(compiler: list[str]) -> str:
@@ -168,9 +214,6 @@ def _build(compiler: list[str], library: Path) -> None:
     _remove_stale_builds(cache, older_than_s=max(2 * timeout, 3600))
     logger.info("compiling the CPU attention kernel for this machine (once, a few seconds; cached in %s)", cache)
     build = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
-    previous = None
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         deadline = time.monotonic() + timeout
         objects, output = build / "cpu_attention.o", build / library.name
@@ -191,16 +234,8 @@ def _build(compiler: list[str], library: Path) -> None:
         _fsync_write(checksum, hashlib.sha256(data).hexdigest().encode())
         os.replace(checksum, _checksum_path(library))
         _fsync_directory(cache)
-    except _Terminated:
-        shutil.rmtree(build, ignore_errors=True)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        previous = None
-        os.kill(os.getpid(), signal.SIGTERM)  # die of SIGTERM as without us, now that the build is cleaned up
-        raise
     finally:
         shutil.rmtree(build, ignore_errors=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _checksum_path(library: Path) -> Path:
@@ -225,11 +260,16 @@ def _open_verified(library: Path) -> int | None:
     return None
 
 
+def _library_path(compiler: list[str]) -> Path:
+    """Where the library for this compiler and CPU is cached."""
+    _cache_dir().mkdir(parents=True, exist_ok=True)
+    return _cache_dir() / f"cpu_attention-{_build_key(compiler)}.so"
+
+
 def _build_and_register() -> None:
     """Build (once per key, see the module docstring), verify and load the library, and register the kernel."""
     compiler = _compiler()
-    _cache_dir().mkdir(parents=True, exist_ok=True)
-    library = _cache_dir() / f"cpu_attention-{_build_key(compiler)}.so"
+    library = _library_path(compiler)
     fd = _open_verified(library)
     if fd is None:
         _build(compiler, library)
@@ -249,7 +289,8 @@ def _build_and_register() -> None:
 def available() -> tuple[bool, str]:
     """(True, "") when the kernel is built and registered, else (False, why); tried once per process."""
     try:
-        _build_and_register()
+        with _sigterm_raises():
+            _build_and_register()
     except KernelUnavailable as error:
         return False, str(error)
     except OSError as error:  # an unwritable cache directory, a library that does not load
