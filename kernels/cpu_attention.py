@@ -198,7 +198,7 @@ def _fsync_directory(directory: Path) -> None:
 def _remove_stale_builds(cache: Path, older_than_s: float) -> None:
     """Build directories left by a process that was killed outright (SIGKILL) mid-build."""
     now = time.time()
-    for stale in cache.glob(".build-*"):
+    for stale in [*cache.glob(".build-*"), *cache.glob(".key-*")]:
         try:
             if now - stale.stat().st_mtime > older_than_s:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -225,8 +225,9 @@ def _build(compiler: list[str], library: Path) -> None:
         if not data.startswith(b"\x7fELF"):
             raise KernelUnavailable(f"{shlex.join(compiler)} reported success but wrote no shared library "
                                     f"({len(data)} bytes)")
-        _run([sys.executable, "-c", _CHECK_LIBRARY, str(output), _SYMBOL, "1e-310"], cwd=build, timeout=60,
-             what="loading the new library")
+        if sys.executable:  # (empty in some embedded interpreters)
+            _run([sys.executable, "-c", _CHECK_LIBRARY, str(output), _SYMBOL, "1e-310"], cwd=build, timeout=60,
+                 what="loading the new library")
         with open(output, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(output, library)
