@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from kernels import BlockConfig, windowed_attention
+from sce_jax.kernels import BlockConfig, windowed_attention
 from sce_jax.attention import doc_attention
 
 IMPLS = ("dense", "xla", "pallas")

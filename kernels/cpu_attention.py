@@ -8,20 +8,31 @@ float32 softmax per token and head. `sce_jax.attention.sparse_attention` is the 
 
 The source (cpu_attention.cc) is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`) for
 this machine's CPU and cached under `$SCE_JAX_CACHE_DIR` (default `~/.cache/sce_jax`); `available()` says
-whether that worked, and why not.
+whether that worked, and why not. The cache is keyed by the source, the compiler's version, the flags, the
+JAX version and the instruction-set features the compiler enables for this CPU (its predefined macros under
+`-march=native`), so machines sharing a home directory each get a build they can run. A cached library is
+loaded only when it matches the SHA-256 written beside it (after the library was fsynced); otherwise it is
+rebuilt. A build runs in its own process group with a timeout (`$SCE_JAX_BUILD_TIMEOUT`, seconds, default
+300) and is killed and cleaned up on failure, timeout or interrupt; it is cached only when the result loads in
+a separate process, exports the kernel and leaves the floating-point mode alone (no flush-to-zero).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import logging
 import os
-import platform
+import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -30,13 +41,27 @@ import numpy as np
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 _TARGET = "sce_jax_cpu_attention"
-_CXX_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC"]
+_SYMBOL = "SceJaxCpuAttention"
+# Compiled and linked in two steps: `-ffast-math` on the link line would make GCC < 13 (and clang) link
+# crtfastmath.o, whose constructor sets flush-to-zero / denormals-are-zero for the whole process on load.
+_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-fPIC"]
+_LINK_FLAGS = ["-shared"]
+_DEFAULT_TIMEOUT_S = 300.0
 
 # Under "sce_jax", whose INFO messages the command-line tools show.
 logger = logging.getLogger("sce_jax.cpu_attention")
 
 # Bits of the kernel's `flags` attribute.
 CLS_QUERY, CLS_DOC, DOC_CLS, DOC_QUERY, CLS_ONLY = 1, 2, 4, 8, 16
+
+# Run in a fresh interpreter on a new build: load it, find the kernel, and check that a denormal survives.
+_CHECK_LIBRARY = """
+import ctypes, sys
+library = ctypes.CDLL(sys.argv[1])
+getattr(library, sys.argv[2])
+if float(sys.argv[3]) * 1.0 == 0.0:
+    sys.exit("loading it sets flush-to-zero / denormals-are-zero (a -ffast-math link?)")
+"""
 
 
 class KernelUnavailable(RuntimeError):
@@ -48,40 +73,216 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SCE_JAX_CACHE_DIR", default))
 
 
-def _cpu_model() -> str:
-    try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
-def _build_and_register() -> None:
-    """Compile (once per source, compiler, jax version and CPU model) and register the kernel."""
+def _compiler() -> list[str]:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
         raise KernelUnavailable("no C++ compiler found (set $CXX or install g++)")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join(
-        [source, compiler.encode(), " ".join(_CXX_FLAGS).encode(), jax.__version__.encode(), _cpu_model().encode()]
-    )).hexdigest()[:16]
-    library = _cache_dir() / f"cpu_attention-{key}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        logger.info("compiling the CPU attention kernel for this machine (once, a few seconds; cached in %s)", library.parent)
-        # Compile to a temporary name and rename, so concurrent processes never load a half-written file.
-        fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
+    return shlex.split(compiler)
+
+
+def _timeout() -> float:
+    value = os.environ.get("SCE_JAX_BUILD_TIMEOUT", "")
+    try:
+        return float(value) if value else _DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise KernelUnavailable(f"SCE_JAX_BUILD_TIMEOUT={value!r} is not a number of seconds") from None
+
+
+def _run(command: list[str], *, cwd: Path, timeout: float, what: str) -> str:
+    """Run `command` in its own process group (the compiler driver's children included); on a timeout, an
+    error or an interrupt (SIGINT, or SIGTERM: see `_sigterm_raises`) kill the whole group first."""
+    env = dict(os.environ, TMPDIR=str(cwd))  # the compiler's own temporary files go with the build directory
+    process = None
+    try:
+        with _signals_held():  # an interrupt now would leave a started compiler without anyone to kill it
+            try:
+                process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                           errors="replace", start_new_session=True)
+            except OSError as error:
+                raise KernelUnavailable(f"cannot run {command[0]}: {error}") from error
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise KernelUnavailable(f"{what} timed out after {timeout:g} s (set SCE_JAX_BUILD_TIMEOUT)") from None
+    finally:
+        if process is not None and process.returncode is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
+    if process.returncode != 0:
+        raise KernelUnavailable(f"{what} failed (exit status {process.returncode}):\n{output[-2000:]}")
+    return output
+
+
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Defer SIGINT and SIGTERM (their Python handlers; main thread only) to the end of the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {}
+    for number in _INTERRUPTS:
+        handler = signal.getsignal(number)
+        if handler is not None and handler is not signal.SIG_IGN:
+            previous[number] = signal.signal(number, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in pending:
+            signal.raise_signal(number)
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived during a build: unwinds it (killing the compiler, removing the build directory)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Where SIGTERM has its default action (main thread only), turn it into _Terminated for the block, and end
+    the process by SIGTERM, as it would have, once the build has been cleaned up."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _build_key(compiler: list[str]) -> str:
+    """Source, compiler version, flags, JAX version and the CPU features -march=native turns on here."""
+    timeout = _timeout()
+    with tempfile.TemporaryDirectory(prefix=".key-", dir=_cache_dir()) as scratch:
+        version = _run([*compiler, "--version"], cwd=Path(scratch), timeout=timeout,
+                       what="asking the compiler its version")
+        features = _run([*compiler, *_COMPILE_FLAGS, "-dM", "-E", "-x", "c++", os.devnull], cwd=Path(scratch),
+                        timeout=timeout, what="asking the compiler its target features")
+    macros = "\n".join(sorted(features.splitlines()))
+    parts = [_SOURCE.read_bytes(), " ".join(compiler).encode(), version.encode(), " ".join(_COMPILE_FLAGS).encode(),
+             " ".join(_LINK_FLAGS).encode(), jax.__version__.encode(), macros.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
         os.close(fd)
-        command = [compiler, *_CXX_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", partial]
+
+
+def _remove_stale_builds(cache: Path, older_than_s: float) -> None:
+    """Build directories left by a process that was killed outright (SIGKILL) mid-build."""
+    now = time.time()
+    for stale in [*cache.glob(".build-*"), *cache.glob(".key-*")]:
         try:
-            done = subprocess.run(command, capture_output=True, text=True)
-        except OSError as error:
-            os.unlink(partial)
-            raise KernelUnavailable(f"cannot run {compiler}: {error}") from error
-        if done.returncode != 0:
-            os.unlink(partial)
-            raise KernelUnavailable(f"compiling {_SOURCE.name} failed:\n{done.stderr[-2000:]}")
-        os.replace(partial, library)
-    handler = ctypes.cdll.LoadLibrary(str(library)).SceJaxCpuAttention
+            if now - stale.stat().st_mtime > older_than_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _build(compiler: list[str], library: Path) -> None:
+    """Compile into a private build directory, check the result in another process, then publish the library
+    (fsynced, renamed into place) and its checksum (written after, fsynced, renamed)."""
+    cache = library.parent
+    timeout = _timeout()
+    _remove_stale_builds(cache, older_than_s=max(2 * timeout, 3600))
+    logger.info("compiling the CPU attention kernel for this machine (once, a few seconds; cached in %s)", cache)
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    try:
+        deadline = time.monotonic() + timeout
+        objects, output = build / "cpu_attention.o", build / library.name
+        _run([*compiler, *_COMPILE_FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(_SOURCE), "-o", str(objects)],
+             cwd=build, timeout=timeout, what=f"compiling {_SOURCE.name}")
+        _run([*compiler, *_LINK_FLAGS, str(objects), "-o", str(output)], cwd=build,
+             timeout=max(deadline - time.monotonic(), 1.0), what=f"linking {_SOURCE.name}")
+        data = output.read_bytes() if output.is_file() else b""
+        if not data.startswith(b"\x7fELF"):
+            raise KernelUnavailable(f"{shlex.join(compiler)} reported success but wrote no shared library "
+                                    f"({len(data)} bytes)")
+        if sys.executable:  # (empty in some embedded interpreters)
+            _run([sys.executable, "-c", _CHECK_LIBRARY, str(output), _SYMBOL, "1e-310"], cwd=build, timeout=60,
+                 what="loading the new library")
+        with open(output, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(output, library)
+        checksum = build / "checksum"
+        _fsync_write(checksum, hashlib.sha256(data).hexdigest().encode())
+        os.replace(checksum, _checksum_path(library))
+        _fsync_directory(cache)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _open_verified(library: Path) -> int | None:
+    """A descriptor of the cached library when it matches its checksum, else None (missing, partial, changed)."""
+    try:
+        expected = _checksum_path(library).read_text().strip()
+        fd = os.open(library, os.O_RDONLY)
+    except (OSError, UnicodeDecodeError):
+        return None
+    digest = hashlib.sha256()
+    with os.fdopen(os.dup(fd), "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() == expected:
+        return fd
+    os.close(fd)
+    logger.warning("the cached CPU attention kernel %s does not match its checksum; rebuilding it", library)
+    return None
+
+
+def _library_path(compiler: list[str]) -> Path:
+    """Where the library for this compiler and CPU is cached."""
+    _cache_dir().mkdir(parents=True, exist_ok=True)
+    return _cache_dir() / f"cpu_attention-{_build_key(compiler)}.so"
+
+
+def _build_and_register() -> None:
+    """Build (once per key, see the module docstring), verify and load the library, and register the kernel."""
+    compiler = _compiler()
+    library = _library_path(compiler)
+    fd = _open_verified(library)
+    if fd is None:
+        _build(compiler, library)
+        fd = _open_verified(library)
+        if fd is None:
+            raise KernelUnavailable(f"the freshly built {library} does not match its checksum")
+    try:
+        # Load the very file that was verified, whatever has been renamed onto the path since.
+        path = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(library)
+        handler = getattr(ctypes.CDLL(path), _SYMBOL)
+    finally:
+        os.close(fd)
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
 
 
@@ -89,7 +290,8 @@ def _build_and_register() -> None:
 def available() -> tuple[bool, str]:
     """(True, "") when the kernel is built and registered, else (False, why); tried once per process."""
     try:
-        _build_and_register()
+        with _sigterm_raises():
+            _build_and_register()
     except KernelUnavailable as error:
         return False, str(error)
     except OSError as error:  # an unwritable cache directory, a library that does not load

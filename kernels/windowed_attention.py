@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
-from kernels.block_config import BlockConfig
+from .block_config import BlockConfig
 
 # Finite, so a tile whose keys are all masked yields no inf - inf = NaN in the running max.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -120,21 +120,28 @@ def _padded_attention(q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, d
 # --- tile arithmetic shared by the kernels --------------------------------------------------------------------
 
 
+# float32 tiles multiply in full float32: Triton's default for float32 dots is TF32 (10-bit mantissas), which
+# HIGHEST turns off (the lowered tt.dot's inputPrecision is ieee; tests/test_kernels.py checks it). bfloat16
+# tiles are unaffected and use the tensor cores.
+_FULL_FLOAT32 = lax.Precision.HIGHEST
+
+
 def _scores(a_MxK, b_NxK, scale: float):
-    """a @ b.T in float32 (dot inputs keep their dtype: bfloat16 tiles use the tensor cores)."""
+    """a @ b.T, accumulated in float32."""
     dims = (((1,), (1,)), ((), ()))
-    return lax.dot_general(a_MxK, b_NxK, dims, preferred_element_type=jnp.float32) * scale
+    return lax.dot_general(a_MxK, b_NxK, dims, precision=_FULL_FLOAT32, preferred_element_type=jnp.float32) * scale
 
 
 def _mix(p_MxN, b_NxK):
     """p @ b in float32, p cast to b's dtype (Triton dots need equal operand types)."""
-    return jnp.dot(p_MxN.astype(b_NxK.dtype), b_NxK, preferred_element_type=jnp.float32)
+    return jnp.dot(p_MxN.astype(b_NxK.dtype), b_NxK, precision=_FULL_FLOAT32, preferred_element_type=jnp.float32)
 
 
 def _mix_transposed(p_MxN, b_MxK):
     """p.T @ b in float32, p cast to b's dtype."""
     dims = (((0,), (0,)), ((), ()))
-    return lax.dot_general(p_MxN.astype(b_MxK.dtype), b_MxK, dims, preferred_element_type=jnp.float32)
+    return lax.dot_general(p_MxN.astype(b_MxK.dtype), b_MxK, dims, precision=_FULL_FLOAT32,
+                           preferred_element_type=jnp.float32)
 
 
 def _doc_visible(rows_M, cols_N, key_mask_N, window: int | None):

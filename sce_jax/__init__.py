@@ -1,5 +1,15 @@
 """Sparse Cross-Encoders (Schlatt, Fröbe, Hagen, ECIR 2024) for re-ranking, in JAX/Flax."""
 
+import os as _os
+
+# The kernels live in the repository's top-level kernels/ folder and install as sce_jax.kernels
+# (pyproject.toml's package-dir). Run from a source checkout, sce_jax.kernels is found in that folder.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(
+    _os.path.join(_root, "kernels", "cpu_attention.cc")
+):
+    __path__.append(_root)
+
 from sce_jax.config import SparseCrossEncoderConfig
 from sce_jax.encoder import SparseCrossEncoder
 

@@ -52,14 +52,21 @@ class TokenLayout:
         return groups._replace(cls=groups.cls.reshape(-1, *groups.cls.shape[2:]))
 
 
+# Whether "auto" picks the Pallas kernel on GPU. It has been lowered for CUDA and run in interpret mode, but
+# never compiled or run on a GPU; until it has been validated there, "auto" takes the XLA path on GPU and the
+# kernel is an explicit choice (attention_impl="pallas").
+PALLAS_VALIDATED_ON_GPU = False
+
+
 def resolve_attention_impl(impl: str) -> str:
-    """Turn "auto" into a concrete implementation for the default backend: the Pallas kernel on GPU, the C++
-    kernel on CPU (the XLA path, with a warning, where it cannot be built), the XLA path elsewhere."""
+    """Turn "auto" into a concrete implementation for the default backend: the C++ kernel on CPU (the XLA path,
+    with a warning, where it cannot be built), the XLA path elsewhere, GPU included (see
+    PALLAS_VALIDATED_ON_GPU)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
     backend = jax.default_backend()
     if impl == "auto":
-        if backend == "gpu":
+        if backend == "gpu" and PALLAS_VALIDATED_ON_GPU:
             return "pallas"
         if backend != "cpu":
             return "xla"
@@ -75,7 +82,7 @@ def resolve_attention_impl(impl: str) -> str:
 
 
 def _cpu_kernel_available() -> tuple[bool, str]:
-    from kernels import cpu_attention
+    from sce_jax.kernels import cpu_attention
 
     return cpu_attention.available()
 
@@ -143,7 +150,7 @@ def doc_attention(
     length = q_DxLxHxK.shape[1]
     segments = (doc_slot_DxL, global_slot_DxG)
     if impl == "pallas":
-        from kernels import windowed_attention
+        from sce_jax.kernels import windowed_attention
 
         if doc_slot_DxL is not None:
             raise ValueError("the Pallas kernel takes one document per row")
@@ -464,7 +471,7 @@ def cpu_layer_attention(
     QKV projection [tokens, 3, H, K] as both). Gradients go through the XLA path (`sparse_attention`,
     `pattern_cls_attention`), which computes the same function.
     """
-    from kernels import cpu_attention as kernel
+    from sce_jax.kernels import cpu_attention as kernel
 
     flags = (
         kernel.CLS_QUERY * config.cls_query_attention

@@ -173,5 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The installed console script."""
+    sys.exit(main())
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -476,5 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The installed console script."""
+    sys.exit(main())
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,12 +1,22 @@
 """The C++ CPU attention kernel (kernels/cpu_attention.cc) against a float64 numpy attention that applies the
 design note's mask (tests/dense_reference.py) to each document's own sequence [CLS] + query + document."""
 
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import cpu_attention
+from sce_jax.kernels import cpu_attention
 from sce_jax import attention
 from sce_jax.attention import TokenLayout
 from sce_jax.config import SparseCrossEncoderConfig
@@ -202,3 +212,155 @@ def test_an_unusable_cache_directory_makes_the_kernel_unavailable(tmp_path, monk
         monkeypatch.undo()
         cpu_attention.available.cache_clear()
     assert cpu_attention.available() == (True, "")
+
+
+# --- the build cache: verified before loading, built in a killable process group, no change to the FP mode ---
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (a library loaded there cannot crash the test process)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _leftovers(cache: Path) -> list[str]:
+    """Anything in the cache directory besides verified libraries and their checksums."""
+    return sorted(p.name for p in cache.iterdir() if not p.name.endswith((".so", ".so.sha256"))) if cache.exists() else []
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """An empty cache directory for this test; available() is re-evaluated in it and restored afterwards."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SCE_JAX_CACHE_DIR", str(cache))
+    cpu_attention.available.cache_clear()
+    yield cache
+    monkeypatch.undo()
+    cpu_attention.available.cache_clear()
+    assert cpu_attention.available() == (True, "")
+
+
+_RUN_KERNEL = """
+    import numpy as np
+    from sce_jax.kernels import cpu_attention
+    ok, why = cpu_attention.available()
+    assert ok, why
+    qkv = np.random.default_rng(0).standard_normal((2 + 3 + 2 * 4, 3, 1, 8)).astype(np.float32)
+    out = cpu_attention.cpu_attention(qkv, qkv, np.array([[0, 0, 0, -1], [0, 0, -1, -1]]), np.array([0, 0]),
+                                      np.array([[1, 1, 0]]), window=1, flags=15)
+    assert np.isfinite(np.asarray(out)).all()
+    print("kernel ok")
+"""
+
+
+def test_a_truncated_cached_library_is_rebuilt_not_loaded(tmp_path):
+    """A cached library cut short (a full disk, a crash while copying a home directory) used to kill every later
+    run with SIGBUS when loaded; it no longer matches its checksum, so it is rebuilt."""
+    built = cpu_attention._library_path(cpu_attention._compiler())
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for source in (built, built.with_name(built.name + ".sha256")):
+        shutil.copy(source, cache / source.name)
+    library = cache / built.name
+    library.write_bytes(built.read_bytes()[: built.stat().st_size // 2])
+
+    result = _python(_RUN_KERNEL, {"SCE_JAX_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+    assert "kernel ok" in result.stdout and "does not match its checksum; rebuilding" in result.stderr
+    assert library.stat().st_size > built.stat().st_size // 2
+    digest = hashlib.sha256(library.read_bytes()).hexdigest()
+    assert (cache / (built.name + ".sha256")).read_text().strip() == digest
+    assert _leftovers(cache) == []
+
+
+@pytest.mark.parametrize("compiler, message", [
+    ("/bin/true", "reported success but wrote no shared library"),  # exit 0, no output: a 0-byte file before
+    ("/bin/false", "exit status 1"),
+])
+def test_a_failed_build_caches_nothing(isolated_cache, monkeypatch, compiler, message):
+    monkeypatch.setenv("CXX", compiler)
+    ok, why = cpu_attention.available()
+    assert not ok and message in why, why
+    assert not list(isolated_cache.glob("*.so*")) and _leftovers(isolated_cache) == []
+
+
+def _hanging_compiler(tmp_path: Path, action: str) -> Path:
+    """A compiler that answers the key questions (--version, -dM -E) truthfully but, asked to compile, starts a
+    child of its own (as the real driver does: cc1plus, as), records both process ids, then `action` and hangs."""
+    script = tmp_path / "hanging-c++"
+    real = shutil.which("c++") or shutil.which("g++")
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        case " $* " in *" -c "*) ;; *) exec {real} "$@" ;; esac
+        sleep 300 &
+        echo $$ $! > {tmp_path}/pids
+        {action}
+        wait
+    """))
+    script.chmod(0o755)
+    return script
+
+
+def _assert_gone(pid_file: Path):
+    """Both the compiler and its child were killed (not left running as orphans)."""
+    pids = [int(p) for p in pid_file.read_text().split()]
+    for _ in range(100):
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and "State:\tZ" not in Path(f"/proc/{p}/status").read_text()]
+        if not alive:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"still running: {alive}")
+
+
+def test_a_hanging_build_is_killed_after_the_timeout(isolated_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(_hanging_compiler(tmp_path, "")))
+    monkeypatch.setenv("SCE_JAX_BUILD_TIMEOUT", "3")
+    ok, why = cpu_attention.available()
+    assert not ok and "timed out after 3 s" in why, why
+    _assert_gone(tmp_path / "pids")
+    assert not list(isolated_cache.glob("*.so*")) and _leftovers(isolated_cache) == []
+
+
+@pytest.mark.parametrize("signal_name, returncode", [("INT", -signal.SIGINT), ("TERM", -signal.SIGTERM)])
+def test_an_interrupted_build_kills_the_compiler_and_cleans_up(tmp_path, signal_name, returncode):
+    """Ctrl-C (or a SIGTERM from a job scheduler) during the build: the compiler's whole process group is killed,
+    the build directory removed, and the process still ends by that signal."""
+    cache = tmp_path / "cache"
+    compiler = _hanging_compiler(tmp_path, f"kill -{signal_name} $PPID")
+    result = _python("from sce_jax.kernels import cpu_attention; print(cpu_attention.available())",
+                     {"SCE_JAX_CACHE_DIR": str(cache), "CXX": str(compiler)})
+    assert result.returncode == returncode, (result.returncode, result.stderr[-3000:])
+    _assert_gone(tmp_path / "pids")
+    assert not list(cache.glob("*.so*")) and _leftovers(cache) == []
+
+
+def test_loading_the_kernel_keeps_denormals():
+    """GCC < 13 links crtfastmath.o into a `-ffast-math -shared` library, whose constructor turns on
+    flush-to-zero / denormals-are-zero for the whole process when it is loaded."""
+    result = _python("""
+        import numpy as np
+        tiny = np.float32(1e-40)  # a float32 denormal
+        assert tiny * np.float32(1) != 0
+        from sce_jax.kernels import cpu_attention
+        assert cpu_attention.available()[0]
+        assert tiny * np.float32(1) == tiny, "loading the kernel flushed denormals to zero"
+        assert float("1e-310") * 1.0 != 0.0
+        print("denormals ok")
+    """, {})
+    assert result.returncode == 0 and "denormals ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_library_that_flushes_denormals_is_not_cached(isolated_cache, tmp_path, monkeypatch):
+    """A compiler setup that links crtfastmath anyway (here: -ffast-math added to every command) is caught by the
+    check of a new build, before it is cached or loaded here."""
+    script = tmp_path / "fast-math-c++"
+    script.write_text(f'#!/bin/sh\nexec {shutil.which("c++") or shutil.which("g++")} "$@" -ffast-math\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("CXX", str(script))
+    ok, why = cpu_attention.available()
+    assert not ok and "flush-to-zero" in why, why
+    assert not list(isolated_cache.glob("*.so*")) and _leftovers(isolated_cache) == []
+    assert np.float32(1e-40) * np.float32(1) != 0

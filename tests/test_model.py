@@ -13,7 +13,7 @@ import pytest
 
 import dense_reference
 from flax import nnx
-from kernels import cpu_attention
+from sce_jax.kernels import cpu_attention
 from sce_jax.batch import make_batch, pack_rows
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig
 from sce_jax.encoder import build_model
