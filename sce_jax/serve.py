@@ -32,6 +32,9 @@ from sce_jax.errors import InputError, run_cli
 logger = logging.getLogger("sce_jax.serve")
 
 
+# An over-large request body is read (and dropped) up to this size before the 413 goes out.
+DRAIN_BYTES = 64 << 20
+
 # --- settings and request checks (pure; no web framework needed) ----------------------------------------------
 
 
@@ -326,16 +329,24 @@ def create_app(encoder, settings: ServeSettings, *, warmup: bool = True):
         return response
 
     async def read_json(request: Request, model):
-        """The body parsed into `model`: 413 beyond max_request_bytes (read no further), 422 if malformed."""
+        """The body parsed into `model`: 413 beyond max_request_bytes (kept no further), 422 if malformed."""
         limit = settings.max_request_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-        body = bytearray()
+        too_big = declared is not None and declared.isdigit() and int(declared) > limit
+        body, received = bytearray(), 0
+        # An over-large body is read on (up to DRAIN_BYTES) but not kept, so that the client, still sending,
+        # gets the 413 rather than a broken connection.
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+            received += len(chunk)
+            if not too_big:
+                body += chunk
+                if received > limit:
+                    too_big, body = True, bytearray()
+            if too_big and received > DRAIN_BYTES:
+                break
+        if too_big:
+            size = int(declared) if declared is not None and declared.isdigit() else received
+            raise ApiError(413, f"request body of {size} bytes exceeds the limit of {limit} bytes")
         try:
             return model.model_validate_json(bytes(body))
         except ValidationError as error:
