@@ -236,12 +236,13 @@ class Batcher:
 
 def warm_up(encoder, settings: ServeSettings) -> float:
     """Compile the common shapes before the first request: passages and documents of several lengths, alone and
-    in full groups. Returns the seconds it took."""
+    in full batches. Returns the seconds it took."""
     start = time.monotonic()
     max_length = encoder.tokenizer.max_length
     lengths = sorted({n for n in (24, 48, 96, 160, 256, 384, max_length) if n <= max_length})
     # "a" is one wordpiece in BERT vocabularies; other tokenizers land on other lengths, which is harmless.
-    for count in sorted({1, 8, settings.max_batch_docs}):
+    # Two full batches per length compile the full-batch shapes; 1 and 8 documents some of the partial ones.
+    for count in sorted({min(n, settings.max_batch_docs) for n in (1, 8, 2 * settings.batch_size)}):
         for length in lengths:
             docs = [" ".join(["a"] * (length - 8 - i % 7)) for i in range(count)]
             encoder.score_pairs(["warm up"], docs, [0] * count, batch_size=settings.batch_size,
