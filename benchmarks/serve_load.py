@@ -13,7 +13,8 @@ Per round and workload: offline (`score(query, docs)` per request, one after ano
 server with 1, 4, 16 concurrent clients (threads with keep-alive connections), each client sending the request
 pool round-robin. Every answer is checked against the offline scores of its own texts (mismatch: any score off by
 more than 1e-5 relative / 1e-6 absolute, or a missing or repeated index). Then a robustness phase: 16 clients send
---bad-requests malformed or oversized requests interleaved with as many good ones; every bad one must get its 4xx
+--bad-requests malformed or oversized requests interleaved with as many good ones (1 query x 5 passages); every
+bad one must get its 4xx
 with a JSON body, every good one its correct scores; the server's resident memory is sampled throughout.
 The table shows medians over rounds; the ratio is server docs/s over offline docs/s of the same round.
 """
@@ -256,6 +257,7 @@ def main() -> None:
     parser.add_argument("--workloads", default="passages,documents")
     parser.add_argument("--pool", type=int, default=24, help="distinct requests per workload")
     parser.add_argument("--bad-requests", type=int, default=200)
+    parser.add_argument("--server-args", default="", help="extra flags for the server, e.g. '--no-warmup'")
     parser.add_argument("--output")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -268,7 +270,7 @@ def main() -> None:
         make_model_dir(model_dir)
         pools = {w: make_requests(model_dir, w, args.pool if w == "passages" else max(4, args.pool // 3), seed=i)
                  for i, w in enumerate(workloads)}
-        server = ServerProcess(model_dir, [])
+        server = ServerProcess(model_dir, args.server_args.split())
         encoder = SparseCrossEncoder.load(model_dir, max_length=MAX_LENGTH)
         # Offline reference scores (this also compiles the offline shapes).
         t = time.perf_counter()
@@ -295,9 +297,11 @@ def main() -> None:
                 round_results[w] = phases
             results["rounds"].append(round_results)
         if args.bad_requests:
-            pool = pools[workloads[0]]
+            # Small good requests (1 query x 5 passages), so that the phase is about the bad ones.
+            pool = [(query, texts[:5]) for query, texts in make_requests(model_dir, "passages", 16, seed=99)]
+            small_references = [encoder.score(query, texts) for query, texts in pool]
             rss_before = server.rss_mib()
-            phase = server_phase(url, pool, references[workloads[0]], max(clients), 3600, 2 * args.bad_requests,
+            phase = server_phase(url, pool, small_references, max(clients), 3600, 2 * args.bad_requests,
                                  server, bad=bad_requests(pool))
             phase["rss_before_mib"], phase["rss_after_mib"] = rss_before, server.rss_mib()
             results["bad_requests"] = phase

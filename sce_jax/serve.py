@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -372,7 +373,10 @@ def create_app(encoder, settings: ServeSettings, *, warmup: bool = True):
                            "Overloaded") from None
         except Closed:
             raise ApiError(503, "the server is shutting down", "Unhealthy") from None
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        except Exception as error:  # logged with its traceback by the batcher
+            raise ApiError(500, f"scoring failed: {type(error).__name__}: {error}", "Backend") from None
 
     @app.post("/rerank")
     async def rerank(request: Request):
@@ -512,7 +516,8 @@ def main(argv: list[str]) -> int:
             for server in self.servers:
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
-                    logger.info("listening on http://%s:%d", host, port)
+                    # Printed whatever the log level: scripts read the port from it (--port 0).
+                    print(f"listening on http://{host}:{port}", file=sys.stderr, flush=True)
 
         def handle_exit(self, sig, frame):
             # SIGTERM/SIGINT: answer 503 to new requests on open connections; uvicorn stops accepting

@@ -321,6 +321,25 @@ def test_full_queue_answers_503_and_the_queued_requests_still_finish():
         server.stop()
 
 
+def test_a_scoring_failure_is_a_json_500_for_its_group_only():
+    class Failing(StubEncoder):
+        def score_pairs(self, queries, docs, doc_query, **kwargs):
+            if "boom" in queries:
+                raise RuntimeError("scoring exploded")
+            return super().score_pairs(queries, docs, doc_query, **kwargs)
+
+    stub = Failing()
+    stub.gate.set()
+    server = InProcessServer(create_app(stub, ServeSettings(max_wait_ms=0), warmup=False))
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            failed = client.post("/rerank", json={"query": "boom", "texts": ["a"]})
+            assert failed.status_code == 500 and "scoring exploded" in failed.json()["error"]
+            assert client.post("/rerank", json={"query": "fine", "texts": ["a", "bb"]}).json()[0]["index"] == 1
+    finally:
+        server.stop()
+
+
 def test_batcher_refuses_beyond_its_queue_and_scores_what_it_holds_when_closed():
     stub = StubEncoder()
     batcher = Batcher(stub, ServeSettings(max_batch_docs=2, max_wait_ms=0, max_queue_docs=3,
