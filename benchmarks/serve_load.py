@@ -6,16 +6,17 @@
 The model has the real all-MiniLM-L6-v2 encoder weights (the released sparse models' size) with a seeded
 classifier head and the released sparse pattern (window 4), 512 positions. Workloads: requests of 1 query x 20-100
 passages (~70 wordpieces, log-normal), and 1 query x 4 long documents (~2000 words, truncated to 512 tokens).
-The server runs as a subprocess on 127.0.0.1 (an ephemeral port, default settings, warm-up on). Every phase is
-bounded in time (--seconds) and in requests (--max-requests); nothing leaves the machine.
+The server runs as a subprocess on 127.0.0.1 (an ephemeral port, default settings plus --server-args); one
+untimed pass over the request pool compiles the shapes first (with or without the server's warm-up). Every
+phase is bounded in time (--seconds) and in requests (--max-requests); nothing leaves the machine.
 
 Per round and workload: offline (`score(query, docs)` per request, one after another, in this process), then the
 server with 1, 4, 16 concurrent clients (threads with keep-alive connections), each client sending the request
 pool round-robin. Every answer is checked against the offline scores of its own texts (mismatch: any score off by
 more than 1e-5 relative / 1e-6 absolute, or a missing or repeated index). Then a robustness phase: 16 clients send
 --bad-requests malformed or oversized requests interleaved with as many good ones (1 query x 5 passages); every
-bad one must get its 4xx
-with a JSON body, every good one its correct scores; the server's resident memory is sampled throughout.
+bad one must get its 4xx with a JSON body, every good one its correct scores; the server's resident memory is
+sampled throughout.
 The table shows medians over rounds; the ratio is server docs/s over offline docs/s of the same round.
 """
 
