@@ -10,7 +10,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyterrier as pt
+
+try:
+    import pyterrier as pt
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(f"sce_jax.pyterrier needs PyTerrier: pip install 'sce-jax[pyterrier]' ({error})") from error
 
 from sce_jax.encoder import SparseCrossEncoder
 
