@@ -7,7 +7,8 @@ The model has the real all-MiniLM-L6-v2 encoder weights (the released sparse mod
 classifier head and the released sparse pattern (window 4), 512 positions. Workloads: requests of 1 query x 20-100
 passages (~70 wordpieces, log-normal), and 1 query x 4 long documents (~2000 words, truncated to 512 tokens).
 The server runs as a subprocess on 127.0.0.1 (an ephemeral port, default settings plus --server-args); one
-untimed pass over the request pool compiles the shapes first (with or without the server's warm-up). Every
+untimed pass over the request pool per client count compiles the shapes first (with or without the server's
+warm-up). Every
 phase is bounded in time (--seconds) and in requests (--max-requests); nothing leaves the machine.
 
 Per round and workload: offline (`score(query, docs)` per request, one after another, in this process), then the
@@ -279,8 +280,12 @@ def main() -> None:
         print(f"offline reference pass: {time.perf_counter() - t:.1f} s", flush=True)
         url = server.wait_ready(900)
         print(f"server ready: {url}, resident memory {server.rss_mib():.0f} MiB", flush=True)
-        for w, pool in pools.items():  # one untimed pass, so that request shapes the warm-up missed compile now
-            server_phase(url, pool, references[w], max(clients), 600, len(pool), server)
+        # Untimed passes with each client count (they group requests differently, so batch shapes differ), so
+        # that the shapes the warm-up missed are compiled before the timed phases.
+        for w, pool in pools.items():
+            for c in clients:
+                server_phase(url, pool, references[w], c, 600, len(pool), server)
+        print("untimed passes done", flush=True)
         results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
                    "rounds": []}
         for r in range(args.rounds):
