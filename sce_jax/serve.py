@@ -411,7 +411,7 @@ def create_app(encoder, settings: ServeSettings, *, warmup: bool = True):
     async def health():
         return {"status": "ok", "ready": state["ready"], "draining": state["draining"],
                 "in_flight": state["in_flight"] - 1, "queued_docs": batcher.queued_docs,
-                "scoring_docs": batcher.scoring_docs}
+                "scoring_docs": batcher.scoring_docs, "compiled_shapes": len(encoder.compiled_shapes)}
 
     @app.get("/ready")
     async def ready():
