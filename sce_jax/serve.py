@@ -24,7 +24,6 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
