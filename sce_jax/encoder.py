@@ -382,3 +382,85 @@ class SparseCrossEncoder:
             bar.update(sum(len(row.docs) for batch in step for row in batch))
         bar.close()
         return scores
+
+    # --- sentence-transformers-style API (`sentence_transformers.CrossEncoder.predict` / `.rank`) ---------------
+
+    def predict(
+        self,
+        inputs: Sequence[Sequence[str]] | Sequence[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        activation_fn: Any = None,
+        apply_softmax: bool | None = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        *,
+        max_p: bool = False,
+    ) -> Any:
+        """Scores of (query, document) pairs, as `sentence_transformers.CrossEncoder.predict`.
+
+        `inputs`: a list of `(query, document)` pairs, or one pair (then one score is returned). Same argument
+        names, order and return shapes as sentence-transformers: a float32 numpy array of shape (len(inputs),)
+        (`convert_to_tensor=True`: a JAX array; `convert_to_numpy=False`: a list of float32 scalars). Scores are
+        this model's raw logits, as `score` gives them (sentence-transformers applies the model's stored
+        activation, a sigmoid when none is stored); `activation_fn` (a function of a numpy array) maps them.
+        `apply_softmax` only acts on multi-label models in sentence-transformers; here (one label) it is a no-op.
+        Pairs that share a query are scored with one query encoding. `max_p`: see `score_pairs`.
+        """
+        if prompt_name is not None or prompt is not None:
+            raise ValueError("prompts are not supported: sparse cross-encoders take the query as it is")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        single = isinstance(inputs, (list, tuple)) and len(inputs) > 0 and isinstance(inputs[0], str)
+        pairs = [inputs] if single else list(inputs)
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+                raise ValueError(f"inputs[{i}] is not a (query, document) pair of strings: {pair!r:.80}")
+        query_ids: dict[str, int] = {}
+        doc_query = [query_ids.setdefault(query, len(query_ids)) for query, _ in pairs]
+        scores = np.zeros(0, np.float32)
+        if pairs:
+            scores = self.score_pairs(list(query_ids), [doc for _, doc in pairs], doc_query, batch_size=batch_size,
+                                      max_p=max_p, progress=bool(show_progress_bar))
+        if activation_fn is not None:
+            scores = np.asarray(activation_fn(scores), np.float32)
+        if convert_to_tensor:
+            result = jnp.asarray(scores)
+        elif convert_to_numpy:
+            result = scores
+        else:
+            result = list(scores)
+        return result[0] if single else result
+
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_k: int | None = None,
+        return_documents: bool = False,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        activation_fn: Any = None,
+        apply_softmax: bool | None = False,
+        *,
+        max_p: bool = False,
+    ) -> list[dict[str, Any]]:
+        """`documents` ranked for `query`, as `sentence_transformers.CrossEncoder.rank`.
+
+        Returns `[{"corpus_id": i, "score": float, "text"?: documents[i]}, ...]` by descending score (equal
+        scores keep input order), the first `top_k` if given; `text` only with `return_documents`.
+        """
+        scores = self.predict([(query, doc) for doc in documents], prompt_name=prompt_name, prompt=prompt,
+                              batch_size=batch_size, show_progress_bar=show_progress_bar,
+                              activation_fn=activation_fn, apply_softmax=apply_softmax, max_p=max_p)
+        order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+        results = []
+        for i in order[:top_k].tolist():
+            results.append({"corpus_id": i, "score": float(scores[i])})
+            if return_documents:
+                results[-1]["text"] = documents[i]
+        return results

@@ -1,0 +1,66 @@
+"""`SparseCrossEncoder.predict` and `.rank`: sentence-transformers' CrossEncoder argument names and return shapes."""
+
+import inspect
+
+import jax
+import numpy as np
+import pytest
+
+from sce_jax.encoder import SparseCrossEncoder
+
+QUERIES = ["where do cats sit", "banana bread recipe"]
+DOCS = ["the cat sat on the mat", "a recipe for banana bread", "stock markets fell", "cats sit on sofas"]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_sparse_dir):
+    return SparseCrossEncoder.load(tiny_sparse_dir, max_length=64, max_query_length=16)
+
+
+def test_predict_returns_one_float32_score_per_pair_in_order(encoder):
+    pairs = [(QUERIES[i % 2], doc) for i, doc in enumerate(DOCS)]
+    scores = encoder.predict(pairs, batch_size=2)
+    assert isinstance(scores, np.ndarray) and scores.shape == (4,) and scores.dtype == np.float32
+    expected = [encoder.score(query, [doc])[0] for query, doc in pairs]
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    single = encoder.predict(["where do cats sit", DOCS[0]])  # one pair -> one score
+    assert np.ndim(single) == 0 and single == pytest.approx(expected[0], rel=1e-5)
+    listed = encoder.predict(pairs, convert_to_numpy=False)
+    assert isinstance(listed, list) and len(listed) == 4
+    tensor = encoder.predict(pairs, convert_to_tensor=True)
+    assert isinstance(tensor, jax.Array) and tensor.shape == (4,)
+    sigmoid = encoder.predict(pairs, activation_fn=lambda x: 1 / (1 + np.exp(-x)))
+    np.testing.assert_allclose(sigmoid, 1 / (1 + np.exp(-scores)), rtol=1e-6)
+    empty = encoder.predict([])
+    assert empty.shape == (0,) and empty.dtype == np.float32
+
+
+def test_predict_rejects_what_is_not_a_pair(encoder):
+    with pytest.raises(ValueError, match=r"inputs\[1\]"):
+        encoder.predict([("q", "d"), ("q", "d", "extra")])
+    with pytest.raises(ValueError, match="prompt"):
+        encoder.predict([("q", "d")], prompt="Instruct: ")
+
+
+def test_rank_sorts_by_score_with_corpus_ids_top_k_and_texts(encoder):
+    query = QUERIES[0]
+    expected = encoder.score(query, DOCS)
+    ranked = encoder.rank(query, DOCS)
+    assert [r["corpus_id"] for r in ranked] == np.argsort(-expected, kind="stable").tolist()
+    assert all(set(r) == {"corpus_id", "score"} and isinstance(r["score"], float) for r in ranked)
+    np.testing.assert_allclose([r["score"] for r in ranked], np.sort(expected)[::-1], rtol=1e-5, atol=1e-6)
+    top = encoder.rank(query, DOCS, top_k=2, return_documents=True)
+    assert [r["corpus_id"] for r in top] == [r["corpus_id"] for r in ranked[:2]]
+    assert [r["text"] for r in top] == [DOCS[r["corpus_id"]] for r in top]
+    # Equal scores keep input order (Python's stable sort in sentence-transformers).
+    same = encoder.rank(query, ["same text", "same text", "same text"])
+    assert [r["corpus_id"] for r in same] == [0, 1, 2]
+
+
+def test_argument_names_and_order_follow_sentence_transformers():
+    predict = list(inspect.signature(SparseCrossEncoder.predict).parameters)
+    assert predict[:10] == ["self", "inputs", "prompt_name", "prompt", "batch_size", "show_progress_bar",
+                            "activation_fn", "apply_softmax", "convert_to_numpy", "convert_to_tensor"]
+    rank = list(inspect.signature(SparseCrossEncoder.rank).parameters)
+    assert rank[:11] == ["self", "query", "documents", "top_k", "return_documents", "prompt_name", "prompt",
+                         "batch_size", "show_progress_bar", "activation_fn", "apply_softmax"]
