@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sce_jax.errors import InputError, run_cli
+from sce_jax.errors import InputError, SettingsError, run_cli
 
 logger = logging.getLogger("sce_jax.serve")
 
@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connections", type=int, default=512,
                         help="concurrent connections; beyond: 503 from uvicorn")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="documents per forward pass")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per query-document input")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per query-document input (default: the model's positions)")
     parser.add_argument("--max-query-length", type=int, default=32, help="query wordpieces + 2 [SEP]")
     parser.add_argument("--max-p", action="store_true",
                         help="score over-long documents by their best 50%%-overlapping chunk instead of truncating")
@@ -504,6 +505,12 @@ def main(argv: list[str]) -> int:
         encoder = SparseCrossEncoder.load(args.model, max_length=args.max_length,
                                           max_query_length=args.max_query_length,
                                           attention_impl=args.attention_impl, dtype=args.dtype)
+    except SettingsError as error:
+        sock.close()
+        raise InputError(f"--{error.setting.replace('_', '-')}: {error}") from None
+    except InputError:
+        sock.close()
+        raise
     except (OSError, ValueError) as error:
         sock.close()
         raise InputError(f"cannot load model {args.model!r}: {error}") from None
