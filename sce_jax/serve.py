@@ -540,5 +540,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `sce-jax-serve` console script."""
     raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
