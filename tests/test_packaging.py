@@ -36,7 +36,7 @@ def test_the_wheel_declares_scripts_license_and_the_gpu_extra(wheel):
     info = "sce_jax-0.1.0.dist-info"
     entry_points = wheel.read(f"{info}/entry_points.txt").decode()
     for script, target in [("sce-jax-rerank", "sce_jax.rerank:cli"), ("sce-jax-train", "sce_jax.train:cli"),
-                           ("sce-jax-convert", "sce_jax.convert:cli")]:
+                           ("sce-jax-convert", "sce_jax.convert:cli"), ("sce-jax-serve", "sce_jax.serve:cli")]:
         assert f"{script} = {target}" in entry_points
     metadata = email.message_from_bytes(wheel.read(f"{info}/METADATA"))
     assert metadata["License-Expression"] == "MIT"
@@ -48,9 +48,9 @@ def test_the_wheel_declares_scripts_license_and_the_gpu_extra(wheel):
 
 
 def test_console_script_targets_exist():
-    from sce_jax import convert, rerank, train
+    from sce_jax import convert, rerank, serve, train
 
-    assert all(callable(module.cli) for module in (convert, rerank, train))
+    assert all(callable(module.cli) for module in (convert, rerank, serve, train))
 
 
 @pytest.mark.parametrize("ci", ["true", ""])
