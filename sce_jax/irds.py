@@ -74,6 +74,18 @@ def dataset_docs(dataset_id: str, docnos: Iterable[str]) -> dict[str, str]:
         return {docno: doc.default_text() for docno, doc in docs.items()}
 
 
+def docs_lookup(dataset_id: str):
+    """A function docnos -> {docno: text} over the dataset's docs store (opened once)."""
+    with _reading(dataset_id, "docs") as dataset:
+        store = dataset.docs_store()
+
+    def lookup(docnos: list[str]) -> dict[str, str]:
+        with _reading(dataset_id, "docs"):
+            return {docno: doc.default_text() for docno, doc in store.get_many(list(docnos)).items()}
+
+    return lookup
+
+
 def dataset_qrels(dataset_id: str) -> pd.DataFrame:
     """Qrels in ir_measures' column names (`query_id`, `doc_id`, `relevance`)."""
     with _reading(dataset_id, "qrels") as dataset:

@@ -16,7 +16,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -149,37 +149,52 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
-def _number(value: str, kind: type, path, where, field: str) -> float:
+def _number(value, kind: type, path, where, field: str) -> float:
+    """A rank (kind int: integers only, so TREC `3.5` and JSON `1.7` are errors) or a score (kind float)."""
     try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+            raise ValueError
         return float(kind(value))
-    except (TypeError, ValueError):
-        raise located(path, where, f"{field} {value!r} is not {'an integer' if kind is int else 'a number'}") from None
+    except (TypeError, ValueError, OverflowError):
+        noun = "an integer" if kind is int else "a number"
+        raise located(path, where, f"{field} {value!r} is not {noun}") from None
 
 
 def read_trec_run(path: str | os.PathLike) -> pd.DataFrame:
     """Read a TREC run (`qid Q0 docno rank score [tag]`, whitespace-separated; `.gz` allowed)."""
     qids, docnos, ranks, scores = [], [], [], []
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) not in (len(RUN_COLUMNS) - 1, len(RUN_COLUMNS)):
-                raise located(
-                    path, line_no, f"expected 5 or 6 whitespace-separated columns ({' '.join(RUN_COLUMNS)}), "
-                    f"got {len(fields)}")
-            row = dict(zip(RUN_COLUMNS, fields))
-            qids.append(row["qid"])
-            docnos.append(row["docno"])
-            ranks.append(_number(row["rank"], int, path, line_no, "rank"))
-            scores.append(_number(row["score"], float, path, line_no, "score"))
+    for line_no, line in read_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        qid, docno, rank, score = _trec_fields(fields, path, line_no)
+        qids.append(qid)
+        docnos.append(docno)
+        ranks.append(rank)
+        scores.append(score)
     return _run_frame(qids, docnos, ranks, scores)
 
 
+def _trec_fields(fields: list, path, line_no: int) -> tuple:
+    if len(fields) not in (len(RUN_COLUMNS) - 1, len(RUN_COLUMNS)):
+        raise located(path, line_no, f"expected 5 or 6 whitespace-separated columns ({' '.join(RUN_COLUMNS)}), "
+                      f"got {len(fields)}")
+    return (fields[0], fields[2], _number(fields[3], int, path, line_no, "rank"),
+            _number(fields[4], float, path, line_no, "score"))
+
+
 def json_records(path) -> Iterator[tuple[str | int, object]]:
-    """(where, record) for a JSON list, a single JSON object, or JSON lines."""
-    with open_text(path) as f:
-        content = f.read()
+    """(where, record) for a JSON list, a single JSON object, or JSON lines (BOM stripped, `.gz` allowed)."""
+    with open_binary(path) as f, gzip_errors(path):
+        data = f.read()
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise located(path, line, f"not UTF-8 (byte {data[error.start]:#04x})") from None
+    del data
+    if content.startswith(BOM):
+        content = content[1:]
     try:
         whole = json.loads(content)
     except json.JSONDecodeError as error:
@@ -201,13 +216,21 @@ def json_records(path) -> Iterator[tuple[str | int, object]]:
             raise located(path, line_no, f"malformed JSON: {error.msg}") from None
 
 
+def json_id(value, path, where, name: str) -> str:
+    """An id from JSON: a string, or an integer (written in decimal); floats, booleans, lists, objects are errors."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise located(path, where, f"{name} must be a string (or an integer), got {json.dumps(value)}")
+    if not value or any(c.isspace() for c in value):  # it could not be written to a TREC run
+        raise located(path, where, f"{name} {value!r} must be non-empty and contain no whitespace")
+    return check_text(value, path, where, name)
+
+
 def _json_field(record: dict, names: tuple[str, ...], path, where) -> str:
     for name in names:
         if record.get(name) is not None:
-            value = str(record[name])
-            if not value or any(c.isspace() for c in value):  # it could not be written to a TREC run
-                raise located(path, where, f"{name} {value!r} must be non-empty and contain no whitespace")
-            return value
+            return json_id(record[name], path, where, name)
     raise located(path, where, f"missing field {' or '.join(map(repr, names))}")
 
 
@@ -215,14 +238,14 @@ def _json_number(record: dict, field: str, kind: type, path, where) -> float:
     value = record.get(field)
     if value is None:
         return np.nan
-    if isinstance(value, bool):  # json true/false would pass int()/float()
-        raise located(path, where, f"{field} {value!r} is not a number")
     return _number(value, kind, path, where, field)
 
 
 def read_json_run(path: str | os.PathLike) -> pd.DataFrame:
     """Read the original's JSON run format: a JSON list or JSON lines (`.gz` allowed) of records with
-    `qid` (or `query_id`), `docno` (or `doc_id`), and optionally `query`, `text`, `rank`, `score`."""
+    `qid` (or `query_id`), `docno` (or `doc_id`), and optionally `query`, `text`, `rank`, `score`.
+
+    Ids are strings, or integers (taken as their decimal text); ranks are integers."""
     columns = {name: [] for name in ("qid", "docno", "rank", "score", *JSON_TEXT_FIELDS)}
     for where, record in json_records(path):
         if not isinstance(record, dict):
@@ -235,7 +258,7 @@ def read_json_run(path: str | os.PathLike) -> pd.DataFrame:
             value = record.get(field)
             if value is not None and not isinstance(value, str):
                 raise located(path, where, f"{field} must be a string, got {type(value).__name__}")
-            columns[field].append(value)
+            columns[field].append(value if value is None else check_text(value, path, where, field))
     run = _run_frame(columns["qid"], columns["docno"], columns["rank"], columns["score"])
     for field in JSON_TEXT_FIELDS:
         if any(value is not None for value in columns[field]):
@@ -316,3 +339,148 @@ def write_trec_run(path: str | os.PathLike, run: pd.DataFrame, tag: str) -> None
         for qid, docno, rank, score in zip(ranked["qid"], ranked["docno"], ranked["rank"], ranked["score"]):
             row = {"qid": qid, "q0": "Q0", "docno": docno, "rank": rank, "score": format_score(score), "tag": tag}
             f.write(" ".join(str(row[column]) for column in RUN_COLUMNS) + "\n")
+
+
+# --- compact runs: millions of lines, cut to depth while reading, held in arrays ------------------------------
+
+
+class CompactRun(NamedTuple):
+    """A depth-cut run in arrays, rows grouped by query (queries in order of first appearance), each query's rows
+    in first-stage order (see `select_top`).
+
+    qids: the queries' ids; query: each row's query (index into qids, ascending); docno: bytes ids (`S` array);
+    rank/score: the input's (NaN where missing); query_texts / doc_texts: texts the input carried, else None.
+    """
+
+    qids: list[str]
+    query: np.ndarray
+    docno: np.ndarray
+    rank: np.ndarray
+    score: np.ndarray
+    query_texts: list[str | None] | None = None
+    doc_texts: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def query_bounds(self) -> np.ndarray:
+        """Row offsets where each query starts, and the end: len(qids) + 1 entries."""
+        return np.searchsorted(self.query, np.arange(len(self.qids) + 1), "left")
+
+    def docnos(self, start: int, stop: int) -> list[str]:
+        return [d.decode("utf-8") for d in self.docno[start:stop].tolist()]
+
+    def frame(self, *, scores: np.ndarray | None = None) -> pd.DataFrame:
+        """As a run frame (qid, docno, rank, score): for evaluation and small runs."""
+        qids = pd.Categorical.from_codes(self.query, categories=pd.Index(self.qids, dtype=object)) \
+            if len(self.qids) == len(set(self.qids)) else np.asarray(self.qids, object)[self.query]
+        return pd.DataFrame({"qid": pd.Series(qids).astype(object), "docno": pd.Series(self.docnos(0, len(self)),
+                            dtype=object), "rank": self.rank, "score": self.score if scores is None else scores})
+
+
+class DepthCut:
+    """Rows added in file order, kept to the first `depth` distinct documents per query in first-stage order
+    (rank ascending, score descending, file order; a repeated (qid, docno) keeps its first), pruned as they come
+    so memory follows what is kept, not the input's length."""
+
+    def __init__(self, depth: int | None, *, chunk_rows: int = 1 << 20):
+        self.depth = depth
+        self.chunk_rows = chunk_rows
+        self.codes: dict[str, int] = {}
+        self.rows_read = 0
+        self.repeats = 0
+        self.examples: list[tuple[int, bytes]] = []
+        self._lists = ([], [], [], [])  # query code, docno bytes, rank, score
+        self._pending: list[tuple] = []
+        self._pending_rows = 0
+        self._kept: tuple | None = None
+
+    def add(self, qid: str, docno: str, rank: float, score: float) -> None:
+        code = self.codes.get(qid)
+        if code is None:
+            code = self.codes[qid] = len(self.codes)
+        q, d, r, s = self._lists
+        q.append(code)
+        d.append(docno.encode("utf-8"))
+        r.append(rank)
+        s.append(score)
+        if len(q) >= self.chunk_rows:
+            self._to_arrays()
+
+    def _to_arrays(self) -> None:
+        q, d, r, s = self._lists
+        if not q:
+            return
+        n = len(q)
+        line = np.arange(self.rows_read, self.rows_read + n, dtype=np.int64)
+        self._pending.append((np.asarray(q, np.int32), np.asarray(d, dtype=bytes), np.asarray(r, np.float64),
+                              np.asarray(s, np.float64), line))
+        self.rows_read += n
+        self._pending_rows += n
+        self._lists = ([], [], [], [])
+        kept = 0 if self._kept is None else len(self._kept[0])
+        if self._pending_rows >= max(self.chunk_rows, kept):  # prune: total work stays linear
+            self._prune()
+
+    def _prune(self) -> None:
+        parts = self._pending + ([self._kept] if self._kept is not None else [])
+        if not parts:
+            return
+        q, d, r, s, line = (np.concatenate([p[i] for p in parts]) for i in range(5))
+        self._pending, self._pending_rows = [], 0
+        order = np.lexsort((line, np.nan_to_num(-s, nan=np.inf), np.nan_to_num(r, nan=np.inf), q))
+        q, d, r, s, line = q[order], d[order], r[order], s[order], line[order]
+        # Repeated (qid, docno): keep the first in this order.
+        position = np.arange(len(q))
+        by_doc = np.lexsort((position, d, q))
+        same = (q[by_doc][1:] == q[by_doc][:-1]) & (d[by_doc][1:] == d[by_doc][:-1])
+        repeated = np.zeros(len(q), bool)
+        repeated[by_doc[1:][same]] = True
+        self.repeats += int(repeated.sum())
+        for i in np.flatnonzero(repeated)[: max(0, 3 - len(self.examples))].tolist():
+            self.examples.append((int(q[i]), bytes(d[i])))
+        keep = ~repeated
+        q, d, r, s, line = q[keep], d[keep], r[keep], s[keep], line[keep]
+        if self.depth is not None:
+            within = np.arange(len(q)) - np.searchsorted(q, q, "left")
+            keep = within < self.depth
+            q, d, r, s, line = q[keep], d[keep], r[keep], s[keep], line[keep]
+        self._kept = (q, d, r, s, line)
+
+    def finish(self) -> CompactRun:
+        self._to_arrays()
+        self._prune()
+        qids = list(self.codes)
+        if self.repeats:
+            examples = ", ".join(f"({qids[q]}, {d.decode()})" for q, d in self.examples)
+            logger.warning("dropped %d repeated (qid, docno) pairs, e.g. %s", self.repeats, examples)
+        if self._kept is None:
+            return CompactRun(qids, np.zeros(0, np.int32), np.zeros(0, "S1"), np.zeros(0), np.zeros(0))
+        q, d, r, s, _ = self._kept
+        # Queries whose every row was cut cannot happen (depth >= 1); codes are dense in first-appearance order.
+        return CompactRun(qids, q, d, r, s)
+
+
+def read_trec_run_compact(path: str | os.PathLike, depth: int | None) -> CompactRun:
+    """A TREC run (`.gz` allowed) read line by line into a `CompactRun`, cut to `depth` as it is read."""
+    cut = DepthCut(depth)
+    for line_no, line in read_lines(path):
+        fields = line.split()
+        if fields:
+            cut.add(*_trec_fields(fields, path, line_no))
+    return cut.finish()
+
+
+def compact_from_frame(run: pd.DataFrame, depth: int | None) -> CompactRun:
+    """A run frame (e.g. a JSON run, which may carry texts) as a depth-cut `CompactRun`."""
+    run = select_top(run, depth)
+    codes, qids = pd.factorize(run["qid"])
+    query_texts = doc_texts = None
+    if "query" in run:
+        first = run.drop_duplicates("qid")
+        query_texts = [None if pd.isna(t) else t for t in first["query"].tolist()]
+    if "text" in run:
+        doc_texts = np.asarray(run["text"].tolist(), dtype=object)
+    return CompactRun(list(qids), codes.astype(np.int32), np.asarray([d.encode("utf-8") for d in run["docno"]],
+                      dtype=bytes), run["rank"].to_numpy(np.float64), run["score"].to_numpy(np.float64),
+                      query_texts, doc_texts)

@@ -233,6 +233,21 @@ class TextStore:
             raise MissingTextError(f"{self.path}: no text for {len(unique)} {self.kind} ({shown})")
         return texts
 
+    def absent(self, ids: Sequence[bytes]) -> np.ndarray:
+        """A mask of the (UTF-8 encoded) ids that are certainly not in the store, from the index alone (no reads:
+        a present hash means present unless two ids share a 64-bit hash, which `get_many` still checks)."""
+        if self._texts is not None:
+            return np.array([i.decode("utf-8") not in self._texts for i in ids], bool)
+        hashes = hash_ids(ids)
+        where = np.minimum(np.searchsorted(self._index.hashes, hashes), max(len(self._index.hashes) - 1, 0))
+        if not len(self._index.hashes):
+            return np.ones(len(hashes), bool)
+        return self._index.hashes[where] != hashes
+
+    def lookup(self, ids: Sequence[str]) -> list[str | None]:
+        """The texts of `ids`, None for those absent."""
+        return self._lookup(ids)
+
     def _lookup(self, ids: Sequence[str]) -> list[str | None]:
         ids = list(ids)
         if self._texts is not None:
