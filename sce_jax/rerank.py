@@ -40,6 +40,7 @@ from sce_jax.runs import (
 from sce_jax.texts import RunTexts
 
 logger = logging.getLogger("sce_jax.rerank")
+_IMPORTED = time.perf_counter()  # about when the command started: "first score after ... s" counts from here
 
 DTYPE_NAMES = ("float32", "bfloat16")
 ATTENTION_NAMES = ("auto", "cpu", "xla", "dense", "pallas")
@@ -65,7 +66,7 @@ class RerankConfig:
     dtype: str = "float32"
     run_tag: str = "sce_jax"
     eval_output: str | None = None
-    window: int = 8192
+    window: int = 2048
     resume: bool = False
     progress: bool = True
     coordinator: str | None = None
@@ -474,6 +475,13 @@ def _score_windows(config, encoder, run, texts, bounds, windows, mine, progress:
     first_score_logged = False
     try:
         with _Signals() as signals:
+            def on_step():
+                nonlocal first_score_logged
+                if not first_score_logged:
+                    logger.info("first batch scored %.1f s after start", time.perf_counter() - _IMPORTED)
+                    first_score_logged = True
+                signals.check()
+
             for k in todo:
                 first, end = windows[k]
                 start, stop = int(bounds[first]), int(bounds[end])
@@ -481,13 +489,10 @@ def _score_windows(config, encoder, run, texts, bounds, windows, mine, progress:
                 doc_query = run.query[start:stop] - first
                 result = encoder.score_window(texts.queries[first:end], docs, doc_query,
                                               batch_size=config.batch_size, max_p=config.max_p,
-                                              on_step=signals.check)
+                                              on_step=on_step)
                 del docs
                 payload = window_payload(run, bounds, first, end, result.scores, config.run_tag)
                 progress.append(k, payload, docs=stop - start, queries=end - first, truncated=result.truncated)
-                if not first_score_logged:
-                    logger.info("first window scored")
-                    first_score_logged = True
                 queries_done += end - first
                 bar.update(stop - start)
                 bar.set_postfix_str(f"queries {queries_done}/{queries_total}")
