@@ -4,7 +4,7 @@
         [--queries 7000] [--depth 1000] [--words 55] [--windows 3] [--window 2048]
 
 Generates, once, MS MARCO-shaped synthetic data in --workdir: a TSV collection of --passages passages of --words
-words (real wordpieces of the MiniLM vocabulary, so about one token per word), a smaller collection with the first
+words (real wordpieces of the MiniLM vocabulary, so about one token per word; texts from a pool of 200k), a smaller collection with the first
 --small-passages of them, --queries queries and a TREC run of --queries x --depth lines (documents drawn from the
 small collection's ids, so both collections serve the same run), and a random 2-layer MiniLM-shaped sparse
 cross-encoder (hidden 384, 12 heads, 512 positions, the released models' window and flags) with the MiniLM
@@ -59,16 +59,18 @@ def _words(model_dir: Path) -> np.ndarray:
 
 
 def make_collection(path: Path, count: int, words: np.ndarray, length: int, seed: int = 0) -> Path:
+    """`count` passages: texts drawn from a pool of 200k random passages (the pool's words are random; reusing it
+    keeps generation to seconds; distinct ids, so no two lines share an id)."""
     if path.exists():
         return path
     rng = np.random.default_rng(seed)
+    pool_size = min(count, 200_000)
+    pool = [" ".join(row) for row in words[rng.integers(0, len(words), (pool_size, length))].tolist()]
     tmp = path.with_suffix(".tmp")
-    block = 100_000
+    block = 200_000
     with open(tmp, "w") as f:
         for start in range(0, count, block):
-            n = min(block, count - start)
-            picks = words[rng.integers(0, len(words), (n, length))]
-            f.write("".join(f"{start + i}\t{' '.join(row)}\n" for i, row in enumerate(picks.tolist())))
+            f.write("".join(f"{i}\t{pool[i % pool_size]}\n" for i in range(start, min(count, start + block))))
     tmp.rename(path)
     return path
 

@@ -62,6 +62,17 @@ def dataset_run(dataset_id: str) -> pd.DataFrame:
     return run.astype({"score": "float64"})
 
 
+def dataset_run_compact(dataset_id: str, depth: int | None):
+    """The dataset's scoreddocs as a CompactRun, cut to `depth` while read (no ranks: they follow the scores)."""
+    from sce_jax.runs import DepthCut
+
+    cut = DepthCut(depth)
+    with _reading(dataset_id, "scoreddocs") as dataset:
+        for sd in dataset.scoreddocs_iter():
+            cut.add(sd.query_id, sd.doc_id, float("nan"), float(sd.score))
+    return cut.finish()
+
+
 def dataset_queries(dataset_id: str, qids: Iterable[str]) -> dict[str, str]:
     wanted = set(qids)
     with _reading(dataset_id, "queries") as dataset:

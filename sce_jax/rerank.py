@@ -218,7 +218,7 @@ def load_input(config: RerankConfig) -> tuple[CompactRun, RunTexts, str | None]:
         if not irds.is_dataset_id(config.run):
             raise irds.UnknownDatasetError(f"run {config.run!r} is neither a file nor a known ir_datasets id")
         dataset_id = config.dataset or config.run
-        run = compact_from_frame(irds.dataset_run(config.run), depth)
+        run = irds.dataset_run_compact(config.run, depth)
     if dataset_id is not None:
         irds.load_dataset(dataset_id)
     if not len(run):

@@ -139,7 +139,7 @@ class RunTexts:
         if docs_file is not None and needs.any():
             self.store = TextStore.open(docs_file, kind="documents")
             absent = np.zeros(len(run), bool)
-            absent[needs] = self.store.absent(run.docno[needs].tolist())
+            absent[needs] = self.store.absent(run.docno[needs])
             if absent.any() and dataset_id is None:
                 missing = list(dict.fromkeys(d.decode() for d in run.docno[absent][:1000].tolist()))
                 raise _missing_error(source, "documents", "docno", missing + ["..."] * (int(absent.sum()) > 1000))
