@@ -407,6 +407,37 @@ class DepthCut:
         if len(q) >= self.chunk_rows:
             self._to_arrays()
 
+    def add_arrays(self, qids: np.ndarray, docnos: np.ndarray, ranks: np.ndarray, scores: np.ndarray) -> None:
+        """Rows in file order, as arrays (qids: str objects or a categorical; docnos: `S` bytes), after the rows
+        added before."""
+        self._to_arrays()
+        if isinstance(getattr(qids, "dtype", None), pd.CategoricalDtype):
+            inverse = np.asarray(qids.cat.codes, np.int64)
+            _, first = np.unique(inverse, return_index=True)
+            # Categories in order of first appearance (categorical codes follow the sorted categories).
+            order = np.unique(inverse)[np.argsort(first, kind="stable")]
+            remap = np.full(len(qids.cat.categories), -1, np.int64)
+            remap[order] = np.arange(len(order))
+            inverse = remap[inverse]
+            uniques = np.asarray(qids.cat.categories, object)[order]
+        else:
+            inverse, uniques = pd.factorize(qids)
+        codes = np.empty(len(uniques), np.int32)
+        for i, qid in enumerate(uniques.tolist()):
+            code = self.codes.get(qid)
+            if code is None:
+                code = self.codes[qid] = len(self.codes)
+            codes[i] = code
+        n = len(qids)
+        line = np.arange(self.rows_read, self.rows_read + n, dtype=np.int64)
+        self._pending.append((codes[inverse], docnos, np.asarray(ranks, np.float64), np.asarray(scores, np.float64),
+                              line))
+        self.rows_read += n
+        self._pending_rows += n
+        kept = 0 if self._kept is None else len(self._kept[0])
+        if self._pending_rows >= max(self.chunk_rows, kept):
+            self._prune()
+
     def _to_arrays(self) -> None:
         q, d, r, s = self._lists
         if not q:
@@ -430,10 +461,15 @@ class DepthCut:
         self._pending, self._pending_rows = [], 0
         order = np.lexsort((line, np.nan_to_num(-s, nan=np.inf), np.nan_to_num(r, nan=np.inf), q))
         q, d, r, s, line = q[order], d[order], r[order], s[order], line[order]
-        # Repeated (qid, docno): keep the first in this order.
+        # Repeated (qid, docno): keep the first in this order. Grouped by the docno's 64-bit hash (a numeric sort);
+        # equal hashes are then compared as bytes, so a hash collision is no repeat.
+        from sce_jax.textstore import hash_fixed
+
         position = np.arange(len(q))
-        by_doc = np.lexsort((position, d, q))
-        same = (q[by_doc][1:] == q[by_doc][:-1]) & (d[by_doc][1:] == d[by_doc][:-1])
+        by_doc = np.lexsort((position, hash_fixed(d), q))
+        same = (q[by_doc][1:] == q[by_doc][:-1]) & (hash_fixed(d[by_doc[1:]]) == hash_fixed(d[by_doc[:-1]]))
+        candidates = np.flatnonzero(same)
+        same[candidates] = d[by_doc[1:][candidates]] == d[by_doc[:-1][candidates]]
         repeated = np.zeros(len(q), bool)
         repeated[by_doc[1:][same]] = True
         self.repeats += int(repeated.sum())
@@ -461,13 +497,68 @@ class DepthCut:
         return CompactRun(qids, q, d, r, s)
 
 
+def _blocks(path, size: int = 16 << 20) -> Iterator[tuple[int, bytes]]:
+    """(number of the block's first line, block of whole lines) of a file's bytes (`.gz` allowed), BOM stripped."""
+    line_no, carry = 1, b""
+    with open_binary(path) as f, gzip_errors(path):
+        first = True
+        while True:
+            data = f.read(size)
+            if first and data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+            first = False
+            if not data:
+                if carry:
+                    yield line_no, carry
+                return
+            data = carry + data
+            cut = data.rfind(b"\n") + 1
+            block, carry = data[:cut], data[cut:]
+            if block:
+                yield line_no, block
+                line_no += block.count(b"\n")
+
+
+def _parse_trec_block(block: bytes) -> pd.DataFrame | None:
+    """The block's rows by pandas' C parser, or None where it cannot be trusted (then the line parser decides):
+    a wrong column count, a rank that is not an integer, a score that is not a number (or NaN)."""
+    try:
+        frame = pd.read_csv(io.BytesIO(block), sep=r"\s+", header=None, names=list(RUN_COLUMNS), engine="c",
+                            dtype={"qid": "category", "q0": str, "docno": str, "rank": np.int64,
+                                   "score": np.float64, "tag": str},
+                            na_filter=False, quoting=3, skip_blank_lines=True)
+    except (ValueError, TypeError, OverflowError, pd.errors.ParserError):
+        return None
+    if frame["score"].isna().any():
+        return None
+    return frame
+
+
 def read_trec_run_compact(path: str | os.PathLike, depth: int | None) -> CompactRun:
-    """A TREC run (`.gz` allowed) read line by line into a `CompactRun`, cut to `depth` as it is read."""
+    """A TREC run (`.gz` allowed) read in blocks into a `CompactRun`, cut to `depth` as it is read.
+
+    Blocks go through pandas' C parser; a block it cannot parse cleanly is read line by line, which names the
+    file and line of the first bad line (or accepts what the C parser is strict about)."""
     cut = DepthCut(depth)
-    for line_no, line in read_lines(path):
-        fields = line.split()
-        if fields:
-            cut.add(*_trec_fields(fields, path, line_no))
+    for first_line, block in _blocks(path):
+        try:
+            block.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line_no = first_line + block.count(b"\n", 0, error.start)
+            raise located(path, line_no, f"not UTF-8 (byte {block[error.start]:#04x})") from None
+        frame = _parse_trec_block(block)
+        if frame is not None:
+            docnos = frame["docno"].to_numpy(object)
+            try:
+                docnos = docnos.astype(bytes)
+            except UnicodeEncodeError:
+                docnos = np.asarray([d.encode("utf-8") for d in docnos], dtype=bytes)
+            cut.add_arrays(frame["qid"], docnos, frame["rank"].to_numpy(np.float64), frame["score"].to_numpy())
+            continue
+        for offset, raw in enumerate(block.splitlines()):
+            fields = raw.decode("utf-8").split()
+            if fields:
+                cut.add(*_trec_fields(fields, path, first_line + offset))
     return cut.finish()
 
 
