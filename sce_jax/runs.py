@@ -408,20 +408,10 @@ class DepthCut:
             self._to_arrays()
 
     def add_arrays(self, qids: np.ndarray, docnos: np.ndarray, ranks: np.ndarray, scores: np.ndarray) -> None:
-        """Rows in file order, as arrays (qids: str objects or a categorical; docnos: `S` bytes), after the rows
+        """Rows in file order, as arrays (qids: str objects; docnos: `S` bytes), after the rows
         added before."""
         self._to_arrays()
-        if isinstance(getattr(qids, "dtype", None), pd.CategoricalDtype):
-            inverse = np.asarray(qids.cat.codes, np.int64)
-            _, first = np.unique(inverse, return_index=True)
-            # Categories in order of first appearance (categorical codes follow the sorted categories).
-            order = np.unique(inverse)[np.argsort(first, kind="stable")]
-            remap = np.full(len(qids.cat.categories), -1, np.int64)
-            remap[order] = np.arange(len(order))
-            inverse = remap[inverse]
-            uniques = np.asarray(qids.cat.categories, object)[order]
-        else:
-            inverse, uniques = pd.factorize(qids)
+        inverse, uniques = pd.factorize(qids)
         codes = np.empty(len(uniques), np.int32)
         for i, qid in enumerate(uniques.tolist()):
             code = self.codes.get(qid)
@@ -524,7 +514,7 @@ def _parse_trec_block(block: bytes) -> pd.DataFrame | None:
     a wrong column count, a rank that is not an integer, a score that is not a number (or NaN)."""
     try:
         frame = pd.read_csv(io.BytesIO(block), sep=r"\s+", header=None, names=list(RUN_COLUMNS), engine="c",
-                            dtype={"qid": "category", "q0": str, "docno": str, "rank": np.int64,
+                            dtype={"qid": str, "q0": str, "docno": str, "rank": np.int64,
                                    "score": np.float64, "tag": str},
                             na_filter=False, quoting=3, skip_blank_lines=True)
     except (ValueError, TypeError, OverflowError, pd.errors.ParserError):
@@ -553,7 +543,7 @@ def read_trec_run_compact(path: str | os.PathLike, depth: int | None) -> Compact
                 docnos = docnos.astype(bytes)
             except UnicodeEncodeError:
                 docnos = np.asarray([d.encode("utf-8") for d in docnos], dtype=bytes)
-            cut.add_arrays(frame["qid"], docnos, frame["rank"].to_numpy(np.float64), frame["score"].to_numpy())
+            cut.add_arrays(frame["qid"].to_numpy(object), docnos, frame["rank"].to_numpy(np.float64), frame["score"].to_numpy())
             continue
         for offset, raw in enumerate(block.splitlines()):
             fields = raw.decode("utf-8").split()
