@@ -444,32 +444,41 @@ class DepthCut:
             self._prune()
 
     def _prune(self) -> None:
-        parts = self._pending + ([self._kept] if self._kept is not None else [])
+        from sce_jax.textstore import hash_fixed
+
+        parts = ([self._kept] if self._kept is not None else []) + self._pending  # file order
         if not parts:
             return
         q, d, r, s, line = (np.concatenate([p[i] for p in parts]) for i in range(5))
         self._pending, self._pending_rows = [], 0
-        order = np.lexsort((line, np.nan_to_num(-s, nan=np.inf), np.nan_to_num(r, nan=np.inf), q))
-        q, d, r, s, line = q[order], d[order], r[order], s[order], line[order]
-        # Repeated (qid, docno): keep the first in this order. Grouped by the docno's 64-bit hash (a numeric sort);
-        # equal hashes are then compared as bytes, so a hash collision is no repeat.
-        from sce_jax.textstore import hash_fixed
-
-        position = np.arange(len(q))
-        by_doc = np.lexsort((position, hash_fixed(d), q))
-        same = (q[by_doc][1:] == q[by_doc][:-1]) & (hash_fixed(d[by_doc[1:]]) == hash_fixed(d[by_doc[:-1]]))
-        candidates = np.flatnonzero(same)
-        same[candidates] = d[by_doc[1:][candidates]] == d[by_doc[:-1][candidates]]
+        rank_key, score_key = np.nan_to_num(r, nan=np.inf), np.nan_to_num(-s, nan=np.inf)
+        if not _in_first_stage_order(q, rank_key, score_key, line):  # runs usually are: no sort then
+            order = np.lexsort((line, score_key, rank_key, q))
+            q, d, r, s, line = q[order], d[order], r[order], s[order], line[order]
+        # Repeated (qid, docno): keep the first in this order. Grouped by one 64-bit key (the docno's hash mixed
+        # with the query), then compared exactly, so a hash collision is no repeat.
+        key = hash_fixed(d) ^ (q.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        by_key = np.argsort(key, kind="stable")  # equal keys stay in first-stage order
+        adjacent = np.flatnonzero(key[by_key][1:] == key[by_key][:-1])
+        first, later = by_key[adjacent], by_key[adjacent + 1]
+        exact = (q[first] == q[later]) & (d[first] == d[later])
         repeated = np.zeros(len(q), bool)
-        repeated[by_doc[1:][same]] = True
+        repeated[later[exact]] = True
+        for colliding in np.unique(key[later[~exact]]).tolist():  # practically never: resolve exactly
+            seen = set()
+            for i in np.flatnonzero(key == colliding).tolist():
+                repeated[i] = (int(q[i]), bytes(d[i])) in seen
+                seen.add((int(q[i]), bytes(d[i])))
         self.repeats += int(repeated.sum())
         for i in np.flatnonzero(repeated)[: max(0, 3 - len(self.examples))].tolist():
             self.examples.append((int(q[i]), bytes(d[i])))
         keep = ~repeated
-        q, d, r, s, line = q[keep], d[keep], r[keep], s[keep], line[keep]
         if self.depth is not None:
-            within = np.arange(len(q)) - np.searchsorted(q, q, "left")
-            keep = within < self.depth
+            starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+            kept_rows = np.cumsum(keep)  # the depth counts kept (non-repeated) rows
+            before = np.repeat(kept_rows[starts] - keep[starts], np.diff(np.r_[starts, len(q)]))
+            keep &= kept_rows - before <= self.depth
+        if not keep.all():
             q, d, r, s, line = q[keep], d[keep], r[keep], s[keep], line[keep]
         self._kept = (q, d, r, s, line)
 
@@ -522,6 +531,16 @@ def _parse_trec_block(block: bytes) -> pd.DataFrame | None:
     if frame["score"].isna().any():
         return None
     return frame
+
+
+def _in_first_stage_order(q, rank_key, score_key, line) -> bool:
+    """Whether rows are already sorted by (query, rank, -score, file order)."""
+    if len(q) < 2:
+        return True
+    same_q = q[1:] == q[:-1]
+    r0, r1, s0, s1 = rank_key[:-1], rank_key[1:], score_key[:-1], score_key[1:]
+    within = (r1 > r0) | ((r1 == r0) & ((s1 > s0) | ((s1 == s0) & (line[1:] > line[:-1]))))
+    return bool(((q[1:] > q[:-1]) | (same_q & within)).all())
 
 
 def read_trec_run_compact(path: str | os.PathLike, depth: int | None) -> CompactRun:

@@ -254,11 +254,14 @@ class TextStore:
         alone (no reads: a present hash means present unless two ids share a 64-bit hash, which `get_many` checks)."""
         if self._texts is not None:
             return np.array([i.decode("utf-8") not in self._texts for i in ids.tolist()], bool)
-        hashes = hash_fixed(ids)
-        where = np.minimum(np.searchsorted(self._index.hashes, hashes), max(len(self._index.hashes) - 1, 0))
         if not len(self._index.hashes):
-            return np.ones(len(hashes), bool)
-        return self._index.hashes[where] != hashes
+            return np.ones(len(ids), bool)
+        hashes = hash_fixed(ids)
+        order = np.argsort(hashes)  # sorted probes walk the memory-mapped index in order
+        where = np.minimum(np.searchsorted(self._index.hashes, hashes[order]), len(self._index.hashes) - 1)
+        absent = np.empty(len(ids), bool)
+        absent[order] = self._index.hashes[where] != hashes[order]
+        return absent
 
     def lookup(self, ids: Sequence[str]) -> list[str | None]:
         """The texts of `ids`, None for those absent."""

@@ -290,6 +290,10 @@ def test_compact_reader_equals_read_then_select_top(tmp_path, seed, monkeypatch)
     # Small blocks and prunes, so that both readers and the pruning run several times.
     monkeypatch.setattr(runs, "_blocks", lambda p, size=64, real=runs._blocks: real(p, size))
     monkeypatch.setattr(runs, "DepthCut", lambda d: DepthCut(d, chunk_rows=3))
+    if seed % 3 == 0:  # every docno hash collides: repeats are still decided by the ids themselves
+        from sce_jax import textstore
+
+        monkeypatch.setattr(textstore, "hash_fixed", lambda ids: np.zeros(len(ids), np.uint64))
     got = read_trec_run_compact(path, depth).frame()
     expected = select_top(read_trec_run(path), depth)
     assert list(zip(got.qid, got.docno)) == list(zip(expected.qid, expected.docno))
