@@ -363,3 +363,17 @@ def test_bad_input_one_line_rc_2_nothing_written(case, tiny_sparse_dir, tmp_path
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert not any("Traceback" in line for line in err)
     assert listing() == before
+
+
+def test_truncated_documents_are_counted_and_max_p_suggested(cli, tmp_path, caplog):
+    long_text = " ".join(["telescope mirror lens"] * 40)  # > 64 tokens with its query
+    records = [{"qid": "1", "query": "telescopes", "docno": d, "text": t, "rank": r}
+               for r, (d, t) in enumerate([("long", long_text), ("short", "a lens"), ("long2", long_text)], 1)]
+    run = tmp_path / "run.jsonl"
+    run.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert cli(*_args(tmp_path / "out.trec", run=run)) == 0
+    assert "2 of 3 documents were longer than the max length (64 tokens with their query) and were truncated; " \
+           "--max-p scores them by their best chunk instead" in caplog.text
+    caplog.clear()
+    assert cli(*_args(tmp_path / "out2.trec", "--max-p", run=run)) == 0
+    assert "were truncated" not in caplog.text
