@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from sce_jax.attention import resolve_attention_impl
-from sce_jax.batch import (  # noqa: F401  (Row, pack_documents: re-exported)
+from sce_jax.batch import (
     PACKED_SLOTS,
     Batch,
     Row,
@@ -261,7 +261,7 @@ class SparseCrossEncoder:
             raise ValueError(f"documents {too_long[:5].tolist()} exceed max_length {max_length} with their query")
         cfg = self.config
         packed = cfg.query_is_shared and cfg.attention_window_size is not None and self.model.attention_impl != "pallas"
-        rows = pack_documents(
+        rows: list[Row] = pack_documents(
             lengths, doc_query, length_buckets(max_length, step=16), max_slots=PACKED_SLOTS if packed else 1
         )
         query_length = -(-max(len(t) for t in query_tokens) // 8) * 8
