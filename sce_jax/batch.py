@@ -106,3 +106,123 @@ def length_buckets(max_length: int, *, step: int = 32, growth: float = 1.25) -> 
         length = max(length + step, int(np.ceil(length * growth / step)) * step)
     buckets.append(max_length)
     return tuple(buckets)
+
+
+# --- planning: documents -> rows -> batches -> steps (pure functions; SparseCrossEncoder executes them) -------
+
+# Documents per row when short documents are packed together: enough to fill rows with passages (~4 per row of
+# 304 tokens) while the [CLS] slots, computed whether filled or not, stay a small part of a row.
+PACKED_SLOTS = 8
+# Rows of packed documents are at least this long (then rounded up to a length bucket).
+PACKED_ROW_LENGTH = 256
+
+
+class Row(NamedTuple):
+    length: int  # padded row length
+    query: int
+    docs: list[int]  # document indices, in row order
+
+
+def power_of_two_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def power_of_two_at_most(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def pack_documents(
+    lengths: np.ndarray, doc_query: np.ndarray, buckets: Sequence[int], *, max_slots: int
+) -> list[Row]:
+    """Rows of documents, sorted by (length, query).
+
+    With `max_slots` 1, each document has its own row, padded to its length bucket. Otherwise each query's
+    documents, longest first, go into the first of its rows with room and a free slot (first-fit decreasing);
+    the query's rows are as long as the bucket of its longest document, and at least `PACKED_ROW_LENGTH`.
+    Linear in the documents (one sort groups them by query), times the query's open rows per document.
+    """
+    lengths = np.asarray(lengths, np.int64)
+    doc_query = np.asarray(doc_query, np.int64)
+    if max_slots == 1:
+        rows = [Row(bucket_length(n, buckets), q, [i])
+                for i, (n, q) in enumerate(zip(lengths.tolist(), doc_query.tolist()))]
+        return sorted(rows, key=lambda row: (row.length, row.query))
+    if not len(lengths):
+        return []
+    # Queries in order of first appearance; within a query, longest first, then input order.
+    _, first, appearance = np.unique(doc_query, return_index=True, return_inverse=True)
+    query_rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")[appearance.reshape(-1)]
+    order = np.lexsort((np.arange(len(lengths)), -lengths, query_rank))
+    bounds = np.flatnonzero(np.diff(query_rank[order])) + 1
+    rows = []
+    min_row = min(PACKED_ROW_LENGTH, buckets[-1])
+    for docs in np.split(order, bounds):
+        query = int(doc_query[docs[0]])
+        doc_lengths = lengths[docs].tolist()
+        length = bucket_length(max(doc_lengths[0], min_row), buckets)
+        shortest = doc_lengths[-1]
+        members: list[list[int]] = []
+        free: list[int] = []
+        open_rows: list[int] = []  # rows that can still take a document, in creation order
+        for doc, n in zip(docs.tolist(), doc_lengths):
+            target = next((r for r in open_rows if free[r] >= n), None)
+            if target is None:
+                target = len(free)
+                free.append(length)
+                members.append([])
+                open_rows.append(target)
+            free[target] -= n
+            members[target].append(doc)
+            if len(members[target]) >= max_slots or free[target] < shortest:  # closed for good
+                open_rows.remove(target)
+        rows += [Row(length, query, m) for m in members]
+    return sorted(rows, key=lambda row: (row.length, row.query))
+
+
+def plan_batches(rows: Sequence[Row], *, batch_size: int, max_tokens_per_batch: int) -> list[tuple[list[Row], int]]:
+    """Rows (sorted by length) -> batches of (rows, row slots): about `batch_size` documents, a power of two of rows
+    (fewer for long rows, so a batch holds at most `max_tokens_per_batch` tokens; for the last batch of a length,
+    the smallest power of two that holds its rows)."""
+    row_lengths = np.array([row.length for row in rows])
+    counts: dict[int, list[int]] = {}
+    for row in rows:
+        counts.setdefault(row.length, []).append(len(row.docs))
+    docs_per_row = {length: float(np.mean(c)) for length, c in counts.items()}
+    batches = []
+    start = 0
+    while start < len(rows):
+        length = rows[start].length
+        left = int(np.searchsorted(row_lengths, length, side="right")) - start
+        full = min(power_of_two_at_most(batch_size / docs_per_row[length]),
+                   power_of_two_at_most(max_tokens_per_batch // length))
+        # The last batch of a length gets the fewest (power-of-two) rows that hold its rows, so rare lengths
+        # do not pad to a full batch: a few more shapes, much less wasted compute.
+        size = min(full, power_of_two_at_least(left))
+        batches.append((list(rows[start : start + min(size, left)]), size))
+        start += min(size, left)
+    return batches
+
+
+def plan_slots(batches: Sequence[tuple[list[Row], int]]) -> tuple[dict[int, int], dict[int, int]]:
+    """Document slots per row and query slots, one count per row length (so a batch's shapes do not depend on its
+    neighbours): powers of two."""
+    slots, query_slots = {}, {}
+    for batch, _ in batches:
+        length = batch[0].length
+        slots[length] = max(slots.get(length, 1), power_of_two_at_least(max(len(row.docs) for row in batch)))
+        needed = power_of_two_at_least(len({row.query for row in batch}))
+        query_slots[length] = max(query_slots.get(length, 1), needed)
+    return slots, query_slots
+
+
+def plan_steps(batches: Sequence[tuple[list[Row], int]], num_devices: int) -> list[tuple[list[list[Row]], int, int]]:
+    """Batches -> steps of (batches, row length, row slots): up to `num_devices` batches of one shape per step, so
+    each device scores whole batches exactly as a single device would."""
+    steps = []
+    for batch, size in batches:
+        shape = (batch[0].length, size)
+        if steps and len(steps[-1][0]) < num_devices and steps[-1][1:] == shape:
+            steps[-1][0].append(batch)
+        else:
+            steps.append(([batch], *shape))
+    return steps

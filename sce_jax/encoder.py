@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,7 +16,17 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from sce_jax.attention import ATTENTION_IMPLS, resolve_attention_impl
-from sce_jax.batch import Batch, bucket_length, length_buckets, pack_rows
+from sce_jax.batch import (
+    PACKED_SLOTS,
+    Batch,
+    Row,
+    length_buckets,
+    pack_documents,
+    pack_rows,
+    plan_batches,
+    plan_slots,
+    plan_steps,
+)
 from sce_jax.checkpoint import load_params, read_model_config, resolve_model_dir
 from sce_jax.config import SparseCrossEncoderConfig
 from sce_jax.errors import InputError, SettingsError
@@ -69,14 +79,6 @@ def check_compute_settings(dtype: str, attention_impl: str, devices: int | None 
             raise SettingsError("devices", f"devices={devices!r}, but there are {local} local devices")
 
 
-def _power_of_two_at_least(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _power_of_two_at_most(n: int) -> int:
-    return 1 << (max(1, int(n)).bit_length() - 1)
-
-
 def maxp_chunk_starts(length: int, size: int) -> range:
     """Starts of the `size`-token chunks, overlapping by half, that cover `length` tokens (MaxP).
 
@@ -86,48 +88,9 @@ def maxp_chunk_starts(length: int, size: int) -> range:
     return range(0, stride * (1 + max(0, -(-(length - size) // stride))), stride)
 
 
-# Documents per row when short documents are packed together: enough to fill rows with passages (~4 per row of
-# 304 tokens) while the [CLS] slots, computed whether filled or not, stay a small part of a row.
-PACKED_SLOTS = 8
-# Rows of packed documents are at least this long (then rounded up to a length bucket).
-PACKED_ROW_LENGTH = 256
-
-
-class Row(NamedTuple):
-    length: int  # padded row length
-    query: int
-    docs: list[int]  # document indices, in row order
-
-
-def pack_documents(
-    lengths: np.ndarray, doc_query: np.ndarray, buckets: Sequence[int], *, max_slots: int
-) -> list[Row]:
-    """Rows of documents, sorted by (length, query).
-
-    With `max_slots` 1, each document has its own row, padded to its length bucket. Otherwise each query's
-    documents, longest first, go into the first of its rows with room and a free slot (first-fit decreasing);
-    the query's rows are as long as the bucket of its longest document, and at least `PACKED_ROW_LENGTH`.
-    """
-    rows = []
-    if max_slots == 1:
-        rows = [Row(bucket_length(n, buckets), int(q), [i]) for i, (n, q) in enumerate(zip(lengths, doc_query))]
-    else:
-        for query in dict.fromkeys(doc_query.tolist()):
-            docs = np.flatnonzero(doc_query == query)
-            docs = docs[np.argsort(-lengths[docs], kind="stable")]
-            length = bucket_length(max(int(lengths[docs[0]]), min(PACKED_ROW_LENGTH, buckets[-1])), buckets)
-            free, members = [], []
-            for doc in docs.tolist():
-                n = lengths[doc]
-                target = next((r for r, room in enumerate(free) if room >= n and len(members[r]) < max_slots), None)
-                if target is None:
-                    free.append(length)
-                    members.append([])
-                    target = len(free) - 1
-                free[target] -= n
-                members[target].append(doc)
-            rows += [Row(length, query, m) for m in members]
-    return sorted(rows, key=lambda row: (row.length, row.query))
+class WindowScores(NamedTuple):
+    scores: np.ndarray  # float32, one per document
+    truncated: int  # documents cut to fit max_length with their query (0 with MaxP)
 
 
 class SparseCrossEncoder:
@@ -239,25 +202,46 @@ class SparseCrossEncoder:
         A document longer than fits in max_length with its query is truncated, or with `max_p` split into
         chunks that overlap by half (`maxp_chunk_starts`) and scored by its best chunk, as the original's MaxP.
         """
+        return self.score_window(queries, docs, doc_query, batch_size=batch_size, max_p=max_p,
+                                 progress=progress).scores
+
+    def score_window(
+        self,
+        queries: Sequence[str],
+        docs: Sequence[str],
+        doc_query: Sequence[int],
+        *,
+        batch_size: int = 32,
+        max_p: bool = False,
+        progress: bool = False,
+        on_step: Callable[[], None] | None = None,
+    ) -> WindowScores:
+        """`score_pairs`, also counting truncated documents; `on_step` is called after every step (it may raise to
+        stop after the batch in flight)."""
         query_tokens = self.tokenizer.encode_queries(queries)
         doc_query = np.asarray(doc_query, np.int64)
-        if not max_p:
-            doc_tokens = self.tokenizer.encode_docs([query_tokens[q] for q in doc_query], docs)
-            return self.score_tokens(query_tokens, doc_tokens, doc_query, batch_size=batch_size, progress=progress)
         pieces = self.tokenizer.encode_docs([query_tokens[q] for q in doc_query], docs, truncate=False)
         sep = self.tokenizer.sep_token_id
+        budgets = [self.tokenizer.doc_budget(query_tokens[q]) for q in doc_query.tolist()]
+        if not max_p:
+            truncated = sum(len(ids) > size for ids, size in zip(pieces, budgets))
+            doc_tokens = [ids[:size] + [sep, sep] for ids, size in zip(pieces, budgets)]
+            del pieces
+            scores = self.score_tokens(query_tokens, doc_tokens, doc_query, batch_size=batch_size,
+                                       progress=progress, on_step=on_step)
+            return WindowScores(scores, int(truncated))
         chunks, chunk_doc = [], []
-        for doc, (q, ids) in enumerate(zip(doc_query, pieces)):
-            size = self.tokenizer.doc_budget(query_tokens[q])
+        for doc, (ids, size) in enumerate(zip(pieces, budgets)):
             for start in maxp_chunk_starts(len(ids), size):
                 chunks.append(ids[start : start + size] + [sep, sep])
                 chunk_doc.append(doc)
+        del pieces
         chunk_scores = self.score_tokens(
-            query_tokens, chunks, doc_query[chunk_doc], batch_size=batch_size, progress=progress
+            query_tokens, chunks, doc_query[chunk_doc], batch_size=batch_size, progress=progress, on_step=on_step
         )
         scores = np.full(len(docs), -np.inf, np.float32)
         np.maximum.at(scores, chunk_doc, chunk_scores)
-        return scores
+        return WindowScores(scores, 0)
 
     def rerank(
         self, frame: pd.DataFrame, *, batch_size: int = 32, max_p: bool = False, progress: bool = True
@@ -289,6 +273,7 @@ class SparseCrossEncoder:
         batch_size: int = 32,
         max_tokens_per_batch: int = 32768,
         progress: bool = True,
+        on_step: Callable[[], None] | None = None,
     ) -> np.ndarray:
         """The batched scoring loop over encoded tokens (see QueryDocTokenizer for their layout).
 
@@ -317,45 +302,16 @@ class SparseCrossEncoder:
             raise ValueError(f"documents {too_long[:5].tolist()} exceed max_length {max_length} with their query")
         cfg = self.config
         packed = cfg.query_is_shared and cfg.attention_window_size is not None and self.model.attention_impl != "pallas"
-        rows = pack_documents(
+        rows: list[Row] = pack_documents(
             lengths, doc_query, length_buckets(max_length, step=16), max_slots=PACKED_SLOTS if packed else 1
         )
         query_length = -(-max(len(t) for t in query_tokens) // 8) * 8
-
-        row_lengths = np.array([row.length for row in rows])
-        # Rows per batch, per row length: about `batch_size` documents (a power of two of rows).
-        docs_per_row = {length: np.mean([len(row.docs) for row in rows if row.length == length])
-                        for length in set(row_lengths.tolist())}
-        batches = []  # (rows, row slots)
-        start = 0
-        while start < len(rows):
-            length = rows[start].length
-            left = np.searchsorted(row_lengths, length, side="right") - start
-            full = min(_power_of_two_at_most(batch_size / docs_per_row[length]),
-                       _power_of_two_at_most(max_tokens_per_batch // length))
-            # The last batch of a length gets the fewest (power-of-two) rows that hold its rows, so rare lengths
-            # do not pad to a full batch: a few more shapes, much less wasted compute.
-            size = min(full, _power_of_two_at_least(left))
-            batches.append((rows[start : start + min(size, left)], size))
-            start += min(size, left)
-        # Document slots per row and query slots: one count per row length, so a batch's shapes do not depend on
-        # its neighbours.
-        slots, query_slots = {}, {}
-        for batch, _ in batches:
-            length = batch[0].length
-            slots[length] = max(slots.get(length, 1), _power_of_two_at_least(max(len(row.docs) for row in batch)))
-            needed = _power_of_two_at_least(len({row.query for row in batch}))
-            query_slots[length] = max(query_slots.get(length, 1), needed)
+        batches = plan_batches(rows, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch)
+        slots, query_slots = plan_slots(batches)
         # With several devices, each scores one batch per step, exactly as a single device would (same shapes,
         # same batch mates), so scores do not depend on the device count. Steps hold batches of one length.
         num_devices = self.mesh.size
-        steps = []  # (batches, row length, row slots)
-        for batch, size in batches:
-            shape = (batch[0].length, size)
-            if steps and len(steps[-1][0]) < num_devices and steps[-1][1:] == shape:
-                steps[-1][0].append(batch)
-            else:
-                steps.append(([batch], *shape))
+        steps = plan_steps(batches, num_devices)
 
         bar = tqdm(total=num_docs, unit="doc", desc="scoring", disable=not progress, smoothing=0.1)
         for step, length, num_rows in steps:
@@ -380,6 +336,8 @@ class SparseCrossEncoder:
                 for row, row_scores in zip(batch, device_scores):
                     scores[row.docs] = row_scores[: len(row.docs)]
             bar.update(sum(len(row.docs) for batch in step for row in batch))
+            if on_step is not None:
+                on_step()
         bar.close()
         return scores
 

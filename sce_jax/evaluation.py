@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import ir_measures
 import pandas as pd
 
-from sce_jax.runs import InputError, atomic_write, located, open_text
+from sce_jax.runs import InputError, atomic_write, located, read_lines
 
 DEFAULT_MEASURES = ("nDCG@10", "RR@10")
 
@@ -28,18 +28,17 @@ def parse_measures(names: Sequence[str]) -> list:
 def read_qrels(path: str | os.PathLike) -> pd.DataFrame:
     """A TREC qrels file (`qid iteration docno relevance`), in ir_measures' column names."""
     rows = []
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 4:
-                raise located(path, line_no, f"expected 4 columns (qid iteration docno relevance), got {len(fields)}")
-            try:
-                relevance = int(fields[3])
-            except ValueError:
-                raise located(path, line_no, f"relevance {fields[3]!r} is not an integer") from None
-            rows.append((fields[0], fields[2], relevance))
+    for line_no, line in read_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 4:
+            raise located(path, line_no, f"expected 4 columns (qid iteration docno relevance), got {len(fields)}")
+        try:
+            relevance = int(fields[3])
+        except ValueError:
+            raise located(path, line_no, f"relevance {fields[3]!r} is not an integer") from None
+        rows.append((fields[0], fields[2], relevance))
     return pd.DataFrame(rows, columns=["query_id", "doc_id", "relevance"])
 
 

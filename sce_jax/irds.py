@@ -62,6 +62,17 @@ def dataset_run(dataset_id: str) -> pd.DataFrame:
     return run.astype({"score": "float64"})
 
 
+def dataset_run_compact(dataset_id: str, depth: int | None):
+    """The dataset's scoreddocs as a CompactRun, cut to `depth` while read (no ranks: they follow the scores)."""
+    from sce_jax.runs import DepthCut
+
+    cut = DepthCut(depth)
+    with _reading(dataset_id, "scoreddocs") as dataset:
+        for sd in dataset.scoreddocs_iter():
+            cut.add(sd.query_id, sd.doc_id, float("nan"), float(sd.score))
+    return cut.finish()
+
+
 def dataset_queries(dataset_id: str, qids: Iterable[str]) -> dict[str, str]:
     wanted = set(qids)
     with _reading(dataset_id, "queries") as dataset:
@@ -72,6 +83,18 @@ def dataset_docs(dataset_id: str, docnos: Iterable[str]) -> dict[str, str]:
     with _reading(dataset_id, "docs") as dataset:
         docs = dataset.docs_store().get_many(list(docnos))
         return {docno: doc.default_text() for docno, doc in docs.items()}
+
+
+def docs_lookup(dataset_id: str):
+    """A function docnos -> {docno: text} over the dataset's docs store (opened once)."""
+    with _reading(dataset_id, "docs") as dataset:
+        store = dataset.docs_store()
+
+    def lookup(docnos: list[str]) -> dict[str, str]:
+        with _reading(dataset_id, "docs"):
+            return {docno: doc.default_text() for docno, doc in store.get_many(list(docnos)).items()}
+
+    return lookup
 
 
 def dataset_qrels(dataset_id: str) -> pd.DataFrame:

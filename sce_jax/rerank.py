@@ -5,21 +5,44 @@ or an ir_datasets dataset (given, or inferred from the file name), or an ir_data
 Settings come from a YAML file (`--config`), then from flags; see configs/rerank.yaml and docs/rerank.md.
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
+import hashlib
 import logging
+import os
+import signal
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 
 from sce_jax import irds
 from sce_jax.cli_config import add_dataclass_flags, resolve_dataclass
+from sce_jax.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, SettingsError, run_cli, user_path
 from sce_jax.evaluation import DEFAULT_MEASURES, evaluate, format_results, parse_measures, read_qrels, write_results
-from sce_jax.runs import InputError, is_json_run, read_json_run, read_trec_run, select_top, write_trec_run
-from sce_jax.texts import TEXT_COLUMNS, complete_texts
+from sce_jax.progress import ProgressFile
+from sce_jax.runs import (
+    CompactRun,
+    atomic_write,
+    check_readable,
+    compact_from_frame,
+    format_score,
+    is_json_run,
+    read_json_run,
+    read_trec_run,
+    read_trec_run_compact,
+)
+from sce_jax.texts import RunTexts
 
 logger = logging.getLogger("sce_jax.rerank")
+_IMPORTED = time.perf_counter()  # about when the command started: "first score after ... s" counts from here
+
+DTYPE_NAMES = ("float32", "bfloat16")
+ATTENTION_NAMES = ("auto", "cpu", "xla", "dense", "pallas")
 
 
 @dataclasses.dataclass
@@ -29,7 +52,7 @@ class RerankConfig:
     model: str = "webis/sparse-cross-encoder-4-512"
     depth: int = 100
     batch_size: int = 32
-    max_length: int = 512
+    max_length: int | None = None
     max_query_length: int = 32
     max_p: bool = False
     qrels: str | None = None
@@ -42,28 +65,44 @@ class RerankConfig:
     dtype: str = "float32"
     run_tag: str = "sce_jax"
     eval_output: str | None = None
+    window: int = 2048
+    resume: bool = False
+    progress: bool = True
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 HELP = {
     "run": "input: JSON/JSONL run (optionally .gz), TREC run, or ir_datasets id with scoreddocs",
-    "output": "re-ranked TREC run to write",
+    "output": "re-ranked TREC run to write (.gz: compressed)",
     "model": "converted sce_jax directory, Hugging Face directory, or hub id",
     "depth": "documents per query taken from the input (by input rank, then score); 0 keeps all",
     "batch_size": "documents per forward pass",
-    "max_length": "tokens per query-document input ([CLS] + query + document)",
+    "max_length": "tokens per query-document input ([CLS] + query + document); default: the model's positions",
     "max_query_length": "query wordpieces + 2 [SEP]",
     "max_p": "score over-long documents by their best 50%%-overlapping chunk (MaxP) instead of truncating",
     "qrels": "TREC qrels file for evaluation (default: the dataset's qrels, if any)",
     "measures": "ir_measures measures",
     "dataset": "ir_datasets id for texts and qrels (default: inferred from a TREC run's file name)",
     "queries": "TSV file qid<TAB>text with the query texts",
-    "docs": "TSV (docno<TAB>text) or JSONL file with the document texts",
+    "docs": "TSV (docno<TAB>text) or JSONL file with the document texts (indexed once, see docs/rerank.md)",
     "devices": "local devices to split documents over (default: all)",
     "attention_impl": "attention implementation: auto (the C++ kernel on CPU, Pallas on GPU), cpu, xla, dense or pallas",
     "dtype": "float32 or bfloat16",
     "run_tag": "tag in the output run's last column",
     "eval_output": "JSON file for the evaluation results (default: OUTPUT.eval.json)",
+    "window": "documents scored (and saved to the progress file) at a time, whole queries",
+    "resume": "continue an interrupted run from its progress file (OUTPUT.progress)",
+    "progress": "show a progress bar",
+    "coordinator": "multi-host: the coordinator's host:port (jax.distributed); default: the cluster's environment",
+    "num_processes": "multi-host: number of processes",
+    "process_id": "multi-host: this process's index",
 }
+
+# Settings that change the output's bytes: a resumed run must have the same (compared by flag name).
+SCORE_SETTINGS = ("depth", "batch_size", "max_length", "max_query_length", "max_p", "dtype", "attention_impl",
+                  "run_tag", "window")
 
 
 def load_config(path: str | None, overrides: dict) -> RerankConfig:
@@ -72,27 +111,105 @@ def load_config(path: str | None, overrides: dict) -> RerankConfig:
     for name in ("run", "output"):
         if getattr(config, name) is None:
             raise InputError(f"no {name} given (--{name} or '{name}:' in the config)")
-    for name in ("depth", "batch_size", "max_length", "max_query_length", "devices"):
+    for name in ("depth", "batch_size", "max_length", "max_query_length", "devices", "window", "num_processes",
+                 "process_id"):
         value = getattr(config, name)
-        if value is not None and value < (0 if name == "depth" else 1):
-            raise InputError(f"{name} must be {'>= 0' if name == 'depth' else 'positive'}, got {value}")
+        lowest = 0 if name in ("depth", "process_id") else 1
+        if value is not None and value < lowest:
+            raise InputError(f"--{_flag(name)} must be {'>= 0' if lowest == 0 else 'positive'}, got {value}")
+    if config.dtype not in DTYPE_NAMES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {config.dtype!r}")
+    if config.attention_impl not in ATTENTION_NAMES:
+        raise InputError(f"--attention-impl must be one of {', '.join(ATTENTION_NAMES)}, got {config.attention_impl!r}")
+    if not config.run_tag or any(c.isspace() for c in config.run_tag):
+        raise InputError(f"--run-tag {config.run_tag!r} must be a non-empty word without whitespace")
+    if config.max_length is not None and config.max_length < config.max_query_length + 4:
+        raise InputError(f"--max-length {config.max_length} leaves no room for documents after "
+                         f"--max-query-length {config.max_query_length}")
+    if config.max_query_length < 3:
+        raise InputError(f"--max-query-length must be >= 3, got {config.max_query_length}")
     return config
 
 
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sce_jax.rerank", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sce-jax-rerank", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file of settings (flags override it)")
     add_dataclass_flags(parser, RerankConfig, HELP)
     return parser
 
 
-def load_input(config: RerankConfig) -> tuple[pd.DataFrame, str | None]:
-    """The run to re-rank (depth-cut, every text filled in) and the ir_datasets id it belongs to, if any."""
+# --- checks before any work ----------------------------------------------------------------------------------
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_writable_target(path: Path, flag: str, inputs: dict[str, Path]) -> None:
+    """`path` can be written: not a directory, its directory exists and is writable, it is no input."""
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a directory")
+    target = Path(os.path.realpath(path))
+    if not target.parent.is_dir():
+        raise InputError(f"{flag} {path}: directory {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: directory {target.parent} is not writable")
+    for input_flag, input_path in inputs.items():
+        if input_path.exists() and _same_file(path, input_path):
+            raise InputError(f"{flag} {path} is the {input_flag} file: it would be overwritten")
+
+
+def check_paths(config: RerankConfig) -> RerankConfig:
+    """User paths made absolute; inputs exist and are readable; outputs writable and distinct from the inputs."""
+    paths = {}
+    for name in ("output", "queries", "docs", "qrels", "eval_output"):
+        value = getattr(config, name)
+        paths[name] = None if value is None else str(user_path(value))
+    run = config.run
+    run_path = user_path(run)
+    if run_path.exists():
+        check_readable(run_path, "run file")
+        run = str(run_path)
+    elif not irds.is_dataset_id(run):
+        raise irds.UnknownDatasetError(f"run {run!r} is neither a file nor a known ir_datasets id")
+    config = dataclasses.replace(config, run=run, **paths)
+    for name, what in (("queries", "queries file"), ("docs", "documents file"), ("qrels", "qrels file")):
+        if getattr(config, name) is not None:
+            check_readable(Path(getattr(config, name)), what)
+    inputs = {f"--{_flag(name)}": Path(getattr(config, name)) for name in ("run", "queries", "docs", "qrels")
+              if getattr(config, name) is not None and Path(getattr(config, name)).exists()}
+    _check_writable_target(Path(config.output), "--output", inputs)
+    _check_writable_target(Path(eval_output_path(config)), "--eval-output",
+                           {**inputs, "--output": Path(config.output)})
+    return config
+
+
+def eval_output_path(config: RerankConfig) -> str:
+    return config.eval_output or f"{config.output}.eval.json"
+
+
+# --- input ---------------------------------------------------------------------------------------------------
+
+
+def load_input(config: RerankConfig) -> tuple[CompactRun, RunTexts, str | None]:
+    """The run to re-rank (depth-cut while read), its texts (checked to exist) and its ir_datasets id, if any."""
+    depth = config.depth or None
     path = Path(config.run)
     if path.is_file():
-        run = read_json_run(path) if is_json_run(path) else read_trec_run(path)
+        if is_json_run(path):
+            run = compact_from_frame(read_json_run(path), depth)
+        else:
+            run = read_trec_run_compact(path, depth)
         dataset_id = config.dataset
-        texts_missing = any(column not in run or run[column].isna().any() for column in TEXT_COLUMNS)
+        texts_missing = run.query_texts is None or None in run.query_texts or run.doc_texts is None or any(
+            t is None for t in run.doc_texts)
         local_texts = config.queries is not None and config.docs is not None
         if dataset_id is None and texts_missing and not local_texts:
             dataset_id = irds.infer_dataset_id(path)
@@ -100,18 +217,17 @@ def load_input(config: RerankConfig) -> tuple[pd.DataFrame, str | None]:
         if not irds.is_dataset_id(config.run):
             raise irds.UnknownDatasetError(f"run {config.run!r} is neither a file nor a known ir_datasets id")
         dataset_id = config.dataset or config.run
-        run = irds.dataset_run(config.run)
+        run = irds.dataset_run_compact(config.run, depth)
     if dataset_id is not None:
         irds.load_dataset(dataset_id)
-    run = select_top(run, config.depth or None)
-    if run.empty:
+    if not len(run):
         raise InputError(f"{config.run}: the run is empty")
-    run = complete_texts(run, source=config.run, queries_file=config.queries, docs_file=config.docs,
-                         dataset_id=dataset_id)
-    return run, dataset_id
+    texts = RunTexts(run, source=config.run, queries_file=config.queries, docs_file=config.docs,
+                     dataset_id=dataset_id)
+    return run, texts, dataset_id
 
 
-def load_qrels(config: RerankConfig, dataset_id: str | None) -> pd.DataFrame | None:
+def load_qrels(config: RerankConfig, dataset_id: str | None):
     if config.qrels is not None:
         return read_qrels(config.qrels)
     if dataset_id is not None and irds.load_dataset(dataset_id).has_qrels():
@@ -120,44 +236,304 @@ def load_qrels(config: RerankConfig, dataset_id: str | None) -> pd.DataFrame | N
 
 
 def load_encoder(config: RerankConfig):
+    """The model; settings it rejects are reported naming their flag."""
+    import jax
+
     from sce_jax.encoder import SparseCrossEncoder  # imports JAX: only once the input has been checked
 
+    local = jax.local_device_count()
+    if config.devices is not None and config.devices > local:
+        raise InputError(f"--devices {config.devices}, but this machine has {local} local devices")
     try:
         return SparseCrossEncoder.load(config.model, max_length=config.max_length,
                                        max_query_length=config.max_query_length,
                                        attention_impl=config.attention_impl, dtype=config.dtype,
                                        devices=config.devices)
+    except SettingsError as error:
+        raise InputError(f"--{_flag(error.setting)}: {error}") from None
+    except InputError:
+        raise
     except (OSError, ValueError) as error:
-        raise InputError(f"cannot load model {config.model!r}: {error}") from None
+        message = str(error)
+        for name in ("max_query_length", "max_length", "attention_impl", "dtype", "devices"):
+            if name in message:
+                raise InputError(f"--{_flag(name)}: {message}") from None
+        raise InputError(f"cannot load model {config.model!r}: {message}") from None
 
 
-def rerank(config: RerankConfig) -> dict | None:
-    """Re-rank, write the run, and evaluate if there are qrels; returns the evaluation results."""
-    if not Path(config.output).absolute().parent.is_dir():
-        raise InputError(f"output directory {Path(config.output).parent} does not exist")
+# --- planning: windows of whole queries, shares of windows per process (pure) ---------------------------------
+
+
+def plan_windows(query_bounds: np.ndarray, window_docs: int) -> list[tuple[int, int]]:
+    """Consecutive queries grouped into windows of about `window_docs` documents (at least one query each):
+    (first query, end query) pairs. `query_bounds`: each query's first row and the end (as CompactRun gives)."""
+    windows, start = [], 0
+    num_queries = len(query_bounds) - 1
+    while start < num_queries:
+        end = int(np.searchsorted(query_bounds, query_bounds[start] + window_docs, "right")) - 1
+        end = min(max(end, start + 1), num_queries)
+        windows.append((start, end))
+        start = end
+    return windows
+
+
+def share_windows(window_sizes: Sequence[int], num_processes: int, process_id: int) -> range:
+    """The contiguous range of windows process `process_id` scores: shares of about equal document counts."""
+    total = np.concatenate([[0], np.cumsum(window_sizes)])
+    cuts = [int(np.searchsorted(total[1:], total[-1] * p / num_processes, "right")) if p else 0
+            for p in range(num_processes + 1)]
+    cuts[-1] = len(window_sizes)
+    cuts = np.maximum.accumulate(cuts)
+    return range(int(cuts[process_id]), int(cuts[process_id + 1]))
+
+
+def window_payload(run: CompactRun, bounds: np.ndarray, first: int, end: int, scores: np.ndarray, tag: str) -> bytes:
+    """The TREC lines of queries first..end-1, each ranked by descending score (ties: first-stage order)."""
+    lines = []
+    offset = bounds[first]
+    for q in range(first, end):
+        start, stop = int(bounds[q]), int(bounds[q + 1])
+        s = scores[start - offset : stop - offset]
+        order = np.lexsort((np.arange(len(s)), -s))
+        docnos = run.docnos(start, stop)
+        qid = run.qids[q]
+        lines += [f"{qid} Q0 {docnos[i]} {rank} {format_score(s[i])} {tag}\n" for rank, i in
+                  enumerate(order.tolist(), start=1)]
+    return "".join(lines).encode("utf-8")
+
+
+# --- progress, fingerprints, processes -------------------------------------------------------------------------
+
+
+def _file_fingerprint(path: str | None):
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        return path
+    if p.is_dir():
+        digest = hashlib.blake2b(digest_size=12)
+        for root, dirs, files in sorted(os.walk(p)):
+            dirs.sort()
+            for name in sorted(files):
+                stat = (Path(root) / name).stat()
+                digest.update(f"{os.path.relpath(Path(root) / name, p)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        return {"path": str(p.resolve()), "files": digest.hexdigest()}
+    stat = p.stat()
+    return {"path": str(p.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def settings_fingerprint(config: RerankConfig, num_processes: int, process_id: int) -> dict:
+    """What decides the output's bytes, by flag name (`--resume` requires it unchanged)."""
+    settings = {f"--{_flag(name)}": getattr(config, name) for name in SCORE_SETTINGS}
+    for name in ("model", "run", "queries", "docs"):
+        settings[f"--{name}"] = _file_fingerprint(getattr(config, name))
+    settings["--dataset"] = config.dataset
+    settings["--num-processes"] = num_processes
+    settings["--process-id"] = process_id
+    return settings
+
+
+def progress_path(output: str, num_processes: int, process_id: int) -> Path:
+    name = f"{output}.progress" if num_processes == 1 else f"{output}.progress.{process_id}-of-{num_processes}"
+    return Path(name)
+
+
+def initialize_processes(config: RerankConfig) -> tuple[int, int]:
+    """Join a jax.distributed job when asked (flags) or when the cluster's environment says so; (count, index)."""
+    import jax
+
+    env = os.environ
+    if config.coordinator is not None or config.num_processes not in (None, 1):
+        if config.coordinator is None or config.num_processes is None or config.process_id is None:
+            raise InputError("multi-host re-ranking needs --coordinator, --num-processes and --process-id together "
+                             "(or none of them, inside a cluster job JAX detects)")
+        if config.process_id >= config.num_processes:
+            raise InputError(f"--process-id {config.process_id} must be below --num-processes "
+                             f"{config.num_processes}")
+        jax.distributed.initialize(config.coordinator, config.num_processes, config.process_id)
+    elif "JAX_COORDINATOR_ADDRESS" in env:
+        jax.distributed.initialize(
+            num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
+            process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None)
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()
+    return jax.process_count(), jax.process_index()
+
+
+def _barrier(name: str, num_processes: int) -> None:
+    """Wait until every process reaches this point (the jax.distributed coordination service)."""
+    if num_processes == 1:
+        return
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, 24 * 3600 * 1000)
+
+
+class _Stop(Exception):
+    """Raised after the batch in flight once SIGINT/SIGTERM arrived."""
+
+
+class _Signals:
+    """SIGINT/SIGTERM ask to stop after the batch in flight, instead of killing the process."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise _Stop
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# --- the command -------------------------------------------------------------------------------------------
+
+
+def rerank(config: RerankConfig) -> int:
+    """Re-rank, write the run, and evaluate if there are qrels; returns the exit status."""
+    config = check_paths(config)
     measures = parse_measures(config.measures)
-    run, dataset_id = load_input(config)
+    num_processes, process_id = initialize_processes(config)
+    progress_file = progress_path(config.output, num_processes, process_id)
+    ProgressFile.check_absent_or_resuming(progress_file, config.resume)
+    settings = settings_fingerprint(config, num_processes, process_id)
+    if config.resume:  # refuse early, before the heavy reading and the model
+        saved = ProgressFile.read(progress_file)
+        if saved is not None:
+            from sce_jax.progress import settings_difference
+
+            difference = settings_difference(saved.settings, settings)
+            if difference:
+                raise InputError(f"--resume: {difference}; run with the interrupted run's settings, or delete "
+                                 f"{progress_file} to start over")
+
+    started = time.perf_counter()
+    run, texts, dataset_id = load_input(config)
     qrels = load_qrels(config, dataset_id)
-    logger.info("re-ranking %d documents of %d queries", len(run), run["qid"].nunique())
+    bounds = run.query_bounds()
+    windows = plan_windows(bounds, config.window)
+    window_sizes = [int(bounds[e] - bounds[s]) for s, e in windows]
+    mine = share_windows(window_sizes, num_processes, process_id)
+    logger.info("re-ranking %d documents of %d queries in %d windows (read in %.1f s)%s", len(run), len(run.qids),
+                len(windows), time.perf_counter() - started,
+                f"; process {process_id} of {num_processes} takes windows {mine.start}..{mine.stop - 1}"
+                if num_processes > 1 else "")
 
     encoder = load_encoder(config)
-    reranked = encoder.rerank(run, batch_size=config.batch_size, max_p=config.max_p)
+    progress = ProgressFile.open(progress_file, settings, resume=config.resume)
+    try:
+        code = _score_windows(config, encoder, run, texts, bounds, windows, mine, progress)
+    finally:
+        progress.close()
+        texts.close()
+    if code:
+        return code
     logger.info("%d distinct batch shapes were compiled", len(encoder.compiled_shapes))
-    write_trec_run(config.output, reranked, config.run_tag)
-    logger.info("wrote %s", config.output)
 
-    if qrels is None:
-        return None
-    # The input run is evaluated in its first-stage order (the order `select_top` left it in).
-    first_stage = run.assign(score=-run.groupby("qid", sort=False).cumcount().astype(float))
+    _barrier("sce_jax_rerank_scored", num_processes)
+    if process_id == 0:
+        parts = [progress] + [ProgressFile.read(progress_path(config.output, num_processes, p))
+                              for p in range(1, num_processes)]
+        truncated = _write_output(config.output, windows, parts)
+        for part in parts:
+            part.path.unlink()
+        logger.info("wrote %s", config.output)
+        if truncated and not config.max_p:
+            logger.warning("%d of %d documents were longer than the max length (%d tokens with their query) and were "
+                           "truncated; --max-p scores them by their best chunk instead", truncated, len(run),
+                           encoder.tokenizer.max_length)
+        if qrels is not None:
+            _evaluate(config, run, qrels, measures)
+    _barrier("sce_jax_rerank_written", num_processes)
+    return 0
+
+
+def _score_windows(config, encoder, run, texts, bounds, windows, mine, progress: ProgressFile) -> int:
+    from tqdm.auto import tqdm
+
+    todo = [k for k in mine if k not in progress.done]
+    docs_total = int(sum(bounds[windows[k][1]] - bounds[windows[k][0]] for k in mine))
+    docs_done = docs_total - int(sum(bounds[windows[k][1]] - bounds[windows[k][0]] for k in todo))
+    queries_total = sum(windows[k][1] - windows[k][0] for k in mine)
+    queries_done = queries_total - sum(windows[k][1] - windows[k][0] for k in todo)
+    if docs_done:
+        logger.info("resuming: %d of %d queries already done", queries_done, queries_total)
+    bar = tqdm(total=docs_total, initial=docs_done, unit="doc", desc="re-ranking", disable=not config.progress,
+               smoothing=0.05, dynamic_ncols=True)
+    bar.set_postfix_str(f"queries {queries_done}/{queries_total}")
+    first_score_logged = False
+    try:
+        with _Signals() as signals:
+            def on_step():
+                nonlocal first_score_logged
+                if not first_score_logged:
+                    logger.info("first batch scored %.1f s after start", time.perf_counter() - _IMPORTED)
+                    first_score_logged = True
+                signals.check()
+
+            for k in todo:
+                first, end = windows[k]
+                start, stop = int(bounds[first]), int(bounds[end])
+                docs = texts.docs(start, stop)
+                doc_query = run.query[start:stop] - first
+                result = encoder.score_window(texts.queries[first:end], docs, doc_query,
+                                              batch_size=config.batch_size, max_p=config.max_p,
+                                              on_step=on_step)
+                del docs
+                payload = window_payload(run, bounds, first, end, result.scores, config.run_tag)
+                progress.append(k, payload, docs=stop - start, queries=end - first, truncated=result.truncated)
+                queries_done += end - first
+                bar.update(stop - start)
+                bar.set_postfix_str(f"queries {queries_done}/{queries_total}")
+                signals.check()
+    except _Stop:
+        bar.close()
+        name = "SIGINT" if signals.received == signal.SIGINT else "SIGTERM"
+        print(f"stopped ({name}): {queries_done} of {queries_total} queries are saved in {progress.path}; run the "
+              "same command with --resume to continue", file=sys.stderr)
+        return EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
+    bar.close()
+    return 0
+
+
+def _write_output(output: str, windows, parts: list[ProgressFile]) -> int:
+    """The output from every window's saved lines, in window order, written atomically; returns truncated docs."""
+    truncated = 0
+    with atomic_write(output, "wb") as f:
+        for k in range(len(windows)):
+            part = next((p for p in parts if p is not None and k in p.done), None)
+            if part is None:
+                raise RuntimeError(f"window {k} is missing from the progress files")
+            f.write(part.payload(k))
+            truncated += int(part.done[k][2].get("truncated", 0))
+    return truncated
+
+
+def _evaluate(config: RerankConfig, run: CompactRun, qrels, measures) -> dict | None:
+    # The input run is evaluated in its first-stage order (the order the depth cut left it in).
+    bounds = run.query_bounds()
+    position = np.arange(len(run)) - bounds[run.query]
+    first_stage = run.frame(scores=-position.astype(float))
+    reranked = read_trec_run(config.output)
     results = evaluate(qrels, {"input": first_stage, "reranked": reranked}, measures)
     if not results or not any(results.values()):
         logger.warning("none of the run's queries have qrels: nothing to evaluate")
         return None
     print(format_results(results))
-    eval_output = config.eval_output or f"{config.output}.eval.json"
-    write_results(eval_output, results)
-    logger.info("wrote %s", eval_output)
+    write_results(eval_output_path(config), results)
+    logger.info("wrote %s", eval_output_path(config))
     return results
 
 
@@ -165,18 +541,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sce_jax").setLevel(logging.INFO)
     args = vars(build_parser().parse_args(argv))
-    try:
-        rerank(load_config(args.pop("config", None), args))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return rerank(load_config(args.pop("config", None), args))
 
 
 def cli() -> None:
-    """The installed console script."""
-    sys.exit(main())
+    """The `sce-jax-rerank` console script (and `python -m sce_jax.rerank`)."""
+    sys.exit(run_cli(main))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

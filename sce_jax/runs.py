@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import json
 import logging
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from sce_jax.errors import InputError, located  # noqa: F401  (re-exported: older imports)
+from sce_jax.errors import InputError, located, user_path  # noqa: F401  (re-exported: older imports)
 
 logger = logging.getLogger(__name__)
 
@@ -31,61 +33,168 @@ JSON_FIELD_ALIASES = {"qid": ("qid", "query_id"), "docno": ("docno", "doc_id")}
 JSON_TEXT_FIELDS = ("query", "text")
 
 
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+BOM = "\ufeff"
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def open_text(path: str | os.PathLike) -> IO[str]:
-    """Open a UTF-8 text file for reading, gunzipping `.gz` files."""
+    """Open a UTF-8 text file for reading, gunzipping `.gz` files. (Use `read_lines` for line-located errors.)"""
+    path = user_path(path) if not isinstance(path, Path) else path
+    check_readable(path)
     if str(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+def check_readable(path: str | os.PathLike, what: str = "file") -> None:
+    """An InputError unless `path` is an existing, readable file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such {what}")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a {what}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: not readable")
+
+
+def open_binary(path: str | os.PathLike) -> IO[bytes]:
+    """The file's bytes (gunzipped for `.gz`); see `gzip_errors` for turning read errors into InputErrors."""
+    check_readable(path)
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[IO[str]]:
-    """Write a text file all at once: into a temporary file beside it, renamed over `path` only on success.
-
-    A failure (an exception inside the block) removes the temporary file and leaves any existing `path` as it was.
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def gzip_errors(path) -> Iterator[None]:
+    """Corrupt, truncated or not-gzip `.gz` input becomes one InputError naming the file."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-        os.replace(tmp_name, path)
+        yield
+    except GZIP_ERRORS as error:
+        raise InputError(f"{path}: not a valid gzip file (corrupt or truncated): {error}") from None
+
+
+def decode_line(raw: bytes, path, line_no: int) -> str:
+    """One line's bytes as text; non-UTF-8 bytes are an InputError naming file and line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise located(path, line_no, f"not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})") from None
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text without its line ending) of a UTF-8 text file (`.gz` allowed), a leading BOM stripped.
+
+    Missing files, bad gzip data and non-UTF-8 bytes are InputErrors naming the file (and line)."""
+    with open_binary(path) as f, gzip_errors(path):
+        for line_no, raw in enumerate(f, start=1):
+            line = decode_line(raw, path, line_no).rstrip("\r\n")
+            if line_no == 1 and line.startswith(BOM):
+                line = line[1:]
+            yield line_no, line
+
+
+def check_text(value: str, path, where, field: str) -> str:
+    """`value`, if it can be encoded as UTF-8 (JSON escapes can make lone surrogates, which the tokenizer rejects)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise located(path, where, f"{field} contains a lone surrogate (an invalid \\u escape)") from None
+    return value
+
+
+def _write_through(path: Path) -> Path:
+    """Where writing `path` should go: a symlink's target (so the link is kept), otherwise `path` itself."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Write a file all at once: into a temporary file beside it, renamed over `path` only on success.
+
+    mode "w" (UTF-8 text, `\\n` line ends) or "wb". A name ending in `.gz` is written gzip-compressed (with a
+    zero timestamp, so equal contents give equal bytes). A symlink is written through: its target is replaced,
+    the link kept. The file gets the usual mode for new files (0666 less the umask). A failure (an exception
+    inside the block) removes the temporary file and leaves any existing `path` as it was.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    target = _write_through(path)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as raw:
+            stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if path.name.endswith(".gz") else raw
+            with contextlib.ExitStack() as stack:
+                if stream is not raw:
+                    stack.enter_context(stream)
+                if mode == "w":
+                    text = io.TextIOWrapper(stream, encoding="utf-8", newline="\n", write_through=False)
+                    yield text
+                    text.flush()
+                    text.detach()
+                else:
+                    yield stream
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp_name, target)
     except BaseException:
-        os.unlink(tmp_name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
         raise
 
 
-def _number(value: str, kind: type, path, where, field: str) -> float:
+def _number(value, kind: type, path, where, field: str) -> float:
+    """A rank (kind int: integers only, so TREC `3.5` and JSON `1.7` are errors) or a score (kind float)."""
     try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+            raise ValueError
         return float(kind(value))
-    except (TypeError, ValueError):
-        raise located(path, where, f"{field} {value!r} is not {'an integer' if kind is int else 'a number'}") from None
+    except (TypeError, ValueError, OverflowError):
+        noun = "an integer" if kind is int else "a number"
+        raise located(path, where, f"{field} {value!r} is not {noun}") from None
 
 
 def read_trec_run(path: str | os.PathLike) -> pd.DataFrame:
     """Read a TREC run (`qid Q0 docno rank score [tag]`, whitespace-separated; `.gz` allowed)."""
     qids, docnos, ranks, scores = [], [], [], []
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) not in (len(RUN_COLUMNS) - 1, len(RUN_COLUMNS)):
-                raise located(
-                    path, line_no, f"expected 5 or 6 whitespace-separated columns ({' '.join(RUN_COLUMNS)}), "
-                    f"got {len(fields)}")
-            row = dict(zip(RUN_COLUMNS, fields))
-            qids.append(row["qid"])
-            docnos.append(row["docno"])
-            ranks.append(_number(row["rank"], int, path, line_no, "rank"))
-            scores.append(_number(row["score"], float, path, line_no, "score"))
+    for line_no, line in read_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        qid, docno, rank, score = _trec_fields(fields, path, line_no)
+        qids.append(qid)
+        docnos.append(docno)
+        ranks.append(rank)
+        scores.append(score)
     return _run_frame(qids, docnos, ranks, scores)
 
 
+def _trec_fields(fields: list, path, line_no: int) -> tuple:
+    if len(fields) not in (len(RUN_COLUMNS) - 1, len(RUN_COLUMNS)):
+        raise located(path, line_no, f"expected 5 or 6 whitespace-separated columns ({' '.join(RUN_COLUMNS)}), "
+                      f"got {len(fields)}")
+    return (fields[0], fields[2], _number(fields[3], int, path, line_no, "rank"),
+            _number(fields[4], float, path, line_no, "score"))
+
+
 def json_records(path) -> Iterator[tuple[str | int, object]]:
-    """(where, record) for a JSON list, a single JSON object, or JSON lines."""
-    with open_text(path) as f:
-        content = f.read()
+    """(where, record) for a JSON list, a single JSON object, or JSON lines (BOM stripped, `.gz` allowed)."""
+    with open_binary(path) as f, gzip_errors(path):
+        data = f.read()
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise located(path, line, f"not UTF-8 (byte {data[error.start]:#04x})") from None
+    del data
+    if content.startswith(BOM):
+        content = content[1:]
     try:
         whole = json.loads(content)
     except json.JSONDecodeError as error:
@@ -107,13 +216,21 @@ def json_records(path) -> Iterator[tuple[str | int, object]]:
             raise located(path, line_no, f"malformed JSON: {error.msg}") from None
 
 
+def json_id(value, path, where, name: str) -> str:
+    """An id from JSON: a string, or an integer (written in decimal); floats, booleans, lists, objects are errors."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise located(path, where, f"{name} must be a string (or an integer), got {json.dumps(value)}")
+    if not value or any(c.isspace() for c in value):  # it could not be written to a TREC run
+        raise located(path, where, f"{name} {value!r} must be non-empty and contain no whitespace")
+    return check_text(value, path, where, name)
+
+
 def _json_field(record: dict, names: tuple[str, ...], path, where) -> str:
     for name in names:
         if record.get(name) is not None:
-            value = str(record[name])
-            if not value or any(c.isspace() for c in value):  # it could not be written to a TREC run
-                raise located(path, where, f"{name} {value!r} must be non-empty and contain no whitespace")
-            return value
+            return json_id(record[name], path, where, name)
     raise located(path, where, f"missing field {' or '.join(map(repr, names))}")
 
 
@@ -121,14 +238,14 @@ def _json_number(record: dict, field: str, kind: type, path, where) -> float:
     value = record.get(field)
     if value is None:
         return np.nan
-    if isinstance(value, bool):  # json true/false would pass int()/float()
-        raise located(path, where, f"{field} {value!r} is not a number")
     return _number(value, kind, path, where, field)
 
 
 def read_json_run(path: str | os.PathLike) -> pd.DataFrame:
     """Read the original's JSON run format: a JSON list or JSON lines (`.gz` allowed) of records with
-    `qid` (or `query_id`), `docno` (or `doc_id`), and optionally `query`, `text`, `rank`, `score`."""
+    `qid` (or `query_id`), `docno` (or `doc_id`), and optionally `query`, `text`, `rank`, `score`.
+
+    Ids are strings, or integers (taken as their decimal text); ranks are integers."""
     columns = {name: [] for name in ("qid", "docno", "rank", "score", *JSON_TEXT_FIELDS)}
     for where, record in json_records(path):
         if not isinstance(record, dict):
@@ -141,7 +258,7 @@ def read_json_run(path: str | os.PathLike) -> pd.DataFrame:
             value = record.get(field)
             if value is not None and not isinstance(value, str):
                 raise located(path, where, f"{field} must be a string, got {type(value).__name__}")
-            columns[field].append(value)
+            columns[field].append(value if value is None else check_text(value, path, where, field))
     run = _run_frame(columns["qid"], columns["docno"], columns["rank"], columns["score"])
     for field in JSON_TEXT_FIELDS:
         if any(value is not None for value in columns[field]):
@@ -222,3 +339,248 @@ def write_trec_run(path: str | os.PathLike, run: pd.DataFrame, tag: str) -> None
         for qid, docno, rank, score in zip(ranked["qid"], ranked["docno"], ranked["rank"], ranked["score"]):
             row = {"qid": qid, "q0": "Q0", "docno": docno, "rank": rank, "score": format_score(score), "tag": tag}
             f.write(" ".join(str(row[column]) for column in RUN_COLUMNS) + "\n")
+
+
+# --- compact runs: millions of lines, cut to depth while reading, held in arrays ------------------------------
+
+
+class CompactRun(NamedTuple):
+    """A depth-cut run in arrays, rows grouped by query (queries in order of first appearance), each query's rows
+    in first-stage order (see `select_top`).
+
+    qids: the queries' ids; query: each row's query (index into qids, ascending); docno: bytes ids (`S` array);
+    rank/score: the input's (NaN where missing); query_texts / doc_texts: texts the input carried, else None.
+    """
+
+    qids: list[str]
+    query: np.ndarray
+    docno: np.ndarray
+    rank: np.ndarray
+    score: np.ndarray
+    query_texts: list[str | None] | None = None
+    doc_texts: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def query_bounds(self) -> np.ndarray:
+        """Row offsets where each query starts, and the end: len(qids) + 1 entries."""
+        return np.searchsorted(self.query, np.arange(len(self.qids) + 1), "left")
+
+    def docnos(self, start: int, stop: int) -> list[str]:
+        return [d.decode("utf-8") for d in self.docno[start:stop].tolist()]
+
+    def frame(self, *, scores: np.ndarray | None = None) -> pd.DataFrame:
+        """As a run frame (qid, docno, rank, score): for evaluation and small runs."""
+        qids = pd.Categorical.from_codes(self.query, categories=pd.Index(self.qids, dtype=object)) \
+            if len(self.qids) == len(set(self.qids)) else np.asarray(self.qids, object)[self.query]
+        return pd.DataFrame({"qid": pd.Series(qids).astype(object), "docno": pd.Series(self.docnos(0, len(self)),
+                            dtype=object), "rank": self.rank, "score": self.score if scores is None else scores})
+
+
+class DepthCut:
+    """Rows added in file order, kept to the first `depth` distinct documents per query in first-stage order
+    (rank ascending, score descending, file order; a repeated (qid, docno) keeps its first), pruned as they come
+    so memory follows what is kept, not the input's length."""
+
+    def __init__(self, depth: int | None, *, chunk_rows: int = 1 << 20):
+        self.depth = depth
+        self.chunk_rows = chunk_rows
+        self.codes: dict[str, int] = {}
+        self.rows_read = 0
+        self.repeats = 0
+        self.examples: list[tuple[int, bytes]] = []
+        self._lists = ([], [], [], [])  # query code, docno bytes, rank, score
+        self._pending: list[tuple] = []
+        self._pending_rows = 0
+        self._kept: tuple | None = None
+
+    def add(self, qid: str, docno: str, rank: float, score: float) -> None:
+        code = self.codes.get(qid)
+        if code is None:
+            code = self.codes[qid] = len(self.codes)
+        q, d, r, s = self._lists
+        q.append(code)
+        d.append(docno.encode("utf-8"))
+        r.append(rank)
+        s.append(score)
+        if len(q) >= self.chunk_rows:
+            self._to_arrays()
+
+    def add_arrays(self, qids: np.ndarray, docnos: np.ndarray, ranks: np.ndarray, scores: np.ndarray) -> None:
+        """Rows in file order, as arrays (qids: str objects; docnos: `S` bytes), after the rows
+        added before."""
+        self._to_arrays()
+        inverse, uniques = pd.factorize(qids)
+        codes = np.empty(len(uniques), np.int32)
+        for i, qid in enumerate(uniques.tolist()):
+            code = self.codes.get(qid)
+            if code is None:
+                code = self.codes[qid] = len(self.codes)
+            codes[i] = code
+        n = len(qids)
+        line = np.arange(self.rows_read, self.rows_read + n, dtype=np.int64)
+        self._pending.append((codes[inverse], docnos, np.asarray(ranks, np.float64), np.asarray(scores, np.float64),
+                              line))
+        self.rows_read += n
+        self._pending_rows += n
+        kept = 0 if self._kept is None else len(self._kept[0])
+        if self._pending_rows >= max(self.chunk_rows, kept):
+            self._prune()
+
+    def _to_arrays(self) -> None:
+        q, d, r, s = self._lists
+        if not q:
+            return
+        n = len(q)
+        line = np.arange(self.rows_read, self.rows_read + n, dtype=np.int64)
+        self._pending.append((np.asarray(q, np.int32), np.asarray(d, dtype=bytes), np.asarray(r, np.float64),
+                              np.asarray(s, np.float64), line))
+        self.rows_read += n
+        self._pending_rows += n
+        self._lists = ([], [], [], [])
+        kept = 0 if self._kept is None else len(self._kept[0])
+        if self._pending_rows >= max(self.chunk_rows, kept):  # prune: total work stays linear
+            self._prune()
+
+    def _prune(self) -> None:
+        from sce_jax.textstore import hash_fixed
+
+        parts = ([self._kept] if self._kept is not None else []) + self._pending  # file order
+        if not parts:
+            return
+        q, d, r, s, line = (np.concatenate([p[i] for p in parts]) for i in range(5))
+        self._pending, self._pending_rows = [], 0
+        rank_key, score_key = np.nan_to_num(r, nan=np.inf), np.nan_to_num(-s, nan=np.inf)
+        if not _in_first_stage_order(q, rank_key, score_key, line):  # runs usually are: no sort then
+            order = np.lexsort((line, score_key, rank_key, q))
+            q, d, r, s, line = q[order], d[order], r[order], s[order], line[order]
+        # Repeated (qid, docno): keep the first in this order. Grouped by one 64-bit key (the docno's hash mixed
+        # with the query), then compared exactly, so a hash collision is no repeat.
+        key = hash_fixed(d) ^ (q.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        by_key = np.argsort(key, kind="stable")  # equal keys stay in first-stage order
+        adjacent = np.flatnonzero(key[by_key][1:] == key[by_key][:-1])
+        first, later = by_key[adjacent], by_key[adjacent + 1]
+        exact = (q[first] == q[later]) & (d[first] == d[later])
+        repeated = np.zeros(len(q), bool)
+        repeated[later[exact]] = True
+        for colliding in np.unique(key[later[~exact]]).tolist():  # practically never: resolve exactly
+            seen = set()
+            for i in np.flatnonzero(key == colliding).tolist():
+                repeated[i] = (int(q[i]), bytes(d[i])) in seen
+                seen.add((int(q[i]), bytes(d[i])))
+        self.repeats += int(repeated.sum())
+        for i in np.flatnonzero(repeated)[: max(0, 3 - len(self.examples))].tolist():
+            self.examples.append((int(q[i]), bytes(d[i])))
+        keep = ~repeated
+        if self.depth is not None:
+            starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+            kept_rows = np.cumsum(keep)  # the depth counts kept (non-repeated) rows
+            before = np.repeat(kept_rows[starts] - keep[starts], np.diff(np.r_[starts, len(q)]))
+            keep &= kept_rows - before <= self.depth
+        if not keep.all():
+            q, d, r, s, line = q[keep], d[keep], r[keep], s[keep], line[keep]
+        self._kept = (q, d, r, s, line)
+
+    def finish(self) -> CompactRun:
+        self._to_arrays()
+        self._prune()
+        qids = list(self.codes)
+        if self.repeats:
+            examples = ", ".join(f"({qids[q]}, {d.decode()})" for q, d in self.examples)
+            logger.warning("dropped %d repeated (qid, docno) pairs, e.g. %s", self.repeats, examples)
+        if self._kept is None:
+            return CompactRun(qids, np.zeros(0, np.int32), np.zeros(0, "S1"), np.zeros(0), np.zeros(0))
+        q, d, r, s, _ = self._kept
+        # Queries whose every row was cut cannot happen (depth >= 1); codes are dense in first-appearance order.
+        return CompactRun(qids, q, d, r, s)
+
+
+def _blocks(path, size: int = 16 << 20) -> Iterator[tuple[int, bytes]]:
+    """(number of the block's first line, block of whole lines) of a file's bytes (`.gz` allowed), BOM stripped."""
+    line_no, carry = 1, b""
+    with open_binary(path) as f, gzip_errors(path):
+        first = True
+        while True:
+            data = f.read(size)
+            if first and data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+            first = False
+            if not data:
+                if carry:
+                    yield line_no, carry
+                return
+            data = carry + data
+            cut = data.rfind(b"\n") + 1
+            block, carry = data[:cut], data[cut:]
+            if block:
+                yield line_no, block
+                line_no += block.count(b"\n")
+
+
+def _parse_trec_block(block: bytes) -> pd.DataFrame | None:
+    """The block's rows by pandas' C parser, or None where it cannot be trusted (then the line parser decides):
+    a wrong column count, a rank that is not an integer, a score that is not a number (or NaN)."""
+    try:
+        frame = pd.read_csv(io.BytesIO(block), sep=r"\s+", header=None, names=list(RUN_COLUMNS), engine="c",
+                            dtype={"qid": str, "q0": str, "docno": str, "rank": np.int64,
+                                   "score": np.float64, "tag": str},
+                            na_filter=False, quoting=3, skip_blank_lines=True)
+    except (ValueError, TypeError, OverflowError, pd.errors.ParserError):
+        return None
+    if frame["score"].isna().any():
+        return None
+    return frame
+
+
+def _in_first_stage_order(q, rank_key, score_key, line) -> bool:
+    """Whether rows are already sorted by (query, rank, -score, file order)."""
+    if len(q) < 2:
+        return True
+    same_q = q[1:] == q[:-1]
+    r0, r1, s0, s1 = rank_key[:-1], rank_key[1:], score_key[:-1], score_key[1:]
+    within = (r1 > r0) | ((r1 == r0) & ((s1 > s0) | ((s1 == s0) & (line[1:] > line[:-1]))))
+    return bool(((q[1:] > q[:-1]) | (same_q & within)).all())
+
+
+def read_trec_run_compact(path: str | os.PathLike, depth: int | None) -> CompactRun:
+    """A TREC run (`.gz` allowed) read in blocks into a `CompactRun`, cut to `depth` as it is read.
+
+    Blocks go through pandas' C parser; a block it cannot parse cleanly is read line by line, which names the
+    file and line of the first bad line (or accepts what the C parser is strict about)."""
+    cut = DepthCut(depth)
+    for first_line, block in _blocks(path):
+        try:
+            block.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line_no = first_line + block.count(b"\n", 0, error.start)
+            raise located(path, line_no, f"not UTF-8 (byte {block[error.start]:#04x})") from None
+        frame = _parse_trec_block(block)
+        if frame is not None:
+            docnos = frame["docno"].to_numpy(object)
+            try:
+                docnos = docnos.astype(bytes)
+            except UnicodeEncodeError:
+                docnos = np.asarray([d.encode("utf-8") for d in docnos], dtype=bytes)
+            cut.add_arrays(frame["qid"].to_numpy(object), docnos, frame["rank"].to_numpy(np.float64), frame["score"].to_numpy())
+            continue
+        for offset, raw in enumerate(block.splitlines()):
+            fields = raw.decode("utf-8").split()
+            if fields:
+                cut.add(*_trec_fields(fields, path, first_line + offset))
+    return cut.finish()
+
+
+def compact_from_frame(run: pd.DataFrame, depth: int | None) -> CompactRun:
+    """A run frame (e.g. a JSON run, which may carry texts) as a depth-cut `CompactRun`."""
+    run = select_top(run, depth)
+    codes, qids = pd.factorize(run["qid"])
+    query_texts = doc_texts = None
+    if "query" in run:
+        first = run.drop_duplicates("qid")
+        query_texts = [None if pd.isna(t) else t for t in first["query"].tolist()]
+    if "text" in run:
+        doc_texts = np.asarray(run["text"].tolist(), dtype=object)
+    return CompactRun(list(qids), codes.astype(np.int32), np.asarray([d.encode("utf-8") for d in run["docno"]],
+                      dtype=bytes), run["rank"].to_numpy(np.float64), run["score"].to_numpy(np.float64),
+                      query_texts, doc_texts)

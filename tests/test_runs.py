@@ -262,3 +262,66 @@ def test_evaluation_input_errors(tmp_path):
         read_qrels(_write(tmp_path / "qrels", "q1 0 d1 1\nq1 d2 1\n"))
     with pytest.raises(InputError, match=r"qrels: line 1: relevance 'yes' is not an integer"):
         read_qrels(_write(tmp_path / "qrels", "q1 0 d1 yes\n"))
+
+
+# --- compact runs: depth cut while reading ---------------------------------------------------------------------
+
+
+def _random_run_lines(rng, n):
+    lines = []
+    for _ in range(n):
+        score = rng.choice(["0.5", "1.5", "-2", "3e2", "7"])
+        lines.append(f"q{rng.integers(0, 4)}\tQ0  d{rng.integers(0, 8)} {rng.integers(1, 4)} {score}"
+                     + rng.choice(["", " tag"]) + rng.choice(["\n", "\r\n", "\n\n"]))
+    return lines
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_compact_reader_equals_read_then_select_top(tmp_path, seed, monkeypatch):
+    from sce_jax import runs
+    from sce_jax.runs import DepthCut, read_trec_run_compact
+
+    rng = np.random.default_rng(seed)
+    lines = _random_run_lines(rng, int(rng.integers(1, 80)))
+    if seed % 4 == 0:
+        lines.insert(int(rng.integers(0, len(lines))), "q9 Q0 dx 2 nan\n")  # NaN score: the line parser's block
+    path = _write(tmp_path / "r.run", "".join(lines))
+    depth = [None, 1, 2, 5][seed % 4]
+    # Small blocks and prunes, so that both readers and the pruning run several times.
+    monkeypatch.setattr(runs, "_blocks", lambda p, size=64, real=runs._blocks: real(p, size))
+    monkeypatch.setattr(runs, "DepthCut", lambda d: DepthCut(d, chunk_rows=3))
+    if seed % 3 == 0:  # every docno hash collides: repeats are still decided by the ids themselves
+        from sce_jax import textstore
+
+        monkeypatch.setattr(textstore, "hash_fixed", lambda ids: np.zeros(len(ids), np.uint64))
+    got = read_trec_run_compact(path, depth).frame()
+    expected = select_top(read_trec_run(path), depth)
+    assert list(zip(got.qid, got.docno)) == list(zip(expected.qid, expected.docno))
+    np.testing.assert_array_equal(got["rank"].to_numpy(), expected["rank"].to_numpy())
+    np.testing.assert_array_equal(got["score"].to_numpy(), expected["score"].to_numpy())
+
+
+def test_compact_reader_errors_name_the_line_and_bom_is_stripped(tmp_path):
+    from sce_jax.runs import read_trec_run_compact
+
+    run = read_trec_run_compact(_write(tmp_path / "r.run", "\ufeff101 Q0 a 1 2.0 x\n101 Q0 b 2 1.0 x\n"), None)
+    assert run.qids == ["101"] and run.docnos(0, 2) == ["a", "b"]
+    lines = "".join(f"q Q0 d{i} {i + 1} 1.0 x\n" for i in range(50))
+    for bad, message in (("q Q0 z 3.5 1.0 x", "line 51: rank '3.5' is not an integer"),
+                         ("q Q0 z 3 1.0 x y", "line 51: expected 5 or 6"),
+                         ("q Q0 z 3", "line 51: expected 5 or 6"),
+                         ("q Q0 z 3 high x", "line 51: score 'high' is not a number")):
+        with pytest.raises(InputError, match=message):
+            read_trec_run_compact(_write(tmp_path / "r.run", lines + bad + "\n"), None)
+
+
+def test_json_ids_strings_or_integers(tmp_path):
+    run = read_json_run(_write(tmp_path / "r.jsonl", '{"qid": 101, "docno": "a"}\n{"qid": "102", "docno": 7}\n'))
+    assert run.qid.tolist() == ["101", "102"] and run.docno.tolist() == ["a", "7"]
+
+
+def test_compact_reader_keeps_ids_as_written(tmp_path):
+    from sce_jax.runs import read_trec_run_compact
+
+    run = read_trec_run_compact(_write(tmp_path / "r.run", "0101 Q0 007 1 2.0 x\n1e3 Q0 1.0 1 1 x\n"), None)
+    assert run.qids == ["0101", "1e3"] and run.docnos(0, 2) == ["007", "1.0"]
