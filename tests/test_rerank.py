@@ -299,7 +299,7 @@ BAD_INPUTS = {
     "unknown config key": ("run.jsonl", '{"qid": "1", "docno": "a", "query": "q", "text": "t"}\n',
                            ["--config", "config.yaml"], "config.yaml: unknown settings windw"),
     "missing model": ("run.jsonl", '{"qid": "1", "docno": "a", "query": "q", "text": "t"}\n',
-                      ["--model", "./no/such/model"], "cannot load model './no/such/model'"),
+                      ["--model", "./no/such/model"], "model './no/such/model' not found"),
 }
 
 
