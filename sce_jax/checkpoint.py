@@ -7,6 +7,7 @@ tokenizer files + checkpoints/ (Orbax CheckpointManager, item "params" per step)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 
 from sce_jax.config import SparseCrossEncoderConfig
+from sce_jax.quant import QUANTIZATION_FILE, SCHEME, is_quantized, quantized_target
 from sce_jax.tokenization import TOKENIZER_FILES
 from sce_jax.weights import CheckpointError, hf_to_params, param_shapes, read_hf_state_dict
 
@@ -72,6 +74,8 @@ def save_model_dir(path: str | Path, config: SparseCrossEncoderConfig, params: d
     with staged_directory(path) as staging:
         config.to_json(staging / "config.json")
         copy_tokenizer_files(tokenizer_dir, staging)
+        if is_quantized(params):
+            (staging / QUANTIZATION_FILE).write_text(json.dumps(SCHEME, indent=2) + "\n")
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, jax.tree.map(np.asarray, params))
     return Path(path)
@@ -81,6 +85,8 @@ def _restore_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:
     import orbax.checkpoint as ocp
 
     target = abstract_params(config)
+    if (directory / QUANTIZATION_FILE).exists():  # written by the converter's --quantize int8
+        target = quantized_target(target)
     try:
         if (directory / PARAMS_DIR).exists():
             with ocp.StandardCheckpointer() as checkpointer:

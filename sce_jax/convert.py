@@ -14,6 +14,7 @@ import numpy as np
 
 from sce_jax.checkpoint import copy_tokenizer_files, load_model_dir, save_model_dir, staged_directory
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pattern
+from sce_jax.quant import dequantize_params, quantize_params
 from sce_jax.weights import CheckpointError, extend_position_embeddings, params_to_hf
 
 
@@ -24,8 +25,14 @@ def convert(
     config_overrides: dict[str, Any] | None = None,
     extend_positions: int | None = None,
     trained_positions: int | None = None,
+    quantize: str | None = None,
 ) -> SparseCrossEncoderConfig:
-    """Write an sce_jax model directory for `source` (hub id, HF directory or sce_jax directory)."""
+    """Write an sce_jax model directory for `source` (hub id, HF directory or sce_jax directory).
+
+    `quantize="int8"` stores the linear layers' weights as int8 with per-output-channel scales (sce_jax.quant).
+    """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantization {quantize!r}; the only one is int8")
     config, params, directory = load_model_dir(source)
     if config_overrides:
         config = config.replace(**config_overrides)
@@ -35,6 +42,8 @@ def convert(
             table, extend_positions, trained_positions
         )
         config = config.replace(max_position_embeddings=extend_positions)
+    if quantize == "int8":
+        params = quantize_params(params, config)
     save_model_dir(output, config, params, directory)
     return config
 
@@ -44,6 +53,7 @@ def export_hf(source: str | Path, output: str | Path) -> SparseCrossEncoderConfi
     from safetensors.numpy import save_file
 
     config, params, directory = load_model_dir(source)
+    params = dequantize_params(params)
     with staged_directory(output) as staging:
         config.to_json(staging / "config.json")
         save_file(params_to_hf(params, config), str(staging / "model.safetensors"), metadata={"format": "pt"})
@@ -78,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="use the released models' pattern (window 4 unless --attention-window is given)")
     parser.add_argument("--extend-positions", type=int, metavar="N",
                         help="linearly interpolate the position table to N rows (see README)")
+    parser.add_argument("--quantize", choices=["int8"],
+                        help="store the linear layers as int8 with per-channel scales (docs/int8.md)")
     parser.add_argument("--trained-positions", type=int, metavar="K",
                         help="with --extend-positions: only the first K rows count as trained")
     return parser.parse_args(argv)
@@ -105,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 config_overrides=config_overrides_from_args(args),
                 extend_positions=args.extend_positions,
                 trained_positions=args.trained_positions,
+                quantize=args.quantize,
             )
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

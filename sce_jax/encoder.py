@@ -20,10 +20,12 @@ from sce_jax.batch import Batch, bucket_length, length_buckets, pack_rows
 from sce_jax.checkpoint import load_model_dir
 from sce_jax.config import SparseCrossEncoderConfig
 from sce_jax.model import SparseCrossEncoderModel
+from sce_jax.quant import dequantize_params, quantize_params
 from sce_jax.runs import rank_by_score
 from sce_jax.tokenization import QueryDocTokenizer
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# int8: int8 linear layers, float32 for the rest (sce_jax.quant, docs/int8.md).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
 
 
 def build_model(
@@ -34,9 +36,13 @@ def build_model(
     attention_impl: str = "auto",
     interpret: bool = False,
 ) -> SparseCrossEncoderModel:
-    """A model holding `params` (a pure parameter tree), without initialising random weights first."""
+    """A model holding `params` (a pure parameter tree), without initialising random weights first.
+
+    dtype "int8" quantizes the linear layers' weights here, unless `params` already holds int8 weights (a
+    directory converted with `--quantize int8`); other dtypes run such weights dequantized."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    params = quantize_params(params, config) if dtype == "int8" else dequantize_params(params)
     abstract = nnx.eval_shape(
         lambda: SparseCrossEncoderModel(
             config,

@@ -60,7 +60,7 @@ HELP = {
     "docs": "TSV (docno<TAB>text) or JSONL file with the document texts",
     "devices": "local devices to split documents over (default: all)",
     "attention_impl": "attention implementation: auto (the C++ kernel on CPU, Pallas on GPU), cpu, xla, dense or pallas",
-    "dtype": "float32 or bfloat16",
+    "dtype": "float32, bfloat16 or int8 (int8 linear layers, docs/int8.md)",
     "run_tag": "tag in the output run's last column",
     "eval_output": "JSON file for the evaluation results (default: OUTPUT.eval.json)",
 }
