@@ -160,6 +160,7 @@ def minilm_scores(minilm_hf_dir):
     return scores
 
 
+@pytest.mark.slow
 def test_int8_model_is_close_to_float32(minilm_scores):
     """Documented tolerance (docs/int8.md): |Δscore| <= 10% of the query's score spread, same ranking here."""
     f32, i8 = minilm_scores["float32"], minilm_scores["int8"]
