@@ -67,6 +67,8 @@ def main() -> None:
     try:
         model_dir = bench.prepare_models(directory / "model", peers=True)
         for workload, count in (("passages", args.passages), ("documents", args.documents)):
+            if count == 0:
+                continue
             spec = dict(workload=workload, count=count, per_query=PER_QUERY[workload], model_dir=model_dir, scores=True)
             _, _, doc_query = bench.workload_texts(spec)
             scores = {}
