@@ -19,6 +19,7 @@ import numpy as np
 
 from sce_jax.config import SparseCrossEncoderConfig
 from sce_jax.errors import InputError, one_line, user_path
+from sce_jax.quant import QUANTIZATION_FILE, SCHEME, is_quantized, quantized_target
 from sce_jax.tokenization import TOKENIZER_FILES
 from sce_jax.weights import CheckpointError, hf_to_params, param_shapes, read_hf_state_dict
 
@@ -121,6 +122,8 @@ def save_model_dir(path: str | Path, config: SparseCrossEncoderConfig, params: d
     with staged_directory(path) as staging:
         config.to_json(staging / "config.json")
         copy_tokenizer_files(tokenizer_dir, staging)
+        if is_quantized(params):
+            (staging / QUANTIZATION_FILE).write_text(json.dumps(SCHEME, indent=2) + "\n")
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, jax.tree.map(np.asarray, params))
     return user_path(path)
@@ -159,9 +162,10 @@ def _verify_item(item: Path) -> None:
                               "is the checkpoint truncated or corrupt?") from None
 
 
-def _check_stored_shapes(stored, config: SparseCrossEncoderConfig, where: Path) -> None:
-    """A one-line CheckpointError if the stored parameter tree differs from the config's."""
-    expected = _names_and_shapes(param_shapes(config))
+def _check_stored_shapes(stored, target, where: Path) -> None:
+    """A one-line CheckpointError if the stored parameter tree differs from the restore target's (the config's,
+    in int8 form for a quantized directory)."""
+    expected = _names_and_shapes(target)
     found = _names_and_shapes(stored)
     if not found:
         raise CheckpointError(f"{where}: no parameters found in the checkpoint's metadata; is it truncated?")
@@ -177,11 +181,13 @@ def _restore_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:
 
     target = abstract_params(config)
     where = directory / PARAMS_DIR
+    if (directory / QUANTIZATION_FILE).exists():  # written by the converter's --quantize int8
+        target = quantized_target(target)
     try:
         if where.exists():
             _verify_item(where)
             with ocp.StandardCheckpointer() as checkpointer:
-                _check_stored_shapes(checkpointer.metadata(where).item_metadata, config, where)
+                _check_stored_shapes(checkpointer.metadata(where).item_metadata, target, where)
                 return checkpointer.restore(where, target)
         with ocp.CheckpointManager(directory / CHECKPOINTS_DIR) as manager:
             step = manager.latest_step()
@@ -191,7 +197,7 @@ def _restore_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:
             if (where / "params").is_dir():  # the item's own metadata: compare shapes before restoring
                 _verify_item(where / "params")
                 with ocp.StandardCheckpointer() as checkpointer:
-                    _check_stored_shapes(checkpointer.metadata(where / "params").item_metadata, config, where)
+                    _check_stored_shapes(checkpointer.metadata(where / "params").item_metadata, target, where)
             restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
             return restored["params"]
     except CheckpointError:

@@ -27,6 +27,7 @@ from sce_jax.checkpoint import (
 )
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pattern
 from sce_jax.errors import InputError, run_cli
+from sce_jax.quant import dequantize_params, quantize_params
 from sce_jax.weights import (
     extend_position_embeddings,
     hf_to_params,
@@ -45,13 +46,17 @@ def convert(
     extend_positions: int | None = None,
     trained_positions: int | None = None,
     add_untrained_head: bool = False,
+    quantize: str | None = None,
 ) -> SparseCrossEncoderConfig:
     """Write an sce_jax model directory for `source` (hub id, HF directory or sce_jax directory).
 
     `add_untrained_head`: `source` is a bare BERT encoder (BertModel, e.g. sentence-transformers' MiniLM);
     give it a random single-logit classifier (`weights.with_untrained_head`), so that every command can be tried
     with it. Its scores mean nothing until it is fine-tuned. Everything is checked before anything is written.
+    `quantize="int8"` stores the linear layers' weights as int8 with per-output-channel scales (sce_jax.quant).
     """
+    if quantize not in (None, "int8"):
+        raise InputError(f"--quantize: unknown quantization {quantize!r}; the only one is int8")
     check_output_dir(output)
     directory = resolve_model_dir(source)
     config = read_model_config(directory)
@@ -78,6 +83,8 @@ def convert(
             table, extend_positions, trained_positions
         )
         config = config.replace(max_position_embeddings=extend_positions)
+    if quantize == "int8":
+        params = quantize_params(params, config)
     save_model_dir(output, config, params, directory)
     return config
 
@@ -90,6 +97,7 @@ def export_hf(source: str | Path, output: str | Path) -> SparseCrossEncoderConfi
     directory = resolve_model_dir(source)
     config = read_model_config(directory)
     params = load_params(directory, config)
+    params = dequantize_params(params)
     with staged_directory(output) as staging:
         config.to_json(staging / "config.json")
         save_file(params_to_hf(params, config), str(staging / "model.safetensors"), metadata={"format": "pt"})
@@ -125,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="use the released models' pattern (window 4 unless --attention-window is given)")
     parser.add_argument("--extend-positions", type=int, metavar="N",
                         help="linearly interpolate the position table to N rows (see README)")
+    parser.add_argument("--quantize", choices=["int8"],
+                        help="store the linear layers as int8 with per-channel scales (docs/int8.md)")
     parser.add_argument("--trained-positions", type=int, metavar="K",
                         help="with --extend-positions: only the first K rows count as trained")
     parser.add_argument("--add-untrained-head", action="store_true",
@@ -163,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             extend_positions=args.extend_positions,
             trained_positions=args.trained_positions,
             add_untrained_head=args.add_untrained_head,
+            quantize=args.quantize,
         )
     pattern = "full attention" if config.is_full_attention else f"window {config.attention_window_size}"
     head = "; its classifier is UNTRAINED (random)" if args.add_untrained_head else ""

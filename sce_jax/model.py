@@ -21,6 +21,7 @@ from sce_jax.attention import (
 )
 from sce_jax.batch import Batch
 from sce_jax.config import SparseCrossEncoderConfig
+from sce_jax.quant import Int8Linear
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -70,20 +71,38 @@ class Embeddings(nnx.Module):
         return self.layer_norm(x)
 
 
+def _is_int8(dtype) -> bool:
+    return jnp.dtype(dtype) == jnp.int8
+
+
+def _linear_columns(linear, x_TxI, start: int, stop: int) -> jax.Array:
+    """Output channels start:stop of a linear layer (float or int8)."""
+    if isinstance(linear, Int8Linear):
+        return linear.columns(x_TxI, start, stop)
+    x, kernel, bias = linear.promote_dtype((x_TxI, linear.kernel[...], linear.bias[...]), dtype=linear.dtype)
+    return x @ kernel[:, start:stop] + bias[start:stop]
+
+
 class Layer(nnx.Module):
-    """A post-LayerNorm BERT layer whose attention follows the sparse pattern."""
+    """A post-LayerNorm BERT layer whose attention follows the sparse pattern.
+
+    With dtype int8 the four linear layers are `Int8Linear` (int8 weights and activations, int32 sums) and the
+    rest computes in float32 (`sce_jax.quant`)."""
 
     def __init__(self, config: SparseCrossEncoderConfig, *, dtype, rngs: nnx.Rngs):
         hidden = config.hidden_size
+        int8 = _is_int8(dtype)
+        dtype = jnp.float32 if int8 else dtype
         dense = dict(dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
         norm = dict(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        linear = (lambda i, o: Int8Linear(i, o)) if int8 else (lambda i, o: nnx.Linear(i, o, **dense))
         self.config = config
         # Query, key and value in one matmul.
-        self.qkv = nnx.Linear(hidden, 3 * hidden, **dense)
-        self.attention_output = nnx.Linear(hidden, hidden, **dense)
+        self.qkv = linear(hidden, 3 * hidden)
+        self.attention_output = linear(hidden, hidden)
         self.attention_norm = nnx.LayerNorm(hidden, **norm)
-        self.intermediate = nnx.Linear(hidden, config.intermediate_size, **dense)
-        self.output = nnx.Linear(config.intermediate_size, hidden, **dense)
+        self.intermediate = linear(hidden, config.intermediate_size)
+        self.output = linear(config.intermediate_size, hidden)
         self.output_norm = nnx.LayerNorm(hidden, **norm)
 
     def __call__(self, x_TxF, layout: TokenLayout, masks, *, impl, interpret, dropout_rngs):
@@ -104,11 +123,9 @@ class Layer(nnx.Module):
         hidden = cfg.hidden_size
         num_cls = layout.sizes[0]
         cls_TxF = x_TxF[:num_cls]
-        kernel, bias = self.qkv.kernel[...], self.qkv.bias[...]
-        x, kernel, bias = self.qkv.promote_dtype((x_TxF, kernel, bias), dtype=self.qkv.dtype)
         heads = (cfg.num_attention_heads, cfg.head_dim)
-        kv_Tx2xHxK = (x @ kernel[:, hidden:] + bias[hidden:]).reshape(x.shape[0], 2, *heads)
-        q_cls_Nx1xHxK = (x[:num_cls] @ kernel[:, :hidden] + bias[:hidden]).reshape(num_cls, 1, *heads)
+        kv_Tx2xHxK = _linear_columns(self.qkv, x_TxF, hidden, 3 * hidden).reshape(x_TxF.shape[0], 2, *heads)
+        q_cls_Nx1xHxK = _linear_columns(self.qkv, cls_TxF, 0, hidden).reshape(num_cls, 1, *heads)
         if impl == "cpu":
             attended = cpu_layer_attention(q_cls_Nx1xHxK, kv_Tx2xHxK, *masks, cfg, layout, cls_only=True)
         else:
@@ -155,8 +172,10 @@ class SparseCrossEncoderModel(nnx.Module):
         # Patterns the C++ CPU kernel does not cover run the XLA path.
         self.attention_impl = "xla" if attention_impl == "cpu" and not supports_cpu_kernel(config) else attention_impl
         self.interpret = interpret
-        dense = dict(dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.embeddings = Embeddings(config, dtype=dtype, rngs=rngs)
+        # int8: the layers' linears are int8 (`sce_jax.quant`), everything else float32.
+        float_dtype = jnp.float32 if _is_int8(dtype) else dtype
+        dense = dict(dtype=float_dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.embeddings = Embeddings(config, dtype=float_dtype, rngs=rngs)
         self.layers = nnx.List([Layer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)])
         self.pooler = nnx.Linear(config.hidden_size, config.hidden_size, **dense)
         self.classifier = nnx.Linear(config.hidden_size, 1, **dense)

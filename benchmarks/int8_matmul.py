@@ -1,0 +1,58 @@
+"""Which int8 variant pays on this CPU: XLA's float32 dot against its int8 x int8 -> int32 dot, alone and with the
+per-token quantization and the dequantization around it (what `sce_jax.quant.int8_linear` runs).
+
+    python benchmarks/int8_matmul.py [--tokens 2048] [--rounds 5]
+
+At the model's feed-forward shape ([tokens, 384] @ [384, 1536]), in one process, alternating rounds of 20 calls
+each; prints medians and ratios to the float32 dot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sce_jax import quant
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((args.tokens, 384)), jnp.float32)
+    w = rng.standard_normal((384, 1536)).astype(np.float32) * 0.05
+    q, scale = (jnp.asarray(a) for a in quant.quantize_kernel(w))
+    bias = jnp.zeros(1536, jnp.float32)
+    xq, x_scale = quant.quantize_rows(x)
+    acc = quant.int8_matmul(xq, q)
+    cases = {
+        "float32 dot": (jax.jit(lambda x, w: x @ w + bias), (x, jnp.asarray(w))),
+        "int8 dot (int32 out)": (jax.jit(quant.int8_matmul), (xq, q)),
+        "per-token quantization": (jax.jit(quant.quantize_rows), (x,)),
+        "dequantization": (jax.jit(lambda a, s: a.astype(jnp.float32) * (s[:, None] * scale) + bias), (acc, x_scale)),
+        "int8_linear (all three)": (jax.jit(lambda x: quant.int8_linear(x, q, scale, bias)), (x,)),
+    }
+    for fn, inputs in cases.values():
+        jax.block_until_ready(fn(*inputs))
+    times = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, (fn, inputs) in cases.items():
+            start = time.perf_counter()
+            for _ in range(20):
+                jax.block_until_ready(fn(*inputs))
+            times[name].append((time.perf_counter() - start) / 20)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"{cpu}; jax {jax.__version__}; [{args.tokens}, 384] @ [384, 1536], median of {args.rounds} rounds")
+    base = np.median(times["float32 dot"])
+    for name, values in times.items():
+        print(f"{name:26s} {np.median(values) * 1e3:7.2f} ms   float32 dot / this: {base / np.median(values):5.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""int8 inference for the linear layers (`dtype="int8"`).
+
+The encoder's linear layers (QKV, attention output, feed-forward in and out) hold int8 weights with one float32
+scale per output channel (symmetric: w ≈ q · scale, q in [-127, 127]), quantized once when the model is built
+or stored that way by `convert_torch_checkpoint.py --quantize int8`. Each call quantizes its input per token
+(one scale per row, the row's max |x| / 127), multiplies int8 by int8 into int32 (`jax.lax.dot_general` with
+`preferred_element_type=int32`; XLA's CPU backend runs it in YNNPACK), and scales the int32 sums back to
+float32: y = acc · (x_scale ⊗ w_scale) + bias.
+
+BERT's layer-norm outputs (the inputs of QKV and of the feed-forward) have a few outlier channels (MiniLM-L6:
+channel 99 reaches ~28 where most stay below ~2), which would set every token's scale and crush the other
+channels. So those two layers are smoothed first (SmoothQuant, Xiao et al. 2023): input channel c is divided by
+s_c = max|x_c|^α / max|w_c|^(1-α) (α = 0.8) and the weight row multiplied by it, an exact rewrite in float
+that moves the outliers into the (per-channel quantized) weights. max|x_c| comes from one float32 pass over
+a fixed calibration batch of random vocabulary tokens (`calibrate`), when the weights are quantized. Everything else stays float32: embeddings, layer norms,
+attention (scores, softmax and value sums), GELU, the pooler and the classifier (they see one row per document
+and cost nothing). docs/int8.md has the measurements behind these choices.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# The sub-trees of a layer's parameters that become int8 (`SparseCrossEncoderModel.layers[i].<name>`).
+QUANTIZED_LINEARS = ("qkv", "attention_output", "intermediate", "output")
+# A converted directory holding int8 weights carries this file (its content documents the scheme).
+QUANTIZATION_FILE = "quantization.json"
+SCHEME = {"dtype": "int8", "weights": "symmetric, per output channel", "activations": "symmetric, per token",
+          "smoothing": "SmoothQuant alpha 0.8 on qkv and intermediate, calibrated on random vocabulary tokens"}
+# The linears whose inputs are smoothed (layer-norm outputs), and SmoothQuant's migration strength.
+SMOOTHED_LINEARS = ("qkv", "intermediate")
+SMOOTH_ALPHA = 0.8
+
+_CONTRACT_LAST_FIRST = (((1,), (0,)), ((), ()))
+
+
+def quantize_kernel(kernel_IxO) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8: (q [I, O] int8, scale [O] float32) with kernel ≈ q · scale."""
+    kernel_IxO = np.asarray(kernel_IxO, np.float32)
+    amax_O = np.abs(kernel_IxO).max(axis=0)
+    scale_O = np.where(amax_O > 0, amax_O / 127, 1).astype(np.float32)
+    q_IxO = np.clip(np.rint(kernel_IxO / scale_O), -127, 127).astype(np.int8)
+    return q_IxO, scale_O
+
+
+def quantize_rows(x_TxI: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row (per-token) symmetric int8: (q [T, I] int8, scale [T] float32), x ≈ q · scale[:, None].
+
+    Rows of zeros get scale 1 and q 0."""
+    amax_T = jnp.max(jnp.abs(x_TxI), axis=1)
+    scale_T = jnp.where(amax_T > 0, amax_T / 127, 1.0)
+    # |x / scale| <= 127 up to rounding, so no clip is needed; x * (1 / scale) would round differently from the
+    # reference's division on a few values, so divide.
+    q_TxI = jnp.round(x_TxI / scale_T[:, None]).astype(jnp.int8)
+    return q_TxI, scale_T
+
+
+def int8_matmul(q_TxI: jax.Array, q_IxO: jax.Array) -> jax.Array:
+    """int8 x int8 -> exact int32 sums [T, O]."""
+    return jax.lax.dot_general(q_TxI, q_IxO, _CONTRACT_LAST_FIRST, preferred_element_type=jnp.int32)
+
+
+def int8_linear(x_TxI, q_IxO, scale_O, bias_O, smooth_I=None) -> jax.Array:
+    """(x / smooth) @ (q · scale) + bias with x / smooth quantized per token: float32 [T, O]."""
+    x_TxI = x_TxI.astype(jnp.float32)
+    if smooth_I is not None:
+        x_TxI = x_TxI * (1 / smooth_I)
+    xq_TxI, x_scale_T = quantize_rows(x_TxI)
+    acc_TxO = int8_matmul(xq_TxI, q_IxO)
+    return acc_TxO.astype(jnp.float32) * (x_scale_T[:, None] * scale_O) + bias_O
+
+
+class Int8Linear(nnx.Module):
+    """A linear layer with int8 weights (per-output-channel scales) and per-token int8 activations.
+
+    Built with placeholder weights; the model builder replaces them with `quantize_kernel`'s output.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        self.kernel = nnx.Param(jnp.zeros((in_features, out_features), jnp.int8))
+        self.scale = nnx.Param(jnp.ones((out_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+        # Per input channel: the input is divided by it (SmoothQuant); ones where not smoothed.
+        self.smooth = nnx.Param(jnp.ones((in_features,), jnp.float32))
+
+    def __call__(self, x_TxI: jax.Array) -> jax.Array:
+        return int8_linear(x_TxI, self.kernel[...], self.scale[...], self.bias[...], self.smooth[...])
+
+    def columns(self, x_TxI: jax.Array, start: int, stop: int) -> jax.Array:
+        """Output channels start:stop only (the last layer's keys and values, or its [CLS] queries)."""
+        return int8_linear(x_TxI, self.kernel[...][:, start:stop], self.scale[...][start:stop],
+                           self.bias[...][start:stop], self.smooth[...])
+
+
+def is_quantized(params: dict) -> bool:
+    return any("scale" in layer[QUANTIZED_LINEARS[0]] for layer in params["layers"].values())
+
+
+def smoothing_factors(amax_x_I, kernel_IxO, alpha: float = SMOOTH_ALPHA) -> np.ndarray:
+    """SmoothQuant's per-input-channel s = max|x|^α / max|w|^(1-α) (1 where a channel is all zero)."""
+    amax_x_I = np.asarray(amax_x_I, np.float64)
+    amax_w_I = np.abs(np.asarray(kernel_IxO, np.float64)).max(axis=1)
+    smooth_I = amax_x_I**alpha / np.maximum(amax_w_I, 1e-12) ** (1 - alpha)
+    return np.where((amax_x_I > 0) & (amax_w_I > 0), smooth_I, 1).astype(np.float32)
+
+
+class _Capture(nnx.Module):
+    """Wraps a float linear layer and passes max |x| per input channel of each input to `record`."""
+
+    def __init__(self, linear, record):
+        self.linear = linear
+        self.record = record
+
+    def __call__(self, x_TxI):
+        self.record(jnp.max(jnp.abs(x_TxI.astype(jnp.float32)), axis=0))
+        return self.linear(x_TxI)
+
+
+def calibration_batch(config, *, rows: int = 4, length: int = 256, seed: int = 0):
+    """A fixed batch of random vocabulary tokens (one query, `rows` documents), for `calibrate`."""
+    from sce_jax.batch import make_batch
+
+    rng = np.random.default_rng(seed)
+    # Skip the low ids, where BERT vocabularies keep special and unused tokens.
+    low = min(1000, config.vocab_size // 2)
+    words = lambda n: rng.integers(low, config.vocab_size, n).tolist()
+    sep = [config.sep_token_id] * 2
+    length = min(length, config.max_position_embeddings - 16)
+    return make_batch([words(8) + sep], [words(length - 2) + sep for _ in range(rows)], [0] * rows,
+                      query_length=16, doc_length=length, pad_id=config.pad_token_id)
+
+
+def calibrate(config, params: dict) -> dict[tuple[int, str], np.ndarray]:
+    """max |input| per channel of every layer's `SMOOTHED_LINEARS`, from one float32 pass over
+    `calibration_batch`: {(layer, name): [I]}."""
+    from sce_jax.encoder import build_model
+
+    model = build_model(config, params, dtype="float32", attention_impl="auto")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def amax_per_channel(state, batch):
+        model = nnx.merge(graphdef, state)
+        amax = {}
+
+        def recorder(key):
+            return lambda amax_I: amax.__setitem__(key, jnp.maximum(amax.get(key, 0.0), amax_I))
+
+        for i, layer in enumerate(model.layers):
+            for name in SMOOTHED_LINEARS:
+                setattr(layer, name, _Capture(getattr(layer, name), recorder((i, name))))
+        # Every layer in full (hidden states), so the last layer's feed-forward sees every token too.
+        model(batch, return_hidden_states=True)
+        return {f"{i}/{name}": value for (i, name), value in amax.items()}
+
+    found = amax_per_channel(state, calibration_batch(config))
+    return {(int(key.split("/")[0]), key.split("/")[1]): np.asarray(value) for key, value in found.items()}
+
+
+def quantize_params(params: dict, config=None) -> dict:
+    """The parameter tree with every layer's `QUANTIZED_LINEARS` as {kernel: int8, scale, bias, smooth} (a
+    new tree; the rest is shared). With `config`, the inputs of `SMOOTHED_LINEARS` are smoothed (calibrated
+    with `calibrate`); without, no layer is. Already quantized parameters come back unchanged."""
+    if is_quantized(params):
+        return params
+    amax = calibrate(config, params) if config is not None else {}
+    layers = {}
+    for i, layer in params["layers"].items():
+        layer = dict(layer)
+        for name in QUANTIZED_LINEARS:
+            kernel = np.asarray(layer[name]["kernel"], np.float32)
+            smooth = np.ones(kernel.shape[0], np.float32)
+            if (int(i), name) in amax:
+                smooth = smoothing_factors(amax[int(i), name], kernel)
+            q, scale = quantize_kernel(kernel * smooth[:, None])
+            layer[name] = {"kernel": q, "scale": scale, "bias": np.asarray(layer[name]["bias"], np.float32),
+                           "smooth": smooth}
+        layers[i] = layer
+    return {**params, "layers": layers}
+
+
+def dequantize_params(params: dict) -> dict:
+    """float32 kernels (q · scale) for quantized parameters, e.g. to run or export an int8 directory in float32."""
+    if not is_quantized(params):
+        return params
+    layers = {}
+    for i, layer in params["layers"].items():
+        layer = dict(layer)
+        for name in QUANTIZED_LINEARS:
+            linear = layer[name]
+            kernel = np.asarray(linear["kernel"], np.float32) * np.asarray(linear["scale"], np.float32)
+            kernel = kernel / np.asarray(linear["smooth"], np.float32)[:, None]
+            layer[name] = {"kernel": kernel, "bias": linear["bias"]}
+        layers[i] = layer
+    return {**params, "layers": layers}
+
+
+def quantized_target(target: dict) -> dict:
+    """A restore target of float32 ShapeDtypeStructs turned into the int8 directory's (int8 kernels + scales)."""
+    layers = {}
+    for i, layer in target["layers"].items():
+        layer = dict(layer)
+        for name in QUANTIZED_LINEARS:
+            kernel, bias = layer[name]["kernel"], layer[name]["bias"]
+            layer[name] = {
+                "kernel": jax.ShapeDtypeStruct(kernel.shape, np.int8, sharding=kernel.sharding),
+                "scale": jax.ShapeDtypeStruct(bias.shape, np.float32, sharding=bias.sharding),
+                "bias": bias,
+                "smooth": jax.ShapeDtypeStruct(kernel.shape[:1], np.float32, sharding=bias.sharding),
+            }
+        layers[i] = layer
+    return {**target, "layers": layers}

@@ -1,0 +1,222 @@
+"""int8 inference (sce_jax.quant): the quantized layers against a numpy reference of the same quantization, the
+whole model against float32, the converter's --quantize int8 round trip, and --dtype int8 through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from sce_jax import quant
+from sce_jax.checkpoint import load_model_dir
+from sce_jax.convert import main as convert_main
+from sce_jax.encoder import SparseCrossEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_RUN = REPO / "examples" / "run.jsonl"
+
+
+# --- numpy reference of the quantization scheme (written from docs/int8.md, not from sce_jax.quant) ---------
+
+
+def _ref_quantize_columns(w):
+    """Symmetric int8 per column of w [I, O]."""
+    amax = np.abs(w).max(axis=0)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
+
+
+def _ref_quantize_rows(x):
+    amax = np.abs(x).max(axis=1)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    return np.rint(x / scale[:, None]).astype(np.int8), scale
+
+
+def _ref_int8_linear(x, q, w_scale, bias, smooth):
+    xq, x_scale = _ref_quantize_rows((x * (np.float32(1) / smooth)).astype(np.float32))
+    acc = xq.astype(np.int64) @ q.astype(np.int64)  # exact
+    assert np.abs(acc).max() < 2**31
+    return acc, acc.astype(np.float32) * (x_scale[:, None] * w_scale) + bias
+
+
+@pytest.fixture
+def linear_case():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((37, 48)).astype(np.float32)
+    x[:, 5] *= 20  # an outlier channel, as in BERT's layer-norm outputs
+    x[3] = 0  # an all-zero token
+    w = (rng.standard_normal((48, 24)) * 0.1).astype(np.float32)
+    w[:, 7] = 0  # an all-zero output channel
+    bias = rng.standard_normal(24).astype(np.float32)
+    smooth = rng.uniform(0.5, 4, 48).astype(np.float32)
+    return x, w, bias, smooth
+
+
+def test_weight_and_activation_quantization_match_the_reference(linear_case):
+    x, w, _, _ = linear_case
+    q, scale = quant.quantize_kernel(w)
+    q_ref, scale_ref = _ref_quantize_columns(w)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(scale, scale_ref)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127 and (q[:, 7] == 0).all()
+    xq, x_scale = quant.quantize_rows(jnp.asarray(x))
+    xq_ref, x_scale_ref = _ref_quantize_rows(x)
+    np.testing.assert_array_equal(np.asarray(xq), xq_ref)
+    np.testing.assert_array_equal(np.asarray(x_scale), x_scale_ref)
+    assert (np.asarray(xq)[3] == 0).all() and np.asarray(x_scale)[3] == 1
+
+
+def test_int8_matmul_accumulates_exactly_in_int32():
+    rng = np.random.default_rng(1)
+    # Worst case magnitudes: 1536 products of up to 127 * 127 each.
+    a = rng.integers(-127, 128, (16, 1536)).astype(np.int8)
+    b = rng.integers(-127, 128, (1536, 8)).astype(np.int8)
+    a[0], b[:, 0] = 127, 127
+    acc = np.asarray(quant.int8_matmul(jnp.asarray(a), jnp.asarray(b)))
+    assert acc.dtype == np.int32
+    np.testing.assert_array_equal(acc, a.astype(np.int64) @ b.astype(np.int64))
+    assert acc[0, 0] == 1536 * 127 * 127
+
+
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_int8_linear_layer_matches_the_reference(linear_case, smoothed):
+    x, w, bias, smooth = linear_case
+    if not smoothed:
+        smooth = np.ones_like(smooth)
+    q, scale = quant.quantize_kernel(w * smooth[:, None])
+    layer = quant.Int8Linear(48, 24)
+    layer.kernel[...], layer.scale[...], layer.bias[...], layer.smooth[...] = q, scale, bias, smooth
+    acc_ref, y_ref = _ref_int8_linear(x, q, scale, bias, smooth)
+    # The int32 sums inside are exact: recover them from the layer's output without the bias.
+    xq, _ = quant.quantize_rows(jnp.asarray(x) * (1 / jnp.asarray(smooth)))
+    np.testing.assert_array_equal(np.asarray(quant.int8_matmul(xq, jnp.asarray(q))), acc_ref)
+    y = np.asarray(layer(jnp.asarray(x)))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer.columns(jnp.asarray(x), 4, 20)), y_ref[:, 4:20], rtol=1e-6, atol=1e-6)
+    # ... and it approximates the float layer: smoothing is an exact rewrite before rounding.
+    np.testing.assert_allclose(y, x @ w + bias, atol=0.05 * np.abs(x @ w).max())
+
+
+def test_smoothing_moves_outlier_channels_into_the_weights(linear_case):
+    x, w, _, _ = linear_case
+    smooth = quant.smoothing_factors(np.abs(x).max(axis=0), w, alpha=0.8)
+    amax_x, amax_w = np.abs(x).max(axis=0), np.abs(w).max(axis=1)
+    np.testing.assert_allclose(smooth, amax_x**0.8 / amax_w**0.2, rtol=1e-5)
+    assert np.argmax(smooth) == 5
+    # Less error with smoothing on the outlier-channel input.
+    errors = []
+    for s in (np.ones(48, np.float32), smooth):
+        q, scale = quant.quantize_kernel(w * s[:, None])
+        _, y = _ref_int8_linear(x, q, scale, np.zeros(24, np.float32), s)
+        errors.append(np.abs(y - x @ w).max())
+    assert errors[1] < 0.75 * errors[0]
+
+
+def test_quantized_tree_round_trips(tiny_sparse_dir):
+    config, params, _ = load_model_dir(tiny_sparse_dir)
+    quantized = quant.quantize_params(params, config)
+    assert quant.is_quantized(quantized) and not quant.is_quantized(params)
+    assert quant.quantize_params(quantized, config) is quantized
+    for i, layer in quantized["layers"].items():
+        for name in quant.QUANTIZED_LINEARS:
+            linear = layer[name]
+            assert linear["kernel"].dtype == np.int8
+            smoothed = name in quant.SMOOTHED_LINEARS
+            assert (linear["smooth"] != 1).any() == smoothed
+            kernel = np.asarray(params["layers"][i][name]["kernel"])
+            restored = quant.dequantize_params(quantized)["layers"][i][name]["kernel"]
+            # Rounding error: at most half a step of each output channel's scale (times the smoothing).
+            bound = 0.5 * linear["scale"][None, :] / linear["smooth"][:, None]
+            assert (np.abs(restored - kernel) <= bound * 1.0001 + 1e-7).all()
+    assert quantized["embeddings"] is params["embeddings"]
+
+
+# --- the whole model ---------------------------------------------------------------------------------------
+
+QUERY = "how do bees make honey"
+DOCS = ["bees collect nectar from flowers and store it in the hive", "honey is made by bees from nectar",
+        "the stock market fell sharply today", "a recipe for banana bread with walnuts",
+        "wasps build paper nests under roofs", "the cat sat on the mat and looked at the bees",
+        "nectar is a sugary fluid produced by plants", "beekeepers harvest honey in late summer"]
+
+
+@pytest.fixture(scope="module")
+def minilm_scores(minilm_hf_dir):
+    """float32 and int8 scores of the real MiniLM-L6 encoder (random head) with the sparse pattern."""
+    from sce_jax.config import released_pattern
+
+    overrides = {**released_pattern(), "attention_window_size": 4}
+    scores = {}
+    for dtype in ("float32", "int8"):
+        encoder = SparseCrossEncoder.load(minilm_hf_dir, dtype=dtype, config_overrides=overrides, max_length=128)
+        scores[dtype] = encoder.score(QUERY, DOCS)
+        if dtype == "int8":
+            assert isinstance(encoder.model.layers[0].qkv, quant.Int8Linear)
+            assert encoder.model.layers[0].qkv.kernel[...].dtype == jnp.int8
+    return scores
+
+
+@pytest.mark.slow
+def test_int8_model_is_close_to_float32(minilm_scores):
+    """Documented tolerance (docs/int8.md): |Δscore| <= 10% of the query's score spread, same ranking here."""
+    f32, i8 = minilm_scores["float32"], minilm_scores["int8"]
+    spread = f32.max() - f32.min()
+    assert spread > 0.1  # O(1) logits that differ between documents
+    assert np.abs(i8 - f32).max() <= 0.1 * spread
+    assert spearmanr(f32, i8).statistic >= 0.95
+    assert not np.array_equal(f32, i8)  # int8 really ran
+
+
+# --- converter and CLI ------------------------------------------------------------------------------------
+
+
+def test_converter_stores_int8_weights_that_load_and_score_the_same(tiny_sparse_dir, tmp_path):
+    out = tmp_path / "int8"
+    assert convert_main([str(tiny_sparse_dir), str(out), "--quantize", "int8"]) == 0
+    assert json.loads((out / quant.QUANTIZATION_FILE).read_text())["dtype"] == "int8"
+    config, stored, _ = load_model_dir(out)
+    _, params, _ = load_model_dir(tiny_sparse_dir)
+    expected = quant.quantize_params(params, config)
+    for i, layer in expected["layers"].items():
+        for name in quant.QUANTIZED_LINEARS:
+            for key, value in layer[name].items():
+                got = np.asarray(stored["layers"][i][name][key])
+                assert got.dtype == np.asarray(value).dtype
+                np.testing.assert_array_equal(got, np.asarray(value))
+    from_dir = SparseCrossEncoder.load(out, dtype="int8", max_length=64).score(QUERY, DOCS)
+    quantized_at_load = SparseCrossEncoder.load(tiny_sparse_dir, dtype="int8", max_length=64).score(QUERY, DOCS)
+    np.testing.assert_array_equal(from_dir, quantized_at_load)
+    # float32 from an int8 directory runs the dequantized weights; exporting writes them too.
+    as_float = SparseCrossEncoder.load(out, max_length=64).score(QUERY, DOCS)
+    original = SparseCrossEncoder.load(tiny_sparse_dir, max_length=64).score(QUERY, DOCS)
+    assert np.abs(as_float - original).max() <= 0.05 * (original.max() - original.min())
+    assert convert_main([str(out), str(tmp_path / "hf"), "--export"]) == 0
+    exported = SparseCrossEncoder.load(tmp_path / "hf", max_length=64).score(QUERY, DOCS)
+    np.testing.assert_allclose(exported, as_float, atol=1e-6)
+
+
+def test_dtype_int8_through_the_cli(tiny_sparse_dir, tmp_path):
+    from sce_jax.rerank import main
+    from sce_jax.runs import read_json_run
+
+    output = tmp_path / "int8.run"
+    assert main(["--model", str(tiny_sparse_dir), "--run", str(EXAMPLE_RUN), "--output", str(output),
+                 "--dtype", "int8", "--max-length", "64", "--max-query-length", "16", "--depth", "0"]) == 0
+    rows = [line.split() for line in output.read_text().splitlines()]
+    run = read_json_run(EXAMPLE_RUN)
+    assert len(rows) == len(run)
+    encoder = SparseCrossEncoder.load(tiny_sparse_dir, dtype="int8", max_length=64, max_query_length=16)
+    expected = {}
+    for qid, group in run.groupby("qid", sort=False):
+        expected.update(zip(((qid, d) for d in group.docno), encoder.score(group["query"].iloc[0], group.text.tolist())))
+    got = {(row[0], row[2]): np.float32(row[4]) for row in rows}
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-6, atol=1e-6)
+    float_run = tmp_path / "f32.run"
+    assert main(["--model", str(tiny_sparse_dir), "--run", str(EXAMPLE_RUN), "--output", str(float_run),
+                 "--max-length", "64", "--max-query-length", "16", "--depth", "0"]) == 0
+    assert float_run.read_text() != output.read_text()
