@@ -288,7 +288,7 @@ class SparseCrossEncoder:
         rows: about `batch_size` documents (a power of two of rows; fewer for long rows, so a batch holds at most
         `max_tokens_per_batch` tokens; for the last batch of a length, the smallest power of two that holds its
         rows). A document's score does not depend on its batch or row mates (other shapes reorder float sums:
-        differences ~1e-7 relative, never more); with several devices, each device scores whole batches, so
+        differences of a few float32 ulp, measured up to ~2e-6 relative); with several devices, each device scores whole batches, so
         scores are bit-identical for any device count.
         """
         num_docs = len(doc_tokens)
