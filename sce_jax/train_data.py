@@ -220,16 +220,97 @@ def load_samples(source: str) -> Samples:
     return DocPairSamples(source)
 
 
+# Up to this many samples the order is a numpy permutation per epoch (cached: computed once per epoch, at most
+# this size); above it, a stateless keyed permutation that maps each position on its own (O(batch) per step).
+SMALL_DATASET = 1 << 20
+_FEISTEL_ROUNDS = 6
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise on uint64 (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class EpochPermutation:
+    """A seeded permutation of range(n) for one epoch, evaluated at any positions.
+
+    n <= SMALL_DATASET: `np.random.default_rng([seed, epoch]).permutation(n)` (the order of earlier versions).
+    Larger n: a keyed Feistel network on the smallest even number of bits that covers n, with cycle walking
+    (values >= n are encrypted again until they fall below n), which is a bijection of range(n). Work and memory
+    per call are O(positions), whatever n. `evaluations` counts the elements processed (for the tests).
+    """
+
+    def __init__(self, num_samples: int, seed: int, epoch: int):
+        self.num_samples = num_samples
+        self.evaluations = 0
+        rng = np.random.default_rng([seed, epoch])
+        if num_samples <= SMALL_DATASET:
+            self._table = rng.permutation(num_samples)
+            self.evaluations += num_samples
+            return
+        self._table = None
+        self._half_bits = np.uint64(max(1, ((num_samples - 1).bit_length() + 1) // 2))
+        self._half_mask = np.uint64((1 << int(self._half_bits)) - 1)
+        self._keys = rng.integers(0, 1 << 63, size=_FEISTEL_ROUNDS, dtype=np.uint64)
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        self.evaluations += len(x)
+        left, right = x >> self._half_bits, x & self._half_mask
+        for key in self._keys:
+            left, right = right, left ^ (_mix64(right ^ key) & self._half_mask)
+        return (left << self._half_bits) | right
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        if self._table is not None:
+            return self._table[indices]
+        out = self._encrypt(np.asarray(indices, np.uint64))
+        outside = np.flatnonzero(out >= self.num_samples)
+        while len(outside):  # cycle walking; the domain is < 4n, so few rounds on average
+            out[outside] = self._encrypt(out[outside])
+            outside = outside[out[outside] >= self.num_samples]
+        return out.astype(np.int64)
+
+
+class SampleOrder:
+    """The stream's order: position k is sample `perm_e(k mod n)` with e = k div n and `perm_e` an
+    `EpochPermutation` seeded by (seed, e). A pure function of (n, seed, k): resuming needs the position only, and
+    every process computes the same order. The current epoch's permutation is kept between calls."""
+
+    def __init__(self, num_samples: int, seed: int):
+        if num_samples < 1:
+            raise ValueError("no samples")
+        self.num_samples, self.seed = num_samples, seed
+        self._epochs: dict[int, EpochPermutation] = {}
+        self.evaluations = 0  # elements of permutations computed (tests count the work with it)
+
+    def _epoch(self, epoch: int) -> EpochPermutation:
+        if epoch not in self._epochs:
+            if len(self._epochs) >= 2:  # keep the current epoch and the one a batch may spill into
+                del self._epochs[min(self._epochs)]
+            self._epochs[epoch] = EpochPermutation(self.num_samples, self.seed, epoch)
+            self.evaluations += self._epochs[epoch].evaluations
+        return self._epochs[epoch]
+
+    def __call__(self, start: int, count: int) -> np.ndarray:
+        """Sample indices of stream positions start .. start+count-1."""
+        positions = np.arange(start, start + count, dtype=np.int64)
+        epochs = positions // self.num_samples
+        out = np.empty(count, np.int64)
+        for epoch in range(int(epochs[0]), int(epochs[-1]) + 1) if count else ():
+            selected = epochs == epoch
+            permutation = self._epoch(epoch)
+            before = permutation.evaluations
+            out[selected] = permutation(positions[selected] % self.num_samples)
+            self.evaluations += permutation.evaluations - before
+        return out
+
+
 def sample_order(num_samples: int, seed: int, start: int, count: int) -> np.ndarray:
-    """Indices of stream positions start .. start+count-1 (a fresh seeded permutation every epoch)."""
-    positions = np.arange(start, start + count)
-    epochs = positions // num_samples
-    out = np.empty(count, np.int64)
-    for epoch in np.unique(epochs):
-        permutation = np.random.default_rng([seed, int(epoch)]).permutation(num_samples)
-        selected = epochs == epoch
-        out[selected] = permutation[positions[selected] % num_samples]
-    return out
+    """Indices of stream positions start .. start+count-1 (see SampleOrder; this one keeps no cache)."""
+    return SampleOrder(num_samples, seed)(start, count)
 
 
 class TrainBatch(NamedTuple):
@@ -287,13 +368,14 @@ class BatchStream:
         self.max_query_length = max_query_length
         self.max_length = max_length
         self.seed = seed
+        self.order = SampleOrder(len(samples), seed)
         self.process_index = process_index
         self.process_count = process_count
         self._buckets = length_buckets(max_length)
 
     def batch_at(self, position: int) -> TrainBatch:
         """The batch made of stream positions position .. position + batch_size - 1 (this host's share)."""
-        order = sample_order(len(self.samples), self.seed, position, self.batch_size)
+        order = self.order(position, self.batch_size)
         micro = [self._tokenize([self.samples[int(i)] for i in indices])
                  for indices in order.reshape(self.grad_accum, self.micro_batch_size)]
         doc_length = bucket_length(max(len(t) for _, docs, _ in micro for d in docs for t in d), self._buckets)
