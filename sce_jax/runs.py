@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import json
 import logging
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -19,7 +21,7 @@ from typing import IO
 import numpy as np
 import pandas as pd
 
-from sce_jax.errors import InputError, located  # noqa: F401  (re-exported: older imports)
+from sce_jax.errors import InputError, located, user_path  # noqa: F401  (re-exported: older imports)
 
 logger = logging.getLogger(__name__)
 
@@ -31,27 +33,119 @@ JSON_FIELD_ALIASES = {"qid": ("qid", "query_id"), "docno": ("docno", "doc_id")}
 JSON_TEXT_FIELDS = ("query", "text")
 
 
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+BOM = "\ufeff"
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def open_text(path: str | os.PathLike) -> IO[str]:
-    """Open a UTF-8 text file for reading, gunzipping `.gz` files."""
+    """Open a UTF-8 text file for reading, gunzipping `.gz` files. (Use `read_lines` for line-located errors.)"""
+    path = user_path(path) if not isinstance(path, Path) else path
+    check_readable(path)
     if str(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+def check_readable(path: str | os.PathLike, what: str = "file") -> None:
+    """An InputError unless `path` is an existing, readable file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such {what}")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a {what}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: not readable")
+
+
+def open_binary(path: str | os.PathLike) -> IO[bytes]:
+    """The file's bytes (gunzipped for `.gz`); see `gzip_errors` for turning read errors into InputErrors."""
+    check_readable(path)
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[IO[str]]:
-    """Write a text file all at once: into a temporary file beside it, renamed over `path` only on success.
-
-    A failure (an exception inside the block) removes the temporary file and leaves any existing `path` as it was.
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def gzip_errors(path) -> Iterator[None]:
+    """Corrupt, truncated or not-gzip `.gz` input becomes one InputError naming the file."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-        os.replace(tmp_name, path)
+        yield
+    except GZIP_ERRORS as error:
+        raise InputError(f"{path}: not a valid gzip file (corrupt or truncated): {error}") from None
+
+
+def decode_line(raw: bytes, path, line_no: int) -> str:
+    """One line's bytes as text; non-UTF-8 bytes are an InputError naming file and line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise located(path, line_no, f"not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})") from None
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text without its line ending) of a UTF-8 text file (`.gz` allowed), a leading BOM stripped.
+
+    Missing files, bad gzip data and non-UTF-8 bytes are InputErrors naming the file (and line)."""
+    with open_binary(path) as f, gzip_errors(path):
+        for line_no, raw in enumerate(f, start=1):
+            line = decode_line(raw, path, line_no).rstrip("\r\n")
+            if line_no == 1 and line.startswith(BOM):
+                line = line[1:]
+            yield line_no, line
+
+
+def check_text(value: str, path, where, field: str) -> str:
+    """`value`, if it can be encoded as UTF-8 (JSON escapes can make lone surrogates, which the tokenizer rejects)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise located(path, where, f"{field} contains a lone surrogate (an invalid \\u escape)") from None
+    return value
+
+
+def _write_through(path: Path) -> Path:
+    """Where writing `path` should go: a symlink's target (so the link is kept), otherwise `path` itself."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Write a file all at once: into a temporary file beside it, renamed over `path` only on success.
+
+    mode "w" (UTF-8 text, `\\n` line ends) or "wb". A name ending in `.gz` is written gzip-compressed (with a
+    zero timestamp, so equal contents give equal bytes). A symlink is written through: its target is replaced,
+    the link kept. The file gets the usual mode for new files (0666 less the umask). A failure (an exception
+    inside the block) removes the temporary file and leaves any existing `path` as it was.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    target = _write_through(path)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as raw:
+            stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if path.name.endswith(".gz") else raw
+            with contextlib.ExitStack() as stack:
+                if stream is not raw:
+                    stack.enter_context(stream)
+                if mode == "w":
+                    text = io.TextIOWrapper(stream, encoding="utf-8", newline="\n", write_through=False)
+                    yield text
+                    text.flush()
+                    text.detach()
+                else:
+                    yield stream
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp_name, target)
     except BaseException:
-        os.unlink(tmp_name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
         raise
 
 

@@ -187,11 +187,11 @@ def test_ir_datasets_docpairs_with_teacher_scores(tmp_path):
         TsvDocs(LocalDownload(tmp_path / "docs.tsv")), TsvQueries(LocalDownload(tmp_path / "queries.tsv")),
         KDDocPairs(LocalDownload(tmp_path / "kd.tsv")),
     ))
-    samples = DocPairSamples(dataset_id)
+    samples = DocPairSamples.from_ir_datasets(dataset_id)
     assert len(samples) == 2 and samples.num_docs == 2
     assert tuple(samples[1]) == ("what is third", ["third passage", "first passage"], [7.0, -3.0])
     with pytest.raises(TrainDataError, match="neither a file nor an ir_datasets id"):
-        DocPairSamples("no/such/dataset")
+        DocPairSamples.from_ir_datasets("no/such/dataset")
 
 
 def test_kd_docpairs_is_registered_from_the_teacher_score_file():

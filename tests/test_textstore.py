@@ -1,0 +1,140 @@
+"""TextStore: id -> text lookups from an on-disk index, reading only the lines asked for."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from sce_jax import textstore
+from sce_jax.errors import InputError
+from sce_jax.texts import MissingTextError, read_tsv_texts
+from sce_jax.textstore import TextStore, hash_ids
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(textstore.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_lookups_read_only_the_lines_asked_for(tmp_path):
+    lines = "".join(f"d{i}\ttext of {i}\tand a title {i}\n" for i in range(100_000))
+    path = _write(tmp_path / "c.tsv", lines.encode())
+    wanted = [f"d{i}" for i in range(0, 100_000, 2000)]  # 50 ids
+    with TextStore.open(path) as store:
+        assert len(store) == 100_000
+        assert store.get_many(wanted) == [f"text of {i} and a title {i}" for i in range(0, 100_000, 2000)]
+        assert store.texts_read == 50
+        assert "d99999" in store and "d100000" not in store
+    reference = read_tsv_texts(path)
+    with TextStore.open(path) as store:  # the cached index, checked
+        assert store.get_many(wanted[:3]) == [reference[i] for i in wanted[:3]]
+
+
+def test_missing_ids_name_the_file_and_at_most_five(tmp_path):
+    path = _write(tmp_path / "c.tsv", b"a\tx\n")
+    with TextStore.open(path, kind="queries") as store:
+        with pytest.raises(MissingTextError, match=r"c\.tsv: no text for 6 queries \(b, c, d, e, f, \.\.\.\)"):
+            store.get_many(["a", "b", "c", "d", "e", "f", "g"])
+
+
+def test_bom_crlf_blank_lines_tabs_and_identical_repeats(tmp_path):
+    path = _write(tmp_path / "c.tsv", b"\xef\xbb\xbfd1\tone\ttwo\r\n\n   \nd2\t\nd1\tone\ttwo\n")
+    with TextStore.open(path) as store:
+        assert len(store) == 2
+        assert store.get_many(["d1", "d2"]) == ["one two", ""]
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"a\tb\nc no tab\n", r"c\.tsv: line 2: expected an id, a tab, then the text"),
+    (b"a\tb\n\tno id\n", r"c\.tsv: line 2: expected an id"),
+    (b"a\tb\nc\tok\xff\n", r"c\.tsv: line 2: not UTF-8 \(byte 0xff at column 5\)"),
+    (b"a\tb\nc\td\na\tother\n", r"c\.tsv: line 3: a second, different text for id 'a' \(first at line 1\)"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, data, message):
+    with pytest.raises(InputError, match=message):
+        TextStore.open(_write(tmp_path / "c.tsv", data))
+
+
+def test_jsonl_and_json_list(tmp_path):
+    path = _write(tmp_path / "d.jsonl", b'{"docno": "d1", "text": "one"}\n\n{"doc_id": 2, "text": "two"}\n')
+    with TextStore.open(path) as store:
+        assert store.get_many(["2", "d1"]) == ["two", "one"]
+    path = _write(tmp_path / "l.json", b'[{"docno": "d1", "text": "one"}, {"docno": "d2", "text": "two"}]')
+    with TextStore.open(path) as store:
+        assert store.get_many(["d2"]) == ["two"] and len(store) == 2
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"docno": 1.5, "text": "x"}', "line 2: expected an object"),
+    (b'{"docno": true, "text": "x"}', "line 2: expected an object"),
+    (b'{"docno": ["a"], "text": "x"}', "line 2: expected an object"),
+    (b'{"docno": "a", "text": "\\ud83d"}', r"line 2: text contains a lone surrogate"),
+    (b'{"docno": "a", "text"', "line 2: malformed JSON"),
+])
+def test_bad_json_lines(tmp_path, line, message):
+    with pytest.raises(InputError, match=message):
+        TextStore.open(_write(tmp_path / "d.jsonl", b'{"docno": "z", "text": "ok"}\n' + line + b"\n"))
+
+
+def test_gzip_is_decompressed_once_into_the_cache(tmp_path, cache):
+    path = _write(tmp_path / "c.tsv.gz", gzip.compress(b"x\ty\nz\tw\n"))
+    with TextStore.open(path) as store:
+        assert store.get_many(["z", "x"]) == ["w", "y"]
+    assert len(list((cache / "textstore").glob("*.txt"))) == 1
+    with pytest.raises(InputError, match=r"bad\.tsv\.gz: not a valid gzip file"):
+        TextStore.open(_write(tmp_path / "bad.tsv.gz", gzip.compress(b"x\ty\n" * 100)[:-7]))
+    with pytest.raises(InputError, match=r"plain\.tsv\.gz: not a valid gzip file"):
+        TextStore.open(_write(tmp_path / "plain.tsv.gz", b"x\ty\n"))
+
+
+def test_index_is_rebuilt_when_the_file_changes_or_the_index_is_damaged(tmp_path):
+    path = _write(tmp_path / "c.tsv", b"a\tfirst\n")
+    TextStore.open(path).close()
+    index = tmp_path / ".c.tsv.sce_jax-index"
+    assert index.is_file()
+    _write(path, b"a\tsecond one\n")
+    os.utime(path, ns=(1, 1))
+    with TextStore.open(path) as store:
+        assert store.get_many(["a"]) == ["second one"]
+    data = bytearray(index.read_bytes())
+    data[-3] ^= 0xFF  # a damaged array: the checksum no longer matches
+    index.write_bytes(bytes(data))
+    with TextStore.open(path) as store:
+        assert store.get_many(["a"]) == ["second one"]
+    index.write_bytes(index.read_bytes()[:-5])  # truncated
+    with TextStore.open(path) as store:
+        assert store.get_many(["a"]) == ["second one"]
+
+
+def test_read_only_directory_uses_the_cache(tmp_path, cache, monkeypatch):
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    path = _write(directory / "c.tsv", b"a\tx\n")
+    access = os.access  # root can write anywhere: pretend the directory is read-only
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(directory) and mode & os.W_OK
+                        else access(p, mode))
+    with TextStore.open(path) as store:
+        assert store.get_many(["a"]) == ["x"]
+    assert list(directory.iterdir()) == [path]
+    assert len(list((cache / "textstore").glob("*.index"))) == 1
+
+
+def test_hash_collisions_are_resolved_by_the_id(tmp_path, monkeypatch):
+    monkeypatch.setattr(textstore, "_hash_spans", lambda buffer, starts, lengths: np.zeros(len(starts), np.uint64))
+    path = _write(tmp_path / "c.tsv", b"a\t1\nb\t2\nc\t3\nb\t2\n")
+    with TextStore.open(path) as store:
+        assert len(store) == 3
+        assert store.get_many(["c", "a", "b"]) == ["3", "1", "2"]
+        assert "d" not in store
+
+
+def test_hash_is_fnv1a():
+    # FNV-1a 64 reference values (the published test vectors).
+    assert hash_ids([b"", b"a", b"foobar"]).tolist() == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C, 0x85944171F73967E8]
