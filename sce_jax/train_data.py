@@ -480,11 +480,11 @@ class EpochPermutation:
     per call are O(positions), whatever n. `evaluations` counts the elements processed (for the tests).
     """
 
-    def __init__(self, num_samples: int, seed: int, epoch: int):
+    def __init__(self, num_samples: int, seed: int, epoch: int, *, small: int = SMALL_DATASET):
         self.num_samples = num_samples
         self.evaluations = 0
         rng = np.random.default_rng([seed, epoch])
-        if num_samples <= SMALL_DATASET:
+        if num_samples <= small:
             self._table = rng.permutation(num_samples)
             self.evaluations += num_samples
             return
@@ -516,10 +516,10 @@ class SampleOrder:
     `EpochPermutation` seeded by (seed, e). A pure function of (n, seed, k): resuming needs the position only, and
     every process computes the same order. The current epoch's permutation is kept between calls."""
 
-    def __init__(self, num_samples: int, seed: int):
+    def __init__(self, num_samples: int, seed: int, *, small: int = SMALL_DATASET):
         if num_samples < 1:
             raise ValueError("no samples")
-        self.num_samples, self.seed = num_samples, seed
+        self.num_samples, self.seed, self.small = num_samples, seed, small
         self._epochs: dict[int, EpochPermutation] = {}
         self.evaluations = 0  # elements of permutations computed (tests count the work with it)
 
@@ -527,7 +527,7 @@ class SampleOrder:
         if epoch not in self._epochs:
             if len(self._epochs) >= 2:  # keep the current epoch and the one a batch may spill into
                 del self._epochs[min(self._epochs)]
-            self._epochs[epoch] = EpochPermutation(self.num_samples, self.seed, epoch)
+            self._epochs[epoch] = EpochPermutation(self.num_samples, self.seed, epoch, small=self.small)
             self.evaluations += self._epochs[epoch].evaluations
         return self._epochs[epoch]
 
