@@ -430,11 +430,15 @@ def _docpairs_from_iter(docpairs: Iterator, chunk: int = 1 << 20) -> DocPairArra
 
 
 def is_jsonl(path: str | Path) -> bool:
-    """JSONL samples start with `{`; pair files with an id."""
+    """JSONL samples by the name (`.jsonl`/`.json`), pairs by `.tsv`/`.txt`; otherwise by the first character
+    (`{` starts a JSON object)."""
+    suffixes = [suffix.lower() for suffix in Path(path).suffixes]
+    if ".jsonl" in suffixes or ".json" in suffixes:
+        return True
+    if ".tsv" in suffixes or ".txt" in suffixes:
+        return False
     with open(path, "rb") as f:
         head = f.read(4096)
-    if head.startswith(b"\x1f\x8b"):  # gzip: decide by the name
-        return ".jsonl" in Path(path).suffixes
     return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{")
 
 
