@@ -86,26 +86,66 @@ def _field_matrix(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.n
     """Fields buf[starts[i]:ends[i]] as a fixed-width bytes array (NUL-padded on the right)."""
     lengths = ends - starts
     width = max(int(lengths.max(initial=1)), 1)
-    columns = np.arange(width)
-    index = np.minimum(starts[:, None] + columns, len(buf) - 1)
-    matrix = np.where(columns < lengths[:, None], buf[index], 0).astype(np.uint8)
-    return np.ascontiguousarray(matrix).view(f"S{width}").ravel()
+    matrix = np.zeros((len(starts), width), np.uint8)
+    last = len(buf) - 1
+    for column in range(width):  # one gather per column: ids are short
+        matrix[:, column] = np.where(column < lengths, buf[np.minimum(starts + column, last)], 0)
+    return matrix.view(f"S{width}").ravel()
 
 
-def _decimal(matrix_bytes: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
-    """The ids as int64 if every one is a canonical decimal number (no sign, no leading zero), else None."""
-    width = matrix_bytes.dtype.itemsize
-    if width > _MAX_DIGITS or not len(matrix_bytes):
+def _decimal(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+    """The fields as int64 if every one is a canonical decimal number (no sign, no leading zero), else None."""
+    width = int(lengths.max(initial=0))
+    if width > _MAX_DIGITS or not len(starts):
         return None
-    digits = matrix_bytes.view(np.uint8).reshape(-1, width).astype(np.int64) - ord("0")
-    inside = np.arange(width) < lengths[:, None]
-    if not np.all(~inside | ((digits >= 0) & (digits <= 9))):
+    first = buf[starts] - np.uint8(48)  # uint8 arithmetic wraps: a non-digit becomes >= 10
+    if np.any(first > 9) or np.any((lengths > 1) & (first == 0)):
         return None
-    if np.any((lengths > 1) & (digits[:, 0] == 0)):
-        return None
-    # Right-align: value = sum digit * 10^(length - 1 - column).
-    powers = np.where(inside, lengths[:, None] - 1 - np.arange(width), 0)
-    return np.sum(np.where(inside, digits * 10 ** powers, 0), axis=1)
+    value, last = first.astype(np.int64), len(buf) - 1
+    for column in range(1, width):
+        inside = column < lengths
+        digit = buf[np.minimum(starts + column, last)] - np.uint8(48)
+        if np.any(inside & (digit > 9)):
+            return None
+        np.multiply(value, 10, out=value, where=inside)
+        np.add(value, digit, out=value, where=inside)
+    return value
+
+
+def _floats(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The fields as float64: plain decimals (`-12.375`) parsed vectorised, anything else (exponents, inf, ...)
+    by Python's parser; NaN marks a field that is no number."""
+    lengths = ends - starts
+    last = len(buf) - 1
+    negative = buf[starts] == ord("-")
+    position = starts + negative
+    n = len(starts)
+    mantissa = np.zeros(n, np.int64)
+    decimals = np.zeros(n, np.int64)
+    digits = np.zeros(n, np.int64)
+    seen_point = np.zeros(n, bool)
+    plain = position < ends
+    for column in range(int(lengths.max(initial=0))):
+        at = position + column
+        inside = at < ends
+        digit = buf[np.minimum(at, last)] - np.uint8(48)  # wraps: '.' (46) -> 254, non-digits -> >= 10
+        is_digit = inside & (digit <= 9)
+        is_point = inside & (digit == 254) & ~seen_point
+        plain &= ~inside | is_digit | is_point
+        np.multiply(mantissa, 10, out=mantissa, where=is_digit)
+        np.add(mantissa, digit, out=mantissa, where=is_digit)
+        digits += is_digit
+        decimals += is_digit & seen_point
+        seen_point |= is_point
+    plain &= (digits >= 1) & (digits <= 17)  # exact in an int64, close to exact in a float64
+    values = mantissa / 10.0 ** decimals
+    np.negative(values, out=values, where=negative)
+    for row in np.flatnonzero(~plain):
+        try:
+            values[row] = float(bytes(buf[starts[row]:ends[row]]))
+        except ValueError:
+            values[row] = np.nan
+    return values
 
 
 class _Chunk(NamedTuple):
@@ -153,30 +193,18 @@ def _parse_chunk(data: bytes, first_line: int, path, columns: Sequence[str]) -> 
     ids, scores = {}, []
     for column, name in enumerate(columns):
         begin, end = field_starts[:, column], field_ends[:, column]
-        values = _field_matrix(buf, begin, end)
         if name.startswith("score"):
-            try:
-                numbers = values.astype(np.float64)
-            except ValueError:
-                numbers = None
-            finite = np.isfinite(numbers) if numbers is not None else np.zeros(len(values), bool)
+            numbers = _floats(buf, begin, end)
+            finite = np.isfinite(numbers)
             if not finite.all():
-                row = int(np.flatnonzero(~finite)[0]) if numbers is not None else _first_non_number(values)
-                raise located(path, int(line_numbers[row]),
-                              f"{name} must be a finite number, got {values[row].decode('utf-8', 'replace')!r}")
+                row = int(np.flatnonzero(~finite)[0])
+                text = bytes(buf[begin[row]:end[row]]).decode("utf-8", "replace")
+                raise located(path, int(line_numbers[row]), f"{name} must be a finite number, got {text!r}")
             scores.append(numbers.astype(np.float32))
         else:
-            ids[name] = (values, _decimal(values, end - begin))
+            numbers = _decimal(buf, begin, end - begin)
+            ids[name] = (numbers if numbers is not None else _field_matrix(buf, begin, end), numbers)
     return _Chunk(ids, np.column_stack(scores) if scores else None), num_lines
-
-
-def _first_non_number(values: np.ndarray) -> int:
-    for row, value in enumerate(values):
-        try:
-            float(value)
-        except ValueError:
-            return row
-    return 0
 
 
 def _intern(parts: list[tuple[np.ndarray, np.ndarray | None]], sizes: list[int]) -> tuple[list[np.ndarray], IdTable]:
@@ -189,6 +217,7 @@ def _intern(parts: list[tuple[np.ndarray, np.ndarray | None]], sizes: list[int])
             unique, inverse = np.unique(values, return_inverse=True)
             interned, table = inverse.astype(np.int32), IdTable(unique)
     else:
+        parts = [(numbers.astype("S18") if numbers is not None else b, None) for b, numbers in parts]
         width = max(b.dtype.itemsize for b, _ in parts)
         unique, inverse = np.unique(np.concatenate([b.astype(f"S{width}") for b, _ in parts]), return_inverse=True)
         interned, table = inverse.astype(np.int32), IdTable(unique)

@@ -291,18 +291,41 @@ class DocsStoreTexts:
         return [found[i].default_text() for i in ids]
 
 
-def absent_ids(store, ids: list[str]) -> list[str]:
-    """The ids a TextStore does not hold, checked against its sorted id hashes (vectorised; a hash that is
-    absent means the id is; the rare hash collision is caught by the lookup itself)."""
+def _hash_decimal_ids(values: np.ndarray) -> np.ndarray:
+    """`textstore.hash_ids` (64-bit FNV-1a of the id's bytes) of decimal ids given as numbers, without making a
+    string per id: the digits are produced column by column."""
+    from sce_jax.textstore import FNV_OFFSET, FNV_PRIME
+
+    values = np.asarray(values, np.int64)
+    lengths = np.ones(len(values), np.int64)
+    for power in range(1, 19):
+        lengths += values >= 10**power
+    hashes = np.full(len(values), FNV_OFFSET, np.uint64)
+    for column in range(int(lengths.max(initial=0))):
+        live = lengths > column
+        digit = (values // 10 ** np.maximum(lengths - 1 - column, 0)) % 10 + 48
+        hashes = np.where(live, (hashes ^ digit.astype(np.uint64)) * FNV_PRIME, hashes)
+    return hashes
+
+
+def absent_ids(store, table: IdTable, interned: np.ndarray) -> list[str]:
+    """The ids (distinct `interned` values of `table`) that a TextStore does not hold, checked against its
+    sorted id hashes, vectorised (an absent hash means an absent id; the rare hash collision is caught by the
+    lookup itself)."""
     from sce_jax.textstore import hash_ids
 
     index = getattr(store, "_index", None)
     if index is None:  # an in-memory store
-        return [i for i in ids if i not in store]
-    hashes = hash_ids(i.encode("utf-8", "surrogatepass") for i in ids)
+        return [i for i in table.strings(interned) if i not in store]
+    if table.table is None:
+        hashes = _hash_decimal_ids(interned)
+    elif table.table.dtype.kind == "i":
+        hashes = _hash_decimal_ids(table.table[interned])
+    else:
+        hashes = hash_ids(i.encode("utf-8", "surrogatepass") for i in table.strings(interned))
     position = np.minimum(np.searchsorted(index.hashes, hashes), max(len(index.hashes) - 1, 0))
-    found = index.hashes[position] == hashes if len(index.hashes) else np.zeros(len(ids), bool)
-    return [ids[k] for k in np.flatnonzero(~found)]
+    found = index.hashes[position] == hashes if len(index.hashes) else np.zeros(len(hashes), bool)
+    return table.strings(interned[~found])
 
 
 def _checked_text(text: str, source: str, kind: str, text_id: str) -> str:
@@ -337,8 +360,7 @@ class DocPairSamples:
             (pairs.query_ids, (pairs.query_P,), queries, "--queries", queries_path),
             (pairs.doc_ids, (pairs.doc_a_P, pairs.doc_b_P), docs, "--docs", docs_path),
         ):
-            ids = table.strings(np.unique(np.concatenate(columns)))
-            missing = absent_ids(store, ids)
+            missing = absent_ids(store, table, np.unique(np.concatenate(columns)))
             if missing:
                 shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
                 raise TrainDataError(f"{pairs_path}: {len(missing)} ids have no text in {flag} {path} ({shown})")
@@ -629,7 +651,11 @@ class BatchStream:
 
     def _tokenize(self, samples: list[TrainSample]):
         query_tokens = self.tokenizer.encode_queries([s.query for s in samples])
-        doc_tokens = [self.tokenizer.encode_docs([q] * len(s.docs), s.docs) for q, s in zip(query_tokens, samples)]
+        # One tokenizer call for all documents of the micro-batch (a call per sample costs more than the work).
+        flat = self.tokenizer.encode_docs([q for q, s in zip(query_tokens, samples) for _ in s.docs],
+                                          [d for s in samples for d in s.docs])
+        ends = np.cumsum([len(s.docs) for s in samples]).tolist()
+        doc_tokens = [flat[end - len(s.docs):end] for end, s in zip(ends, samples)]
         return query_tokens, doc_tokens, samples
 
     def _micro_batch(self, query_tokens, doc_tokens, samples, first_row: int, doc_length: int) -> TrainBatch:

@@ -216,3 +216,36 @@ def test_jsonl_bad_bytes_name_file_and_line(tmp_path, line, message):
 def write_good(path, line: bytes):
     path.write_bytes(line)
     return path
+
+
+def test_vectorised_number_parsing_matches_python():
+    from sce_jax.pairs import _decimal, _floats
+
+    fields = [b"0", b"-12.375", b"3.", b".5", b"-.25", b"+3", b"1e3", b"-2.5E-2", b"10.363948822021484",
+              b"123456789012345678", b"inf", b"x", b"1.2.3", b"-", b"007"]
+    buf = np.frombuffer(b"\t".join(fields), np.uint8)
+    lengths = np.array([len(f) for f in fields])
+    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    got = _floats(buf, starts, starts + lengths)
+    for field, value in zip(fields, got):
+        try:
+            expected = float(field)
+        except ValueError:
+            assert np.isnan(value), field
+            continue
+        assert value == pytest.approx(expected, rel=1e-15) or (np.isinf(expected) and value == expected), field
+    ids = [b"0", b"7", b"8841822", b"123456789012345678"]
+    buf = np.frombuffer(b"\t".join(ids), np.uint8)
+    lengths = np.array([len(f) for f in ids])
+    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    assert _decimal(buf, starts, lengths).tolist() == [int(i) for i in ids]
+    for not_canonical in (b"007", b"-1", b"1a"):
+        assert _decimal(np.frombuffer(not_canonical, np.uint8), np.array([0]), np.array([len(not_canonical)])) is None
+
+
+def test_decimal_id_hashes_equal_the_text_store_hashes():
+    from sce_jax.textstore import hash_ids
+    from sce_jax.train_data import _hash_decimal_ids
+
+    ids = np.array([0, 7, 9, 10, 99, 100, 8841822, 2**31 - 1, 123456789012345678])
+    np.testing.assert_array_equal(_hash_decimal_ids(ids), hash_ids(str(i).encode() for i in ids))
