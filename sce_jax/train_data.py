@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from sce_jax.batch import bucket_length, length_buckets, make_batch
 from sce_jax.pairs import DocPairArrays, IdTable, line_chunks, read_docpairs

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import re
+
 import numpy as np
 import pytest
 
-from sce_jax.train_data import SMALL_DATASET, EpochPermutation, SampleOrder, sample_order
+from sce_jax.errors import InputError
+from sce_jax.pairs import read_docpairs
+from sce_jax.train_data import (
+    SMALL_DATASET,
+    BatchStream,
+    DocPairSamples,
+    EpochPermutation,
+    JsonlSamples,
+    SampleOrder,
+    load_samples,
+    sample_order,
+)
 
 
 def reference_order(n: int, seed: int, start: int, count: int) -> np.ndarray:
@@ -61,16 +76,6 @@ def test_per_step_work_does_not_depend_on_the_number_of_samples():
 
 
 # --- local docpairs -----------------------------------------------------------------------------------------------
-
-import gzip  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-
-from sce_jax import train_data  # noqa: E402
-from sce_jax.errors import InputError, run_cli  # noqa: E402
-from sce_jax.pairs import read_docpairs  # noqa: E402
-from sce_jax.train_data import BatchStream, DocPairSamples, JsonlSamples, load_samples  # noqa: E402
-
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
