@@ -149,7 +149,7 @@ def _floats(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
 
 
 class _Chunk(NamedTuple):
-    ids: dict  # column -> (bytes array, int64 array or None)
+    ids: dict  # column -> (bytes array or None, numbers (int32 below 2^31, else int64) or None)
     scores: np.ndarray | None
 
 
@@ -203,25 +203,32 @@ def _parse_chunk(data: bytes, first_line: int, path, columns: Sequence[str]) -> 
             scores.append(numbers.astype(np.float32))
         else:
             numbers = _decimal(buf, begin, end - begin)
-            ids[name] = (numbers if numbers is not None else _field_matrix(buf, begin, end), numbers)
+            if numbers is not None and numbers.max(initial=0) < 2**31:
+                numbers = numbers.astype(np.int32)  # 4 bytes per id from the start
+            ids[name] = (_field_matrix(buf, begin, end) if numbers is None else None, numbers)
     return _Chunk(ids, np.column_stack(scores) if scores else None), num_lines
 
 
-def _intern(parts: list[tuple[np.ndarray, np.ndarray | None]], sizes: list[int]) -> tuple[list[np.ndarray], IdTable]:
-    """Interned int32 ids for several columns (each a list of per-chunk (bytes, int64 or None)) sharing a table."""
+def _intern(columns: list[list[tuple]]) -> tuple[list[np.ndarray], IdTable]:
+    """Interned int32 ids of several columns sharing one table; each column a list of per-chunk parts
+    (bytes array or None, numbers or None), emptied as it is consumed (memory: one column at a time)."""
+    parts = [part for column in columns for part in column]
+    if all(numbers is not None and numbers.dtype == np.int32 for _, numbers in parts):
+        out = []
+        for column in columns:  # decimal ids below 2^31 are their own interned value: no table
+            out.append(np.concatenate([numbers for _, numbers in column]))
+            column.clear()
+        return out, IdTable(None)
+    sizes = [sum(len(b if numbers is None else numbers) for b, numbers in column) for column in columns]
     if all(numbers is not None for _, numbers in parts):
-        values = np.concatenate([numbers for _, numbers in parts]) if parts else np.zeros(0, np.int64)
-        if not len(values) or values.max() < 2**31:
-            interned, table = values.astype(np.int32), IdTable(None)
-        else:
-            unique, inverse = np.unique(values, return_inverse=True)
-            interned, table = inverse.astype(np.int32), IdTable(unique)
+        unique, inverse = np.unique(np.concatenate([n.astype(np.int64) for _, n in parts]), return_inverse=True)
     else:
-        parts = [(numbers.astype("S18") if numbers is not None else b, None) for b, numbers in parts]
-        width = max(b.dtype.itemsize for b, _ in parts)
-        unique, inverse = np.unique(np.concatenate([b.astype(f"S{width}") for b, _ in parts]), return_inverse=True)
-        interned, table = inverse.astype(np.int32), IdTable(unique)
-    return np.split(interned, np.cumsum(sizes)[:-1]), table
+        keys = [numbers.astype("S18") if numbers is not None else b for b, numbers in parts]
+        width = max(k.dtype.itemsize for k in keys)
+        unique, inverse = np.unique(np.concatenate([k.astype(f"S{width}") for k in keys]), return_inverse=True)
+    for column in columns:
+        column.clear()
+    return np.split(inverse.astype(np.int32), np.cumsum(sizes)[:-1]), IdTable(unique)
 
 
 def read_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMNS, *,
@@ -229,18 +236,23 @@ def read_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMN
     """Read a pairs file (`.gz` allowed). `columns` names each tab-separated field: qid, doc_a, doc_b and
     optionally score_a, score_b. For the local format (the default) the two scores are optional as a pair:
     the file's first line decides whether lines have 3 or 5 fields."""
-    chunks, line = [], 1
+    parts: dict[str, list] = {"qid": [], "doc_a": [], "doc_b": []}
+    scores: list[np.ndarray] = []
+    line, count = 1, 0
     for data in line_chunks(path, chunk_bytes):
-        if not chunks and tuple(columns) == LOCAL_COLUMNS:
+        if line == 1 and tuple(columns) == LOCAL_COLUMNS:
             first = data.lstrip(b"\r\n").split(b"\n", 1)[0]
             columns = LOCAL_COLUMNS[:3] if first.count(b"\t") == 2 else LOCAL_COLUMNS
         chunk, num_lines = _parse_chunk(data, line, path, columns)
-        chunks.append(chunk)
+        for name in parts:
+            parts[name].append(chunk.ids[name])
+        if chunk.scores is not None:
+            scores.append(chunk.scores)
+        count += len(chunk.ids["qid"][1] if chunk.ids["qid"][1] is not None else chunk.ids["qid"][0])
         line += num_lines
-    if not chunks or not sum(len(c.ids["qid"][0]) for c in chunks):
+    if not count:
         raise InputError(f"{path}: contains no pairs")
-    sizes = [len(c.ids["qid"][0]) for c in chunks]
-    (query_P,), query_ids = _intern([c.ids["qid"] for c in chunks], [sum(sizes)])
-    docs, doc_ids = _intern([c.ids["doc_a"] for c in chunks] + [c.ids["doc_b"] for c in chunks], [sum(sizes)] * 2)
-    scores = np.concatenate([c.scores for c in chunks]) if chunks[0].scores is not None else None
-    return DocPairArrays(query_P, docs[0], docs[1], scores, query_ids, doc_ids)
+    (query_P,), query_ids = _intern([parts["qid"]])
+    (doc_a_P, doc_b_P), doc_ids = _intern([parts["doc_a"], parts["doc_b"]])
+    scores_Px2 = np.concatenate(scores) if scores else None
+    return DocPairArrays(query_P, doc_a_P, doc_b_P, scores_Px2, query_ids, doc_ids)

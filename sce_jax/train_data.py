@@ -359,7 +359,10 @@ class DocPairSamples:
             (pairs.query_ids, (pairs.query_P,), queries, "--queries", queries_path),
             (pairs.doc_ids, (pairs.doc_a_P, pairs.doc_b_P), docs, "--docs", docs_path),
         ):
-            missing = absent_ids(store, table, np.unique(np.concatenate(columns)))
+            distinct = np.unique(columns[0])
+            for column in columns[1:]:
+                distinct = np.union1d(distinct, np.unique(column))  # no concatenation of the 40M-row columns
+            missing = absent_ids(store, table, distinct)
             if missing:
                 shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
                 raise TrainDataError(f"{pairs_path}: {len(missing)} ids have no text in {flag} {path} ({shown})")
