@@ -10,6 +10,8 @@ scores) before any is used; the first bad one is reported as `file: line N: ...`
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import gzip
 import os
 from collections.abc import Iterator, Sequence
@@ -19,7 +21,7 @@ import numpy as np
 
 from sce_jax.errors import InputError, located
 
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 LOCAL_COLUMNS = ("qid", "doc_a", "doc_b", "score_a", "score_b")
 _MAX_DIGITS = 18  # decimal ids of up to 18 digits fit an int64
 
@@ -239,17 +241,31 @@ def read_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMN
     parts: dict[str, list] = {"qid": [], "doc_a": [], "doc_b": []}
     scores: list[np.ndarray] = []
     line, count = 1, 0
-    for data in line_chunks(path, chunk_bytes):
-        if line == 1 and tuple(columns) == LOCAL_COLUMNS:
-            first = data.lstrip(b"\r\n").split(b"\n", 1)[0]
-            columns = LOCAL_COLUMNS[:3] if first.count(b"\t") == 2 else LOCAL_COLUMNS
-        chunk, num_lines = _parse_chunk(data, line, path, columns)
+    pending: collections.deque = collections.deque()
+    workers = max(1, min(4, os.cpu_count() or 1))
+
+    def collect(future) -> None:
+        nonlocal count
+        chunk = future.result()
         for name in parts:
             parts[name].append(chunk.ids[name])
         if chunk.scores is not None:
             scores.append(chunk.scores)
         count += len(chunk.ids["qid"][1] if chunk.ids["qid"][1] is not None else chunk.ids["qid"][0])
-        line += num_lines
+
+    # Chunks are parsed in threads (numpy releases the GIL), a few at a time so memory stays bounded.
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="read-docpairs") as pool:
+        for data in line_chunks(path, chunk_bytes):
+            if line == 1 and tuple(columns) == LOCAL_COLUMNS:
+                first = data.lstrip(b"\r\n").split(b"\n", 1)[0]
+                columns = LOCAL_COLUMNS[:3] if first.count(b"\t") == 2 else LOCAL_COLUMNS
+            pending.append(pool.submit(lambda d, first_line: _parse_chunk(d, first_line, path, columns)[0],
+                                       data, line))
+            line += data.count(b"\n") + (not data.endswith(b"\n"))
+            while len(pending) > workers:
+                collect(pending.popleft())
+        while pending:
+            collect(pending.popleft())
     if not count:
         raise InputError(f"{path}: contains no pairs")
     (query_P,), query_ids = _intern([parts["qid"]])
