@@ -56,6 +56,22 @@ def hash_ids(ids: Iterable[bytes]) -> np.ndarray:
                        lengths)
 
 
+def hash_fixed(ids: np.ndarray) -> np.ndarray:
+    """`hash_ids` of a fixed-width bytes array (numpy `S` dtype, ids without NUL bytes), without Python objects."""
+    ids = np.ascontiguousarray(ids)
+    width = ids.dtype.itemsize
+    hashes = np.empty(len(ids), np.uint64)
+    for start in range(0, len(ids), 1 << 20):
+        block = ids[start : start + (1 << 20)].view(np.uint8).reshape(-1, width)
+        lengths = (block != 0).sum(axis=1)
+        h = np.full(len(block), FNV_OFFSET, np.uint64)
+        for column in range(width):
+            live = lengths > column
+            h = np.where(live, (h ^ block[:, column].astype(np.uint64)) * FNV_PRIME, h)
+        hashes[start : start + len(block)] = h
+    return hashes
+
+
 def _hash_spans(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """FNV-1a of buffer[starts[i] : starts[i] + lengths[i]] for every i."""
     hashes = np.full(len(starts), FNV_OFFSET, np.uint64)
@@ -232,6 +248,24 @@ class TextStore:
             shown = ", ".join(unique[:5]) + (", ..." if len(unique) > 5 else "")
             raise MissingTextError(f"{self.path}: no text for {len(unique)} {self.kind} ({shown})")
         return texts
+
+    def absent(self, ids: np.ndarray) -> np.ndarray:
+        """A mask of the ids (UTF-8 bytes in a numpy `S` array) that are certainly not in the store, from the index
+        alone (no reads: a present hash means present unless two ids share a 64-bit hash, which `get_many` checks)."""
+        if self._texts is not None:
+            return np.array([i.decode("utf-8") not in self._texts for i in ids.tolist()], bool)
+        if not len(self._index.hashes):
+            return np.ones(len(ids), bool)
+        hashes = hash_fixed(ids)
+        order = np.argsort(hashes)  # sorted probes walk the memory-mapped index in order
+        where = np.minimum(np.searchsorted(self._index.hashes, hashes[order]), len(self._index.hashes) - 1)
+        absent = np.empty(len(ids), bool)
+        absent[order] = self._index.hashes[where] != hashes[order]
+        return absent
+
+    def lookup(self, ids: Sequence[str]) -> list[str | None]:
+        """The texts of `ids`, None for those absent."""
+        return self._lookup(ids)
 
     def _lookup(self, ids: Sequence[str]) -> list[str | None]:
         ids = list(ids)

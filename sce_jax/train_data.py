@@ -290,41 +290,16 @@ class DocsStoreTexts:
         return [found[i].default_text() for i in ids]
 
 
-def _hash_decimal_ids(values: np.ndarray) -> np.ndarray:
-    """`textstore.hash_ids` (64-bit FNV-1a of the id's bytes) of decimal ids given as numbers, without making a
-    string per id: the digits are produced column by column."""
-    from sce_jax.textstore import FNV_OFFSET, FNV_PRIME
-
-    values = np.asarray(values, np.int64)
-    lengths = np.ones(len(values), np.int64)
-    for power in range(1, 19):
-        lengths += values >= 10**power
-    hashes = np.full(len(values), FNV_OFFSET, np.uint64)
-    for column in range(int(lengths.max(initial=0))):
-        live = lengths > column
-        digit = (values // 10 ** np.maximum(lengths - 1 - column, 0)) % 10 + 48
-        hashes = np.where(live, (hashes ^ digit.astype(np.uint64)) * FNV_PRIME, hashes)
-    return hashes
-
-
 def absent_ids(store, table: IdTable, interned: np.ndarray) -> list[str]:
-    """The ids (distinct `interned` values of `table`) that a TextStore does not hold, checked against its
-    sorted id hashes, vectorised (an absent hash means an absent id; the rare hash collision is caught by the
-    lookup itself)."""
-    from sce_jax.textstore import hash_ids
-
-    index = getattr(store, "_index", None)
-    if index is None:  # an in-memory store
-        return [i for i in table.strings(interned) if i not in store]
+    """The ids (distinct `interned` values of `table`) that a TextStore does not hold, from its index alone
+    (`TextStore.absent`, vectorised: no Python string per id)."""
     if table.table is None:
-        hashes = _hash_decimal_ids(interned)
+        keys = interned.astype("S20")  # decimal ids: their digits
     elif table.table.dtype.kind == "i":
-        hashes = _hash_decimal_ids(table.table[interned])
+        keys = table.table[interned].astype("S20")
     else:
-        hashes = hash_ids(i.encode("utf-8", "surrogatepass") for i in table.strings(interned))
-    position = np.minimum(np.searchsorted(index.hashes, hashes), max(len(index.hashes) - 1, 0))
-    found = index.hashes[position] == hashes if len(index.hashes) else np.zeros(len(hashes), bool)
-    return table.strings(interned[~found])
+        keys = table.table[interned]
+    return table.strings(interned[store.absent(keys)])
 
 
 def _checked_text(text: str, source: str, kind: str, text_id: str) -> str:

@@ -9,7 +9,7 @@ import pytest
 from sce_jax import textstore
 from sce_jax.errors import InputError
 from sce_jax.texts import MissingTextError, read_tsv_texts
-from sce_jax.textstore import TextStore, hash_ids
+from sce_jax.textstore import TextStore, hash_fixed, hash_ids
 
 
 @pytest.fixture(autouse=True)
@@ -138,3 +138,12 @@ def test_hash_collisions_are_resolved_by_the_id(tmp_path, monkeypatch):
 def test_hash_is_fnv1a():
     # FNV-1a 64 reference values (the published test vectors).
     assert hash_ids([b"", b"a", b"foobar"]).tolist() == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C, 0x85944171F73967E8]
+    ids = [b"a", b"foobar", b"d12345", b"x"]
+    assert hash_fixed(np.array(ids, dtype=bytes)).tolist() == hash_ids(ids).tolist()
+
+
+def test_absent_from_the_index_alone(tmp_path):
+    path = _write(tmp_path / "c.tsv", b"a\t1\nbb\t2\n")
+    with TextStore.open(path) as store:
+        assert store.absent(np.array([b"bb", b"c", b"a", b"aa"])).tolist() == [False, True, False, True]
+        assert store.texts_read == 0
