@@ -24,7 +24,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from sce_jax.batch import bucket_length, length_buckets, make_batch
-from sce_jax.pairs import DocPairArrays, IdTable, line_chunks, read_docpairs
+from sce_jax.pairs import DocPairArrays, IdTable, line_chunks, read_docpairs, release_free_memory
 from sce_jax.errors import InputError
 
 KD_DOCPAIRS_ID = "msmarco-passage/train/kd-docpairs"
@@ -338,6 +338,8 @@ class DocPairSamples:
             for column in columns[1:]:
                 distinct = np.union1d(distinct, np.unique(column))  # no concatenation of the 40M-row columns
             missing = absent_ids(store, table, distinct)
+            del distinct
+            release_free_memory()
             if missing:
                 shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
                 raise TrainDataError(f"{pairs_path}: {len(missing)} ids have no text in {flag} {path} ({shown})")
