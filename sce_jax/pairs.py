@@ -282,6 +282,6 @@ def read_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMN
     (query_P,), query_ids = _intern([parts["qid"]])
     (doc_a_P, doc_b_P), doc_ids = _intern([parts["doc_a"], parts["doc_b"]])
     scores_Px2 = np.concatenate(scores) if scores else None
-    del scores
+    scores.clear()
     release_free_memory()
     return DocPairArrays(query_P, doc_a_P, doc_b_P, scores_Px2, query_ids, doc_ids)
