@@ -24,7 +24,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from sce_jax.batch import bucket_length, length_buckets, make_batch
-from sce_jax.pairs import DocPairArrays, IdTable, line_chunks, read_docpairs, release_free_memory
+from sce_jax.pairs import DocPairArrays, IdTable, line_chunks, load_docpairs, release_free_memory
 from sce_jax.errors import InputError
 
 KD_DOCPAIRS_ID = "msmarco-passage/train/kd-docpairs"
@@ -327,7 +327,7 @@ class DocPairSamples:
     def from_files(cls, pairs_path: str | Path, queries_path: str | Path, docs_path: str | Path) -> DocPairSamples:
         from sce_jax.textstore import TextStore
 
-        pairs = read_docpairs(pairs_path)
+        pairs = load_docpairs(pairs_path)
         queries = TextStore.open(queries_path, kind="queries")
         docs = TextStore.open(docs_path, kind="documents")
         for table, columns, store, flag, path in (
@@ -363,7 +363,7 @@ class DocPairSamples:
             queries = DictTexts({q.query_id: q.default_text() for q in dataset.queries_iter()}, source, "query")
             handler = dataset.docpairs_handler()
             if isinstance(handler, KDDocPairs):  # a TSV file: read vectorised
-                pairs = read_docpairs(handler.docpairs_path(), KD_DOCPAIRS_COLUMNS)
+                pairs = load_docpairs(handler.docpairs_path(), KD_DOCPAIRS_COLUMNS)
             else:
                 pairs = _docpairs_from_iter(dataset.docpairs_iter())
             docs = DocsStoreTexts(dataset.docs_store(), source)

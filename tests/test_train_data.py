@@ -246,3 +246,23 @@ def test_vectorised_number_parsing_matches_python():
     assert _decimal(buf, starts, lengths).tolist() == [int(i) for i in ids]
     for not_canonical in (b"007", b"-1", b"1a"):
         assert _decimal(np.frombuffer(not_canonical, np.uint8), np.array([0]), np.array([len(not_canonical)])) is None
+
+
+@pytest.mark.parametrize("numeric", [True, False])
+def test_pairs_are_cached_and_reread_when_the_file_changes(tmp_path, monkeypatch, numeric):
+    from sce_jax import pairs as pairs_module
+
+    pairs_path, *_ = pair_files(tmp_path, numeric=numeric)
+    reads = []
+    original = pairs_module.read_docpairs
+    monkeypatch.setattr(pairs_module, "read_docpairs", lambda *a, **k: reads.append(1) or original(*a, **k))
+    first = pairs_module.load_docpairs(pairs_path)
+    second = pairs_module.load_docpairs(pairs_path)
+    assert len(reads) == 1 and isinstance(second.query_P, np.memmap)
+    for a, b in zip(first[:4], second[:4]):
+        np.testing.assert_array_equal(a, b)
+    assert first.doc_ids.strings(first.doc_a_P) == second.doc_ids.strings(second.doc_a_P)
+    with open(pairs_path, "ab") as f:
+        f.write(b"" if pairs_path.suffix == ".gz" else (b"101\t7\t10\t1\t2\n" if numeric else b"q-1\tx\ty\t1\t2\n"))
+    third = pairs_module.load_docpairs(pairs_path)
+    assert len(reads) == 2 and len(third) == 13
