@@ -272,6 +272,7 @@ def load_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMN
     except (OSError, ValueError, KeyError):
         pass
     pairs = read_docpairs(path, columns)
+    staging = None
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{key}."))
@@ -285,10 +286,10 @@ def load_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMN
             (staging / "stamp.json").write_text(json.dumps(stamp))
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(staging, directory)
-        else:
-            shutil.rmtree(staging, ignore_errors=True)
-    except OSError:
+    except OSError:  # e.g. another process put its copy in place first
         pass
+    if staging is not None and staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
     return pairs
 
 
