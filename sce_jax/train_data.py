@@ -290,13 +290,29 @@ class DocsStoreTexts:
         return [found[i].default_text() for i in ids]
 
 
+def distinct_ids(columns: Sequence[np.ndarray]) -> np.ndarray:
+    """The sorted distinct values of int32 id columns: a bitmap when the values are dense (MS MARCO's pids), so
+    40M-row columns are neither sorted nor concatenated."""
+    top = max(int(column.max(initial=0)) for column in columns)
+    if top < 4 * sum(len(column) for column in columns) + (1 << 24):
+        seen = np.zeros(top + 1, bool)
+        for column in columns:
+            seen[column] = True
+        return np.flatnonzero(seen)
+    distinct = np.unique(columns[0])
+    for column in columns[1:]:
+        distinct = np.union1d(distinct, np.unique(column))
+    return distinct
+
+
 def absent_ids(store, table: IdTable, interned: np.ndarray) -> list[str]:
     """The ids (distinct `interned` values of `table`) that a TextStore does not hold, from its index alone
     (`TextStore.absent`, vectorised: no Python string per id)."""
     if table.table is None:
-        keys = interned.astype("S20")  # decimal ids: their digits
+        keys = interned.astype(f"S{len(str(int(interned.max(initial=0))))}")  # decimal ids: their digits
     elif table.table.dtype.kind == "i":
-        keys = table.table[interned].astype("S20")
+        values = table.table[interned]
+        keys = values.astype(f"S{len(str(int(values.max(initial=0))))}")
     else:
         keys = table.table[interned]
     return table.strings(interned[store.absent(keys)])
@@ -334,11 +350,7 @@ class DocPairSamples:
             (pairs.query_ids, (pairs.query_P,), queries, "--queries", queries_path),
             (pairs.doc_ids, (pairs.doc_a_P, pairs.doc_b_P), docs, "--docs", docs_path),
         ):
-            distinct = np.unique(columns[0])
-            for column in columns[1:]:
-                distinct = np.union1d(distinct, np.unique(column))  # no concatenation of the 40M-row columns
-            missing = absent_ids(store, table, distinct)
-            del distinct
+            missing = absent_ids(store, table, distinct_ids(columns))
             release_free_memory()
             if missing:
                 shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")

@@ -266,3 +266,12 @@ def test_pairs_are_cached_and_reread_when_the_file_changes(tmp_path, monkeypatch
         f.write(b"" if pairs_path.suffix == ".gz" else (b"101\t7\t10\t1\t2\n" if numeric else b"q-1\tx\ty\t1\t2\n"))
     third = pairs_module.load_docpairs(pairs_path)
     assert len(reads) == 2 and len(third) == 13
+
+
+def test_distinct_ids_dense_and_sparse():
+    from sce_jax.train_data import distinct_ids
+
+    a, b = np.array([5, 3, 5, 9], np.int32), np.array([0, 9, 2], np.int32)
+    np.testing.assert_array_equal(distinct_ids([a, b]), [0, 2, 3, 5, 9])
+    sparse = np.array([2**30, 7], np.int32)
+    np.testing.assert_array_equal(distinct_ids([sparse, b]), [0, 2, 7, 9, 2**30])
