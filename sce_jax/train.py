@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -34,7 +35,8 @@ from sce_jax.cli_config import add_dataclass_flags, resolve_dataclass
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pattern
 from sce_jax.encoder import DTYPES, SparseCrossEncoder, build_model
 from sce_jax.losses import LOSSES, get_loss
-from sce_jax.runs import InputError, atomic_write
+from sce_jax.errors import InputError, run_cli, user_path
+from sce_jax.runs import atomic_write
 from sce_jax.tokenization import QueryDocTokenizer
 from sce_jax.train_data import BatchStream, TrainBatch, TrainDataError, load_samples
 from sce_jax.weights import CheckpointError
@@ -66,6 +68,8 @@ class TrainConfig:
     attention_pattern: str | None = None  # "sparse" or "full", or None: keep the model's
     attention_impl: str = "auto"
     train_data: str = "msmarco-passage/train/kd-docpairs"
+    queries: str | None = None  # with a local pairs file: the queries' texts (TSV or JSONL, .gz too)
+    docs: str | None = None  # with a local pairs file: the documents' texts (TSV or JSONL, .gz too)
     output_dir: str = "runs/train"
     steps: int = 100_000
     batch_size: int = 32  # global, over all devices and hosts
@@ -125,16 +129,61 @@ class TrainConfig:
         return overrides
 
 
+HELP = {
+    "model": "starting model: a converted sce_jax directory, a training output directory, a Hugging Face "
+             "directory or hub id",
+    "attention_window": "attention window in tokens, or 'full' (no window); default: the model's",
+    "attention_pattern": "'sparse' (the released pattern) or 'full' (all edges); default: the model's",
+    "attention_impl": "attention implementation: auto, xla, pallas, cpu (see docs/kernels.md)",
+    "train_data": "training data: a JSONL file of samples, a TSV file of pairs (qid, docid_a, docid_b[, score_a, "
+                  "score_b]; needs --queries and --docs), or an ir_datasets id with docpairs",
+    "queries": "with a pairs file: the queries' texts (qid<TAB>text TSV, or JSONL; .gz too)",
+    "docs": "with a pairs file: the documents' texts (docno<TAB>text TSV, or JSONL; .gz too)",
+    "output_dir": "where config, tokenizer, checkpoints and metrics.jsonl go (relative paths and ~ work)",
+    "steps": "optimizer steps to train for (in total, counting steps before a resume)",
+    "batch_size": "samples per optimizer step, over all devices and hosts",
+    "grad_accum": "micro-batches per step (gradient accumulation); divides --batch-size",
+    "learning_rate": "AdamW's peak learning rate",
+    "warmup_steps": "linear warm-up steps from 0 to --learning-rate",
+    "schedule": "after warm-up: constant, or linear decay to 0 at --steps",
+    "weight_decay": "AdamW's decoupled weight decay",
+    "max_grad_norm": "clip gradients to this global norm; none: no clipping",
+    "loss": "margin-mse, ranknet, listnet, listmle, approx-ndcg or localized-contrastive",
+    "max_length": "tokens of [CLS] + query + document",
+    "max_query_length": "tokens of the query",
+    "save_every": "steps between checkpoints (the last step is always saved)",
+    "keep_checkpoints": "how many checkpoints to keep",
+    "devices": "local devices per host; default: all",
+    "seed": "seed of the data order and dropout",
+    "resume": "continue from the newest complete checkpoint in --output-dir (a fresh start if there is none)",
+    "dtype": "compute dtype, float32 or bfloat16 (parameters and optimizer state stay float32)",
+    "dropout": "override the model's dropout probability; default: the model's",
+    "log_every": "steps between lines of metrics.jsonl",
+    "eval_run": "a run (TREC or JSON) to re-rank for validation; needs --eval-qrels",
+    "eval_qrels": "the qrels of --eval-run",
+    "eval_every": "steps between validations (and the last step)",
+    "eval_measure": "the validation measure (ir_measures syntax, e.g. nDCG@10)",
+    "eval_depth": "documents per query of --eval-run to re-rank",
+    "tensorboard": "also write TensorBoard events to OUTPUT_DIR/tensorboard",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sce_jax.train", description="Fine-tune a sparse cross-encoder.")
+    parser = argparse.ArgumentParser(prog="sce-jax-train", description="Fine-tune a sparse cross-encoder "
+                                     "(see docs/training.md). Flags override the --config YAML file.")
     parser.add_argument("--config", help="YAML file of options; flags override it")
-    add_dataclass_flags(parser, TrainConfig)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_dataclass_flags(parser, TrainConfig, {
+        name: f"{text} (default: {field.default})"
+        for field in dataclasses.fields(TrainConfig) for name, text in [(field.name, HELP[field.name])]
+    })
     return parser
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the YAML file, then the flags given."""
     flags = dict(vars(args))
+    flags.pop("debug", None)
     return resolve_dataclass(TrainConfig, flags.pop("config", None), flags, ConfigError)
 
 
@@ -240,6 +289,9 @@ class CheckpointStore:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, params, opt_state, progress: dict) -> None:
         # Parameters are saved as host arrays, without the training mesh's sharding, so any reader on any
         # number of devices restores them as they are (the model directory contract).
@@ -283,11 +335,25 @@ class MetricsLog:
             self.writer = SummaryWriter(str(output_dir / "tensorboard"))
 
     def drop_after(self, step: int) -> None:
-        """Forget lines logged after `step` (by a run that was interrupted after its last checkpoint)."""
-        if self.enabled and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            with atomic_write(self.path) as f:
-                f.writelines(line + "\n" for line in kept)
+        """Forget lines logged after `step` (by a run that was interrupted after its last checkpoint), and a line
+        torn by a crash while it was written."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept, torn = [], 0
+        for line in self.path.read_bytes().decode("utf-8", "replace").splitlines():
+            try:
+                record = json.loads(line)
+                line_step = record["step"]
+            except (ValueError, TypeError, KeyError):
+                torn += 1
+                continue
+            if line_step <= step:
+                kept.append(line)
+        if torn:
+            print(f"warning: {self.path}: dropped {torn} unreadable line(s) (torn by an interrupted write)",
+                  file=sys.stderr)
+        with atomic_write(self.path) as f:
+            f.writelines(line + "\n" for line in kept)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -304,11 +370,14 @@ class MetricsLog:
             self.writer.close()
 
 
-def _write_model_files(output_dir: Path, cfg: TrainConfig, config: SparseCrossEncoderConfig, tokenizer_dir: Path):
-    """config.json + tokenizer files (so the output dir is a model directory) and the resolved options."""
-    with atomic_write(output_dir / "config.json") as f:
-        f.write(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-    copy_tokenizer_files(tokenizer_dir, output_dir)
+def _write_model_files(output_dir: Path, cfg: TrainConfig, config: SparseCrossEncoderConfig, tokenizer_dir: Path,
+                       *, fresh: bool = True):
+    """config.json + tokenizer files (so the output dir is a model directory) and the resolved options. On a
+    resume config.json and the tokenizer are already there (and were checked to match)."""
+    if fresh or not (output_dir / "config.json").exists():
+        with atomic_write(output_dir / "config.json") as f:
+            f.write(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        copy_tokenizer_files(tokenizer_dir, output_dir)
     with atomic_write(output_dir / RESOLVED_CONFIG) as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
@@ -345,14 +414,107 @@ class Evaluator:
         return results[str(self.measure)]["model"]
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training; returns the final step's metrics."""
-    output_dir = Path(cfg.output_dir).absolute()
-    checkpoint_dir = output_dir / CHECKPOINTS_DIR
-    if not cfg.resume and checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
-        raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume or choose another --output-dir")
+# Settings that change the data stream: a resume must not change them (`--resume` refuses, naming the flag).
+STREAM_SETTINGS = ("train_data", "queries", "docs", "batch_size", "grad_accum", "seed", "max_length",
+                   "max_query_length", "loss")
 
-    # Everything that can fail on bad input happens before the first step.
+
+def _resolved_paths(cfg: TrainConfig) -> TrainConfig:
+    """User paths made absolute (`~` expanded); `model` and `train_data` only when they name existing files
+    (else they are hub / ir_datasets ids)."""
+    changes = {"output_dir": str(user_path(cfg.output_dir))}
+    for name in ("model", "train_data"):
+        if os.path.exists(user_path(getattr(cfg, name))):
+            changes[name] = str(user_path(getattr(cfg, name)))
+    for name in ("queries", "docs", "eval_run", "eval_qrels"):
+        if getattr(cfg, name) is not None:
+            changes[name] = str(user_path(getattr(cfg, name)))
+    return dataclasses.replace(cfg, **changes)
+
+
+def stream_settings(cfg: TrainConfig, num_samples: int, processes: int) -> dict:
+    return {**{name: getattr(cfg, name) for name in STREAM_SETTINGS}, "samples": num_samples,
+            "processes": processes}
+
+
+def check_stream(saved: dict | None, current: dict, output_dir: Path, step: int) -> None:
+    """Refuse a resume whose data stream differs from the one that wrote the checkpoint."""
+    if not saved:  # a checkpoint of an earlier version: nothing recorded
+        return
+    differences = [
+        f"{'--' + name.replace('_', '-') if name in STREAM_SETTINGS else name} {saved[name]!r} -> {current[name]!r}"
+        for name in current if name in saved and saved[name] != current[name]
+    ]
+    if differences:
+        raise ConfigError(
+            f"cannot resume {output_dir} (step {step}): the data stream would differ from the run that wrote it "
+            f"({'; '.join(differences)}); use the original settings or another --output-dir"
+        )
+
+
+def _complete_steps(checkpoint_dir: Path) -> list[int]:
+    """Steps on disk, newest first; incomplete ones (no progress record, no array metadata) are skipped with a
+    warning. (Orbax renames a checkpoint into place when complete; this catches one damaged afterwards.)"""
+    steps = sorted((int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit() and p.is_dir()),
+                   reverse=True)
+    complete = []
+    for step in steps:
+        directory = checkpoint_dir / str(step)
+        needed = [directory / "progress" / "metadata", directory / "params" / "_METADATA",
+                  directory / "opt_state" / "_METADATA"]
+        problem = next((f"{p.relative_to(directory)} missing" for p in needed if not p.is_file()), None)
+        if problem is None:
+            try:
+                progress = json.loads((directory / "progress" / "metadata").read_text())
+                if progress.get("step") != step:
+                    problem = "progress record names another step"
+            except (OSError, ValueError):
+                problem = "progress record unreadable"
+        if problem:
+            _warn(f"checkpoint {directory} is incomplete ({problem}); skipped")
+            continue
+        complete.append(step)
+    return complete
+
+
+def _set_aside(checkpoint_dir: Path, steps: list[int]) -> None:
+    """Rename damaged step directories to STEP.incomplete (kept for inspection; no longer a checkpoint step,
+    so neither Orbax nor a model loader picks them)."""
+    for step in steps:
+        source = checkpoint_dir / str(step)
+        target, n = checkpoint_dir / f"{step}.incomplete", 1
+        while target.exists():
+            n += 1
+            target = checkpoint_dir / f"{step}.incomplete{n}"
+        source.rename(target)
+        _warn(f"moved {source} to {target.name}")
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns the final step's metrics.
+
+    Everything that can fail on bad input or settings (model, data, the first batch, the checkpoint to resume
+    from and its settings) is checked before anything is written.
+    """
+    cfg = _resolved_paths(cfg)
+    output_dir = Path(cfg.output_dir)
+    checkpoint_dir = output_dir / CHECKPOINTS_DIR
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir {output_dir} is a file")
+    has_checkpoints = checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir())
+    if not cfg.resume and has_checkpoints:
+        raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume or choose another --output-dir")
+    if cfg.resume and has_checkpoints:
+        missing = [name for name in ("config.json", RESOLVED_CONFIG) if not (output_dir / name).is_file()]
+        if missing:
+            raise ConfigError(f"cannot resume {output_dir}: it has checkpoints but no {' or '.join(missing)} "
+                              f"(not a complete sce_jax.train output directory)")
+
     mesh = make_mesh(cfg.devices)
     num_devices, num_hosts = mesh.devices.size, jax.process_count()
     micro_batch = cfg.batch_size // cfg.grad_accum
@@ -366,7 +528,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"max_length {cfg.max_length} exceeds the model's {config.max_position_embeddings} positions")
     tokenizer = QueryDocTokenizer.from_dir(tokenizer_dir, max_length=cfg.max_length,
                                            max_query_length=cfg.max_query_length)
-    samples = load_samples(cfg.train_data)
+    samples = load_samples(cfg.train_data, queries=cfg.queries, docs=cfg.docs)
     if cfg.loss == "margin-mse" and samples.num_docs != 2:
         raise TrainDataError(f"{cfg.train_data}: margin-mse needs 2 documents per sample, some have {samples.num_docs}")
     stream = BatchStream(
@@ -374,13 +536,9 @@ def train(cfg: TrainConfig) -> dict:
         max_query_length=cfg.max_query_length, max_length=cfg.max_length, seed=cfg.seed,
         process_index=jax.process_index(), process_count=num_hosts,
     )
+    settings = stream_settings(cfg, len(samples), num_hosts)
     evaluator = Evaluator(cfg, config, tokenizer) if cfg.eval_run else None
     is_main = jax.process_index() == 0
-    metrics_log = MetricsLog(output_dir, tensorboard=cfg.tensorboard, enabled=is_main)
-
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _write_model_files(output_dir, cfg, config, tokenizer_dir)
 
     model = build_model(config, params, dtype=cfg.dtype, attention_impl=cfg.attention_impl)
     graphdef, param_state = nnx.split(model, nnx.Param)
@@ -392,17 +550,61 @@ def train(cfg: TrainConfig) -> dict:
     batch_sharding = NamedSharding(mesh, P(None, "data"))
     schedule = make_schedule(cfg)
 
-    store = CheckpointStore(checkpoint_dir, cfg.keep_checkpoints)
     step, position, dropout_key = 0, 0, np.asarray(jax.random.PRNGKey(cfg.seed))
-    latest = store.latest_step() if cfg.resume else None
-    if latest is not None:
-        params, opt_state, progress = store.restore(latest, params, opt_state)
+    store, damaged = None, []
+    if cfg.resume and has_checkpoints:
+        candidates = _complete_steps(checkpoint_dir)
+        damaged = sorted(set(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit()) - set(candidates))
+        if not candidates:
+            raise CheckpointError(f"{checkpoint_dir}: no complete checkpoint to resume from")
+        store = CheckpointStore(checkpoint_dir, cfg.keep_checkpoints)
+        errors = []
+        for latest in candidates:
+            try:
+                restored = store.restore(latest, params, opt_state)
+            except Exception as error:  # noqa: BLE001 -- a damaged step: fall back to the one before
+                errors.append(f"step {latest}: {(str(error).splitlines() or [type(error).__name__])[0][:300]}")
+                _warn(f"checkpoint step {latest} cannot be restored; skipped ({errors[-1]})")
+                damaged.append(latest)
+                continue
+            params, opt_state, progress = restored
+            if latest != candidates[0]:
+                _warn(f"resuming from step {latest}, the newest complete checkpoint")
+            break
+        else:
+            store.close()
+            raise CheckpointError(f"{checkpoint_dir}: no checkpoint could be restored ({errors[0]})")
+        check_stream(progress.get("stream"), settings, output_dir, latest)
         step, position = progress["step"], progress["position"]
         dropout_key = np.asarray(progress["dropout_key"], np.uint32)
-    metrics_log.drop_after(step)
+
+    batches = stream.iterate(position)
+    try:
+        first_batch = next(batches) if step < cfg.steps else None  # bad texts fail here, before any write
+        metrics_log = MetricsLog(output_dir, tensorboard=cfg.tensorboard, enabled=is_main)
+        if is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            _write_model_files(output_dir, cfg, config, tokenizer_dir, fresh=store is None)
+        if is_main:
+            _set_aside(checkpoint_dir, [d for d in damaged if d > step])
+        if num_hosts > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("sce_jax.train: output directory ready")
+        if store is None:
+            store = CheckpointStore(checkpoint_dir, cfg.keep_checkpoints)
+        else:
+            store.manager.reload()
+        metrics_log.drop_after(step)
+    except BaseException:
+        batches.close()
+        if store is not None:
+            store.close()
+        raise
 
     def save(step: int, position: int):
-        store.save(step, params, opt_state, {"step": step, "position": position, "dropout_key": dropout_key.tolist()})
+        store.save(step, params, opt_state, {"step": step, "position": position,
+                                             "dropout_key": dropout_key.tolist(), "stream": settings})
 
     def check(step: int, metrics) -> dict:
         """The step's record for metrics.jsonl; a non-finite loss or gradient stops training here."""
@@ -414,27 +616,28 @@ def train(cfg: TrainConfig) -> dict:
                 f"loss {record['loss']} / gradient norm {record['grad_norm']} at step {step}; stopped. Last good "
                 f"checkpoint: {'none' if last is None else f'step {last}'} in {checkpoint_dir}"
             )
-        # Mean rate since the first step of this process, which includes compilation and is left out.
-        now = time.perf_counter()
-        clock.setdefault("start", (step, now))
-        first_step, first_time = clock["start"]
-        record["steps_per_second"] = (step - first_step) / (now - first_time) if step > first_step else 0.0
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
         bar.update(step - bar.n)
         return record
 
     def log(record: dict, *, always: bool = False) -> None:
         if always or record["step"] % cfg.log_every == 0:
+            # Steps per second since the previous line (or since this process started training: the first line
+            # includes compilation), measured when the step's metrics arrived, i.e. the step had finished.
+            now = time.perf_counter()
+            last_step, last_time = clock["last"]
+            record["steps_per_second"] = (record["step"] - last_step) / max(now - last_time, 1e-9)
+            clock["last"] = (record["step"], now)
             metrics_log.log(record)
 
     bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="training", disable=not is_main, dynamic_ncols=True)
     record: dict = {"step": step}
     pending = None  # the previous step's metrics, read one step late so the host never stalls the device
-    clock: dict = {}
-    batches = stream.iterate(position)
+    clock = {"last": (step, time.perf_counter())}
     try:
         while step < cfg.steps:
-            position, host_batch = next(batches)
+            position, host_batch = first_batch if first_batch is not None else next(batches)
+            first_batch = None
             batch = TrainBatch(*(jax.make_array_from_process_local_data(batch_sharding, a) for a in host_batch))
             # Under the mesh, an opaque attention kernel (Pallas) splits itself over the data axis.
             with jax.set_mesh(mesh):
@@ -458,28 +661,32 @@ def train(cfg: TrainConfig) -> dict:
         batches.close()
         store.close()
         metrics_log.close()
+    record["output_dir"] = str(output_dir)
     return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cfg = resolve_config(args)
+    initialize_distributed()
     try:
-        cfg = resolve_config(args)
-        initialize_distributed()
-        train(cfg)
-    except (InputError, CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        record = train(cfg)
+    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
+        raise InputError(str(e)) from e
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if jax.process_index() == 0:
+        output_dir = record["output_dir"]
+        print(f"Model saved in {output_dir} (step {record['step']}). Load it with "
+              f"SparseCrossEncoder.load({output_dir!r}) or re-rank with: sce-jax-rerank --model {shlex.quote(output_dir)} ...")
     return 0
 
 
 def cli() -> None:
-    """The installed console script."""
-    sys.exit(main())
+    """The `sce-jax-train` console script."""
+    sys.exit(run_cli(main))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -16,6 +16,7 @@ import pytest
 
 from sce_jax import train as train_module
 from sce_jax.checkpoint import load_model_dir
+from sce_jax.errors import run_cli
 from sce_jax.train_data import (
     BatchStream,
     DocPairSamples,
@@ -46,8 +47,9 @@ def compile_cache(tmp_path_factory):
 
 
 def tiny_args(model_dir, output_dir, *extra) -> list[str]:
+    # The random 2-layer test model learns visibly in a few steps only at a large learning rate.
     return ["--config", str(TINY_CONFIG), "--model", str(model_dir), "--train-data", str(TINY_DATA),
-            "--output-dir", str(output_dir), *extra]
+            "--output-dir", str(output_dir), "--learning-rate", "1e-2", *extra]
 
 
 def run_in_process(args) -> dict:
@@ -187,11 +189,11 @@ def test_ir_datasets_docpairs_with_teacher_scores(tmp_path):
         TsvDocs(LocalDownload(tmp_path / "docs.tsv")), TsvQueries(LocalDownload(tmp_path / "queries.tsv")),
         KDDocPairs(LocalDownload(tmp_path / "kd.tsv")),
     ))
-    samples = DocPairSamples(dataset_id)
+    samples = DocPairSamples.from_ir_datasets(dataset_id)
     assert len(samples) == 2 and samples.num_docs == 2
     assert tuple(samples[1]) == ("what is third", ["third passage", "first passage"], [7.0, -3.0])
     with pytest.raises(TrainDataError, match="neither a file nor an ir_datasets id"):
-        DocPairSamples("no/such/dataset")
+        DocPairSamples.from_ir_datasets("no/such/dataset")
 
 
 def test_kd_docpairs_is_registered_from_the_teacher_score_file():
@@ -251,10 +253,10 @@ def test_bad_input_fails_before_training(tiny_hf_dir, tmp_path, capsys, extra, m
                                   [{"query": "q", "docs": ["a", "b", "c"], "labels": [1, 0, 0]}]),
     }
     extra = [str(files.get(x, x)) for x in extra]
-    assert train_module.main(tiny_args(tiny_hf_dir, tmp_path / "out", *extra)) == 2
+    assert run_cli(train_module.main, tiny_args(tiny_hf_dir, tmp_path / "out", *extra)) == 2
     error = capsys.readouterr().err
-    assert message in error and "Traceback" not in error
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert message in error and "Traceback" not in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_batch_not_divisible_by_devices(tiny_hf_dir, tmp_path, compile_cache):
@@ -300,6 +302,8 @@ def test_training_lowers_the_loss_logs_and_evaluates(tiny_hf_dir, tmp_path, comp
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 17))
     assert all({"loss", "learning_rate", "steps_per_second"} <= set(r) for r in records)
+    # A rate from the first line on (the first includes compilation): positive, finite, no 0.0 placeholder.
+    assert all(0 < r["steps_per_second"] < float("inf") for r in records)
     assert [r["learning_rate"] for r in records[:3]] == pytest.approx([0.0, 1e-2, 1e-2])  # 1 warm-up step
     assert [r["step"] for r in records if "eval/nDCG@10" in r] == [8, 16]
     # One relevant document of two: nDCG@10 is 1 when it is ranked first, else 1 / log2(3).
@@ -315,7 +319,7 @@ def test_resume_equals_uninterrupted(baseline, tiny_hf_dir, tmp_path, compile_ca
     output_dir = tmp_path / "out"
     run_in_process(tiny_args(tiny_hf_dir, output_dir, "--steps", "2"))
     # Without --resume an existing run is not overwritten; with it, training continues from step 2.
-    assert train_module.main(tiny_args(tiny_hf_dir, output_dir)) == 2
+    assert run_cli(train_module.main, tiny_args(tiny_hf_dir, output_dir)) == 2
     assert "pass --resume" in capsys.readouterr().err
     run_in_process(tiny_args(tiny_hf_dir, output_dir, "--resume"))
     assert max_difference(final_params(output_dir), final_params(baseline_dir)) <= 1e-6
@@ -324,7 +328,7 @@ def test_resume_equals_uninterrupted(baseline, tiny_hf_dir, tmp_path, compile_ca
     assert sorted(int(p.name) for p in (output_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
     # Resuming with another model shape is refused before training.
-    assert train_module.main(tiny_args(tiny_hf_dir, output_dir, "--resume", "--attention-window", "3")) == 2
+    assert run_cli(train_module.main, tiny_args(tiny_hf_dir, output_dir, "--resume", "--attention-window", "3")) == 2
     assert "trains a different model (attention_window_size 2 -> 3)" in capsys.readouterr().err
 
 
@@ -370,3 +374,135 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_hf_dir, tmp_path, 
     assert last < 4
     params = final_params(output_dir)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+# --- resume safety, paths, bad data ---------------------------------------------------------------------------------
+
+
+def snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def baseline_copy(baseline, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(baseline[0], copy)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--seed", "1"], "--seed 0 -> 1"),
+        (["--batch-size", "8"], "--batch-size 4 -> 8"),
+        (["--grad-accum", "2"], "--grad-accum 1 -> 2"),
+        (["--max-length", "32"], "--max-length 64 -> 32"),
+        (["--max-query-length", "6"], "--max-query-length 8 -> 6"),
+        (["--loss", "ranknet"], "--loss 'margin-mse' -> 'ranknet'"),
+        (["--train-data", "OTHER"], "--train-data"),
+    ],
+)
+def test_resume_refuses_a_different_data_stream(baseline_copy, tiny_hf_dir, tmp_path, capsys, extra, named):
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(TINY_DATA.read_bytes())
+    extra = [str(other) if x == "OTHER" else x for x in extra]
+    before = snapshot(baseline_copy)
+    assert run_cli(train_module.main, tiny_args(tiny_hf_dir, baseline_copy, "--resume", "--steps", "6", *extra)) == 2
+    error = capsys.readouterr().err
+    assert "cannot resume" in error and "(step 4)" in error and named in error, error
+    assert snapshot(baseline_copy) == before  # nothing written
+
+
+def test_resume_refuses_another_process_count():
+    current = {"batch_size": 4, "processes": 2}
+    train_module.check_stream({"batch_size": 4, "processes": 2}, current, Path("out"), 3)
+    with pytest.raises(train_module.ConfigError, match="processes 1 -> 2"):
+        train_module.check_stream({"batch_size": 4, "processes": 1}, current, Path("out"), 3)
+
+
+def test_resume_skips_a_damaged_latest_step_and_a_torn_metrics_line(baseline, baseline_copy, tiny_hf_dir, capsys):
+    """The newest step's array files are truncated and an empty step directory lies beyond it: training resumes
+    from step 2 and ends with the uninterrupted run's parameters."""
+    for data_file in (baseline_copy / "checkpoints" / "4" / "params").rglob("*"):
+        if data_file.is_file() and data_file.parent.name == "d":
+            data_file.write_bytes(data_file.read_bytes()[:3])
+    (baseline_copy / "checkpoints" / "6").mkdir()
+    with open(baseline_copy / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    assert run_cli(train_module.main, tiny_args(tiny_hf_dir, baseline_copy, "--resume")) == 0
+    output = capsys.readouterr()
+    assert "checkpoints/6 is incomplete" in output.err and "step 4 cannot be restored" in output.err
+    assert "dropped 1 unreadable line" in output.err
+    assert f"Model saved in {baseline_copy} (step 4)" in output.out
+    assert max_difference(final_params(baseline_copy), final_params(baseline[0])) <= 1e-6
+    metrics = [json.loads(line)["step"] for line in (baseline_copy / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == [1, 2, 3, 4]
+    names = sorted(p.name for p in (baseline_copy / "checkpoints").iterdir())
+    assert "4.incomplete" in names and "6.incomplete" in names and "4" in names
+
+
+def test_resume_without_config_json_writes_nothing(baseline_copy, tiny_hf_dir, capsys):
+    (baseline_copy / "config.json").unlink()
+    before = snapshot(baseline_copy)
+    assert run_cli(train_module.main, tiny_args(tiny_hf_dir, baseline_copy, "--resume", "--steps", "6")) == 2
+    assert "has checkpoints but no config.json" in capsys.readouterr().err
+    assert snapshot(baseline_copy) == before
+
+
+def test_relative_and_home_output_dirs(baseline, tiny_hf_dir, tmp_path, monkeypatch, compile_cache):
+    """--output-dir relative to the working directory, then resumed as ~/...; the model loads from anywhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run_in_process(tiny_args(tiny_hf_dir, "runs/rel", "--steps", "2"))
+    assert (elsewhere / "runs" / "rel" / "checkpoints" / "2").is_dir()
+    monkeypatch.setenv("HOME", str(elsewhere))
+    monkeypatch.chdir(tmp_path)
+    run_in_process(tiny_args(tiny_hf_dir, "~/runs/rel", "--resume"))
+    assert max_difference(final_params(elsewhere / "runs" / "rel"), final_params(baseline[0])) <= 1e-6
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("case", ["jsonl-bytes", "jsonl-surrogate", "pairs-line", "docs-surrogate", "docs-missing"])
+def test_bad_training_data_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, capsys, case):
+    good_docs = '{"docno": "7", "text": "a passage"}\n{"docno": "8", "text": "another"}\n'
+    files = {
+        "jsonl-bytes": ("t.jsonl", b'{"query": "q", "docs": ["a", "b"], "labels": [1, 0]}\n'
+                                   b'{"query": "q\xe9", "docs": ["a", "b"], "labels": [1, 0]}\n', None),
+        "jsonl-surrogate": ("t.jsonl", b'{"query": "q", "docs": ["a", "\\udc00"], "labels": [1, 0]}\n', None),
+        "pairs-line": ("p.tsv", b"1\t7\t8\t1.0\t0.5\n1\t7\n", good_docs),
+        "docs-surrogate": ("p.tsv", b"1\t7\t8\t1.0\t0.5\n", '{"docno": "7", "text": "x \\ud800"}\n'
+                                                              '{"docno": "8", "text": "y"}\n'),
+        "docs-missing": ("p.tsv", b"1\t7\t9\t1.0\t0.5\n", good_docs),
+    }
+    name, content, docs = files[case]
+    (tmp_path / name).write_bytes(content)
+    extra = ["--train-data", str(tmp_path / name)]
+    if docs is not None:
+        (tmp_path / "q.tsv").write_text("1\ta query\n")
+        (tmp_path / "d.jsonl").write_text(docs)
+        extra += ["--queries", str(tmp_path / "q.tsv"), "--docs", str(tmp_path / "d.jsonl")]
+    assert run_cli(train_module.main, tiny_args(tiny_hf_dir, tmp_path / "out", *extra)) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("error: ") and "Traceback" not in error
+    expected = {"jsonl-bytes": "t.jsonl: line 2: not valid UTF-8", "jsonl-surrogate": "t.jsonl: line 1: text is "
+                "not valid Unicode", "pairs-line": "p.tsv: line 2: expected 5", "docs-surrogate": "d.jsonl",
+                "docs-missing": "1 ids have no text in --docs"}[case]
+    assert expected in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_pairs_train_as_the_same_jsonl(tiny_hf_dir, tmp_path, compile_cache, capsys):
+    samples = [json.loads(line) for line in TINY_DATA.read_text().splitlines()]
+    (tmp_path / "q.tsv").write_text("".join(f"{i}\t{s['query']}\n" for i, s in enumerate(samples)))
+    (tmp_path / "d.tsv").write_text("".join(f"{2 * i + j}\t{d}\n" for i, s in enumerate(samples)
+                                            for j, d in enumerate(s["docs"])))
+    (tmp_path / "p.tsv").write_text("".join(f"{i}\t{2 * i}\t{2 * i + 1}\t{s['labels'][0]}\t{s['labels'][1]}\n"
+                                            for i, s in enumerate(samples)))
+    run_in_process(tiny_args(tiny_hf_dir, tmp_path / "jsonl", "--steps", "2"))
+    run_in_process(tiny_args(tiny_hf_dir, tmp_path / "pairs", "--steps", "2", "--train-data", str(tmp_path / "p.tsv"),
+                             "--queries", str(tmp_path / "q.tsv"), "--docs", str(tmp_path / "d.tsv")))
+    # Labels travel as float32 either way, so the two runs see identical batches.
+    assert max_difference(final_params(tmp_path / "pairs"), final_params(tmp_path / "jsonl")) == 0
