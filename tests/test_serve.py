@@ -361,7 +361,7 @@ def test_batcher_refuses_beyond_its_queue_and_scores_what_it_holds_when_closed()
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--model", "/nonexistent/model"], "cannot load model"),
+    (["--model", "/nonexistent/model"], "'/nonexistent/model' not found"),
     (["--model", "m", "--bogus"], "unrecognized arguments"),
     (["--model", "m", "--max-docs-per-request", "10", "--max-queue-docs", "5"], "could never be queued"),
     (["--model", "m", "--max-wait-ms", "-1"], "--max-wait-ms"),
