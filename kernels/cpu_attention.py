@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sce_jax.cache import cache_dir
+
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 _TARGET = "sce_jax_cpu_attention"
 _SYMBOL = "SceJaxCpuAttention"
@@ -66,11 +68,6 @@ if float(sys.argv[3]) * 1.0 == 0.0:
 
 class KernelUnavailable(RuntimeError):
     """The C++ kernel could not be built or loaded here (no compiler, a compile error, ...)."""
-
-
-def _cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sce_jax"
-    return Path(os.environ.get("SCE_JAX_CACHE_DIR", default))
 
 
 def _compiler() -> list[str]:
@@ -169,7 +166,7 @@ def _sigterm_raises():
 def _build_key(compiler: list[str]) -> str:
     """Source, compiler version, flags, JAX version and the CPU features -march=native turns on here."""
     timeout = _timeout()
-    with tempfile.TemporaryDirectory(prefix=".key-", dir=_cache_dir()) as scratch:
+    with tempfile.TemporaryDirectory(prefix=".key-", dir=cache_dir()) as scratch:
         version = _run([*compiler, "--version"], cwd=Path(scratch), timeout=timeout,
                        what="asking the compiler its version")
         features = _run([*compiler, *_COMPILE_FLAGS, "-dM", "-E", "-x", "c++", os.devnull], cwd=Path(scratch),
@@ -263,8 +260,8 @@ def _open_verified(library: Path) -> int | None:
 
 def _library_path(compiler: list[str]) -> Path:
     """Where the library for this compiler and CPU is cached."""
-    _cache_dir().mkdir(parents=True, exist_ok=True)
-    return _cache_dir() / f"cpu_attention-{_build_key(compiler)}.so"
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    return cache_dir() / f"cpu_attention-{_build_key(compiler)}.so"
 
 
 def _build_and_register() -> None:

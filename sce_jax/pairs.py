@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sce_jax.cache import cache_dir
 from sce_jax.errors import InputError, located
 
 CHUNK_BYTES = 16 << 20
@@ -257,7 +258,6 @@ def load_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMN
     file's absolute path and the columns, checked against its size and modification time) and later memory-mapped,
     so a restart or `--resume` costs about a second and the arrays are file-backed pages. Best effort: a cache that
     cannot be written is skipped."""
-    from sce_jax.train_data import cache_dir
 
     path = Path(path).absolute()
     stat = path.stat()

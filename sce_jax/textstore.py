@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sce_jax.cache import cache_dir
 from sce_jax.errors import InputError, located, user_path
 from sce_jax.runs import GZIP_ERRORS, atomic_write, check_readable, check_text, decode_line, json_records
 
-CACHE_ENV = "SCE_JAX_CACHE_DIR"
 INDEX_MAGIC = b"SCEJAX-TEXTSTORE-2\n"
 # Bytes per read in the indexing pass (whole lines: a chunk ends at its last newline).
 CHUNK_BYTES = 32 << 20
@@ -42,10 +42,6 @@ TEXT_FIELDS = ("text", "query")
 
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV_PRIME = np.uint64(0x100000001B3)
-
-
-def cache_dir() -> Path:
-    return user_path(os.environ.get(CACHE_ENV) or "~/.cache/sce_jax")
 
 
 def hash_ids(ids: Iterable[bytes]) -> np.ndarray:

@@ -23,6 +23,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from sce_jax.cache import cache_dir
 from sce_jax.batch import bucket_length, length_buckets, make_batch
 from sce_jax.pairs import DocPairArrays, IdTable, line_chunks, load_docpairs, release_free_memory
 from sce_jax.errors import InputError
@@ -53,12 +54,6 @@ class Samples(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> TrainSample: ...
-
-
-def cache_dir() -> Path:
-    """`$SCE_JAX_CACHE_DIR`, default `$XDG_CACHE_HOME/sce_jax` (`~/.cache/sce_jax`), as the kernel cache."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sce_jax"
-    return Path(os.environ.get("SCE_JAX_CACHE_DIR", default))
 
 
 # A `\\uD800`-`\\uDFFF` escape: a surrogate, valid only as a high + low pair; lines with one are checked.

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from sce_jax.cache import CACHE_ENV
 from sce_jax import textstore
 from sce_jax.errors import InputError
 from sce_jax.texts import MissingTextError, read_tsv_texts
@@ -14,7 +15,7 @@ from sce_jax.textstore import TextStore, hash_fixed, hash_ids
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(textstore.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
