@@ -236,12 +236,12 @@ def load_qrels(config: RerankConfig, dataset_id: str | None):
 
 
 def load_encoder(config: RerankConfig):
-    """The model; settings it rejects are reported naming their flag."""
+    """The model; settings it rejects (`SettingsError`, raised before the weights are read) name their flag."""
     import jax
 
     from sce_jax.encoder import SparseCrossEncoder  # imports JAX: only once the input has been checked
 
-    local = jax.local_device_count()
+    local = jax.local_device_count()  # checked here too, in the message the flag's value reads best in
     if config.devices is not None and config.devices > local:
         raise InputError(f"--devices {config.devices}, but this machine has {local} local devices")
     try:
@@ -254,11 +254,7 @@ def load_encoder(config: RerankConfig):
     except InputError:
         raise
     except (OSError, ValueError) as error:
-        message = str(error)
-        for name in ("max_query_length", "max_length", "attention_impl", "dtype", "devices"):
-            if name in message:
-                raise InputError(f"--{_flag(name)}: {message}") from None
-        raise InputError(f"cannot load model {config.model!r}: {message}") from None
+        raise InputError(f"cannot load model {config.model!r}: {error}") from None
 
 
 # --- planning: windows of whole queries, shares of windows per process (pure) ---------------------------------
