@@ -56,6 +56,10 @@ FULL_PATTERN = dict(attention_window_size=None, **{flag: True for flag in SPARSE
 # (max_length, batch size, docs per query, wordpiece lengths: passages ~ TREC DL (log-normal, mean ~75);
 # documents 2800-2960, i.e. ~3000 and within one length bucket)
 WORKLOADS = {"passages": (512, 32, 64), "documents": (4096, 4, 4)}
+# Batch sizes tried per implementation before the timed rounds (--tune-batch); each is timed once and the
+# fastest kept, so every peer runs at its best batch size (1 = no padding at all).
+BATCH_CANDIDATES = {"passages": (1, 8, 32, 128), "documents": (1, 2, 4)}
+SCE_BATCH_CANDIDATES = {"passages": (16, 32, 64, 128), "documents": (1, 2, 4)}  # documents per batch (rows packed)
 
 
 # --- shared helpers ---------------------------------------------------------------------------------------
@@ -186,6 +190,7 @@ def worker_sce(spec: dict) -> dict:
     from sce_jax.encoder import SparseCrossEncoder
 
     max_length, batch_size, _ = WORKLOADS[spec["workload"]]
+    batch_size = spec.get("batch_size") or batch_size
     overrides = FULL_PATTERN if spec["pattern"] == "full" else None
     encoder = SparseCrossEncoder.load(spec["model_dir"], max_length=max_length, config_overrides=overrides,
                                       dtype=spec.get("dtype", "float32"))
@@ -264,6 +269,7 @@ def worker_peer(spec: dict) -> dict:
     from transformers import AutoTokenizer
 
     max_length, batch_size, _ = WORKLOADS[spec["workload"]]
+    batch_size = spec.get("batch_size") or batch_size
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     scorer = peer_scorer(spec["peer"], spec["model_dir"], spec["threads"])
     queries, docs, doc_query = workload_texts(spec)
@@ -425,8 +431,15 @@ def run_worker(kind: str, **spec) -> dict:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     shown = {k: v for k, v in result.items() if k != "scores"}
     print(f"  {kind} {spec.get('pattern', '')}{spec.get('dtype', '')}{spec.get('peer', '')} {spec.get('workload', '')} "
-          f"{spec.get('length', '')}: {shown}", file=sys.stderr, flush=True)
+          f"{spec.get('length', '')} batch {spec.get('batch_size', '-')}: {shown}", file=sys.stderr, flush=True)
     return result
+
+
+def best_batch_size(spec: dict, workload: str, count: int, model_dir: str) -> int:
+    """The batch size (of BATCH_CANDIDATES) at which this implementation scores the workload fastest."""
+    timed = {size: run_worker(**spec, workload=workload, count=count, model_dir=model_dir, batch_size=size)["docs_per_s"]
+             for size in (SCE_BATCH_CANDIDATES if spec["kind"] == "sce" else BATCH_CANDIDATES)[workload] if size <= count}
+    return max(timed, key=timed.get)
 
 
 def implementations(with_full: bool = True) -> dict[str, dict]:
@@ -464,6 +477,9 @@ def main() -> None:
     parser.add_argument("--memory-lengths", type=int, nargs="+", default=[1000, 2000, 4000])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPUs (and threads) for every runtime")
     parser.add_argument("--no-full", action="store_true", help="skip sce_jax with full attention")
+    parser.add_argument("--no-tune-batch", dest="tune_batch", action="store_false",
+                        help="use the fixed batch sizes (passages 32, documents 4) instead of each one's best")
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=["passages", "documents"])
     parser.add_argument("--sweep", metavar="IMAGE", help="instead: docs/s and peak memory against document length")
     parser.add_argument("--sweep-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     parser.add_argument("--output", default="rerank_throughput.json")
@@ -490,16 +506,25 @@ def main() -> None:
         results = {"machine": machine(), "threads": THREADS, "matmul": run_worker("matmul"), "throughput": {},
                    "memory": {}}
         impls = implementations(with_full=not args.no_full)
-        for workload, count in (("passages", args.passages), ("documents", args.documents)):
+        counts = {"passages": args.passages, "documents": args.documents}
+        for workload in args.workloads:
+            count = counts[workload]
+            if args.tune_batch:
+                impls_here = {name: {**spec, "batch_size": best_batch_size(spec, workload, count, model_dir)}
+                              for name, spec in impls.items()}
+            else:
+                impls_here = impls
+            results.setdefault("batch_sizes", {})[workload] = {
+                name: spec.get("batch_size", WORKLOADS[workload][1]) for name, spec in impls_here.items()}
             # Rounds run every implementation back to back, so each round's ratios see the same machine speed;
             # the report takes medians over rounds (this class of VM drifts by tens of percent within minutes).
             rounds = [{name: run_worker(**spec, workload=workload, count=count, model_dir=model_dir)
-                       for name, spec in impls.items()} for _ in range(args.rounds)]
+                       for name, spec in impls_here.items()} for _ in range(args.rounds)]
             results["throughput"][workload] = {name: median_row([r[name] for r in rounds], [r["torch cross-encoder"] for r in rounds])
                                                for name in rounds[0]}
             for name in PEERS:
                 results["throughput"][workload][name]["peak_mib"] = run_worker(
-                    "peer", peer=name, workload=workload, count=count, model_dir=model_dir, memory=True)["peak_mib"]
+                    **impls_here[name], workload=workload, count=count, model_dir=model_dir, memory=True)["peak_mib"]
             results["throughput"][workload]["ratios"] = {
                 f"{a} / {b}": float(np.median([r[a]["docs_per_s"] / r[b]["docs_per_s"] for r in rounds]))
                 for a, b in (("sce_jax sparse int8", "OpenVINO int8"), ("sce_jax sparse f32", "OpenVINO f32"),
@@ -589,6 +614,8 @@ def format_report(results: dict) -> str:
                 name = f"{name} ({row['attention_impl']})"
             lines.append(f"| {workload} | {name} | {row['docs_per_s']:.2f} | {row['vs_torch']:.2f}x | "
                          f"{row['gflops']:.1f} | {100 * row['gflops'] / reference:.0f}% | {row['peak_mib']:.0f} |")
+    for workload, sizes in results.get("batch_sizes", {}).items():
+        lines += ["", f"{workload}, batch sizes: " + "; ".join(f"{k} {v}" for k, v in sizes.items())]
     for workload, rows in results["throughput"].items():
         lines += ["", f"{workload}, median per-round ratios: "
                   + "; ".join(f"{k} {v:.2f}x" for k, v in rows.get("ratios", {}).items())]

@@ -21,7 +21,7 @@ from sce_jax.attention import (
 )
 from sce_jax.batch import Batch
 from sce_jax.config import SparseCrossEncoderConfig
-from sce_jax.quant import Int8Linear
+from sce_jax.quant import ACTIVATION_FLOOR, Int8Linear
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -152,7 +152,11 @@ class Layer(nnx.Module):
     def _feed_forward_chunk(self, x_TxF, attended_TxF, dropout_rngs):
         rate = self.config.hidden_dropout_prob
         x_TxF = self.attention_norm(x_TxF + _dropout(self.attention_output(attended_TxF), rate, dropout_rngs[0]))
-        h = self.output(_ACTIVATIONS[self.config.hidden_act](self.intermediate(x_TxF)))
+        activation = _ACTIVATIONS[self.config.hidden_act]
+        if isinstance(self.output, Int8Linear):
+            h = self.output.activated(self.intermediate(x_TxF), activation, ACTIVATION_FLOOR[self.config.hidden_act])
+        else:
+            h = self.output(activation(self.intermediate(x_TxF)))
         return self.output_norm(x_TxF + _dropout(h, rate, dropout_rngs[1]))
 
 

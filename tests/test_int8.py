@@ -4,6 +4,7 @@ whole model against float32, the converter's --quantize int8 round trip, and --d
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -99,6 +100,40 @@ def test_int8_linear_layer_matches_the_reference(linear_case, smoothed):
     np.testing.assert_allclose(np.asarray(layer.columns(jnp.asarray(x), 4, 20)), y_ref[:, 4:20], rtol=1e-6, atol=1e-6)
     # ... and it approximates the float layer: smoothing is an exact rewrite before rounding.
     np.testing.assert_allclose(y, x @ w + bias, atol=0.05 * np.abs(x @ w).max())
+
+
+def _ref_gelu(u):
+    return (0.5 * u * (1 + np.vectorize(math.erf)(u / np.sqrt(2)))).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["gelu", "relu"])
+def test_activation_quantized_once_matches_the_reference(name):
+    """`quantize_activated_rows(u)` = the reference's per-token quantization of activation(u) (scale from the
+    row's max |activation|) on rows that reach the floor; rows below it get the floor's scale (coarser, valid)."""
+    from sce_jax.model import _ACTIVATIONS
+
+    rng = np.random.default_rng(2)
+    u = (rng.standard_normal((40, 96)) * 3).astype(np.float32)
+    u[5] = rng.uniform(-4, 0.1, 96)  # max gelu(u) < 0.17: the floor sets the scale
+    u[6] = 0
+    reference = _ref_gelu if name == "gelu" else (lambda v: np.maximum(v, 0))
+    q, scale = (np.asarray(a) for a in quant.quantize_activated_rows(jnp.asarray(u), _ACTIVATIONS[name],
+                                                                      quant.ACTIVATION_FLOOR[name]))
+    h = reference(u)
+    q_ref, scale_ref = _ref_quantize_rows(h)
+    floor = quant.ACTIVATION_FLOOR[name]
+    reaching = np.abs(h).max(axis=1) >= floor
+    if name == "gelu":
+        assert not reaching[5] and not reaching[6] and reaching.sum() == 38
+        np.testing.assert_allclose(scale[~reaching], floor / 127, rtol=1e-7)
+        q_floor = np.rint(h[~reaching] / (floor / np.float32(127))).astype(np.int8)
+        assert np.abs(q[~reaching].astype(int) - q_floor).max() <= 1
+    # The erf polynomial differs from math.erf by an ulp or so: scales agree to float32 precision, and a value
+    # next to a rounding boundary may move by one step.
+    np.testing.assert_allclose(scale[reaching], scale_ref[reaching], rtol=2e-7)
+    diff = np.abs(q[reaching].astype(int) - q_ref[reaching])
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+    assert np.abs(q).max() == 127
 
 
 def test_smoothing_moves_outlier_channels_into_the_weights(linear_case):
