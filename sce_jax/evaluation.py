@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import ir_measures
 import pandas as pd
@@ -42,15 +42,39 @@ def read_qrels(path: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["query_id", "doc_id", "relevance"])
 
 
-def evaluate(qrels: pd.DataFrame, runs: Mapping[str, pd.DataFrame], measures: Sequence) -> dict[str, dict[str, float]]:
-    """{measure name: {run name: mean over the run's queries that have qrels}} for runs with `qid`, `docno`,
-    `score` (ir_measures ranks by score, ties by docno)."""
+def evaluate(qrels: pd.DataFrame, runs: Mapping[str, pd.DataFrame | Iterable[pd.DataFrame]],
+             measures: Sequence) -> dict[str, dict[str, float]]:
+    """{measure name: {run name: ir_measures' aggregate}} for runs with `qid`, `docno`, `score` (ir_measures ranks
+    by score, ties by docno; a query of the qrels that the run lacks counts with the value of an empty ranking).
+
+    A run may come as an iterable of frames, each holding whole queries (`CompactRun.frames`): they are evaluated
+    one at a time and the per-query values aggregated as ir_measures' `calc_aggregate` does (same numbers), so a
+    7M-row run (MS MARCO dev at depth 1000) never becomes one frame and one dict of dicts in memory."""
+    evaluator = ir_measures.evaluator(measures, qrels)
     results = {str(measure): {} for measure in measures}
-    for run_name, run in runs.items():
-        scored = pd.DataFrame({"query_id": run["qid"], "doc_id": run["docno"], "score": run["score"]})
-        for measure, value in ir_measures.calc_aggregate(measures, qrels, scored).items():
-            results[str(measure)][run_name] = float(value)
+    for run_name, chunks in runs.items():
+        aggregators = {str(measure): measure.aggregator() for measure in measures}
+        seen: set[str] = set()
+        for run in [chunks] if isinstance(chunks, pd.DataFrame) else chunks:
+            queries = set(run["qid"].astype(str))
+            for metric in _per_query(evaluator, run):
+                # The evaluator also reports the qrels' queries that are not in this piece (as empty rankings):
+                # those are counted once, below, if no piece has them.
+                if metric.query_id in queries:
+                    aggregators[str(metric.measure)].add(metric.value)
+            seen |= queries
+        for metric in _per_query(evaluator, pd.DataFrame({"qid": [], "docno": [], "score": []})):
+            if metric.query_id not in seen:
+                aggregators[str(metric.measure)].add(metric.value)
+        for name, aggregator in aggregators.items():
+            results[name][run_name] = float(aggregator.result())
     return results
+
+
+def _per_query(evaluator, run: pd.DataFrame):
+    scored = pd.DataFrame({"query_id": run["qid"].astype(object), "doc_id": run["docno"].astype(object),
+                           "score": run["score"].astype(float)})
+    return evaluator.iter_calc(scored)
 
 
 def format_results(results: Mapping[str, Mapping[str, float]]) -> str:

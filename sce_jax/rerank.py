@@ -33,7 +33,6 @@ from sce_jax.runs import (
     format_score,
     is_json_run,
     read_json_run,
-    read_trec_run,
     read_trec_run_compact,
 )
 from sce_jax.texts import RunTexts
@@ -358,12 +357,24 @@ def initialize_processes(config: RerankConfig) -> tuple[int, int]:
 
 
 def _barrier(name: str, num_processes: int) -> None:
-    """Wait until every process reaches this point (the jax.distributed coordination service)."""
+    """Wait until every process reaches this point.
+
+    The barrier of jax.distributed's coordination service: it needs no device collective (CPU processes have
+    none unless started with gloo) and compiles nothing, and its timeout can cover a process that is hours
+    behind. JAX exposes that client only under `jax._src`, so where it is missing (a later JAX) this falls back
+    to the public `multihost_utils.sync_global_devices`, a collective over every device."""
     if num_processes == 1:
         return
-    from jax._src import distributed
+    try:
+        from jax._src import distributed
 
-    distributed.global_state.client.wait_at_barrier(name, 24 * 3600 * 1000)
+        wait = distributed.global_state.client.wait_at_barrier
+    except (ImportError, AttributeError):
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+        return
+    wait(name, 24 * 3600 * 1000)
 
 
 class _Stop(Exception):
@@ -519,10 +530,11 @@ def _write_output(output: str, windows, parts: list[ProgressFile]) -> int:
 
 def _evaluate(config: RerankConfig, run: CompactRun, qrels, measures) -> dict | None:
     # The input run is evaluated in its first-stage order (the order the depth cut left it in).
+    # Both runs go to ir_measures in pieces of whole queries: memory stays bounded at 7M rows.
     bounds = run.query_bounds()
     position = np.arange(len(run)) - bounds[run.query]
-    first_stage = run.frame(scores=-position.astype(float))
-    reranked = read_trec_run(config.output)
+    first_stage = run.frames(scores=-position.astype(float))
+    reranked = read_trec_run_compact(config.output, None).frames()
     results = evaluate(qrels, {"input": first_stage, "reranked": reranked}, measures)
     if not results or not any(results.values()):
         logger.warning("none of the run's queries have qrels: nothing to evaluate")

@@ -370,12 +370,23 @@ class CompactRun(NamedTuple):
     def docnos(self, start: int, stop: int) -> list[str]:
         return [d.decode("utf-8") for d in self.docno[start:stop].tolist()]
 
-    def frame(self, *, scores: np.ndarray | None = None) -> pd.DataFrame:
-        """As a run frame (qid, docno, rank, score): for evaluation and small runs."""
-        qids = pd.Categorical.from_codes(self.query, categories=pd.Index(self.qids, dtype=object)) \
-            if len(self.qids) == len(set(self.qids)) else np.asarray(self.qids, object)[self.query]
-        return pd.DataFrame({"qid": pd.Series(qids).astype(object), "docno": pd.Series(self.docnos(0, len(self)),
-                            dtype=object), "rank": self.rank, "score": self.score if scores is None else scores})
+    def frame(self, *, scores: np.ndarray | None = None, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+        """Rows start:stop (default all) as a run frame (qid, docno, rank, score): for evaluation and small runs."""
+        stop = len(self) if stop is None else stop
+        qids = np.asarray(self.qids, object)[self.query[start:stop]]
+        scores = self.score if scores is None else scores
+        return pd.DataFrame({"qid": qids, "docno": pd.Series(self.docnos(start, stop), dtype=object),
+                             "rank": self.rank[start:stop], "score": scores[start:stop]})
+
+    def frames(self, *, scores: np.ndarray | None = None, rows: int = 1 << 20) -> Iterator[pd.DataFrame]:
+        """`frame` in pieces of whole queries, each about `rows` rows (one query's rows are never split)."""
+        bounds = self.query_bounds()
+        first = 0
+        while first < len(self.qids):
+            end = max(first + 1, int(np.searchsorted(bounds, bounds[first] + rows, "right")) - 1)
+            end = min(end, len(self.qids))
+            yield self.frame(scores=scores, start=int(bounds[first]), stop=int(bounds[end]))
+            first = end
 
 
 class DepthCut:

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 
+import ir_measures
 import numpy as np
 import pandas as pd
 import pytest
@@ -253,6 +254,37 @@ def test_evaluation_matches_hand_computed_values(tmp_path):
     assert results["nDCG@10"]["run"] == pytest.approx((ndcg_q1 + ndcg_q2) / 2, abs=1e-12)
     assert results["RR@10"]["run"] == pytest.approx((1 / 2 + 1 / 3) / 2, abs=1e-12)
     assert results["P@2"]["run"] == pytest.approx((1 / 2 + 0) / 2, abs=1e-12)
+
+
+def test_evaluation_in_pieces_of_whole_queries_equals_the_whole_run(tmp_path):
+    """A CompactRun's `frames` (pieces of whole queries, as the re-ranker evaluates 7M-row runs) give the same
+    means as the whole frame, for measures of different depths."""
+    from sce_jax.runs import compact_from_frame
+
+    rng = np.random.default_rng(3)
+    rows, qrels_lines = [], []
+    for q in range(40):
+        for d in range(int(rng.integers(1, 30))):
+            rows.append((f"q{q}", f"d{d}", float(rng.normal())))
+            if rng.random() < 0.3:
+                qrels_lines.append(f"q{q} 0 d{d} {rng.integers(0, 3)}\n")
+    qrels_lines.append("q99 0 x 1\n")  # a query the run lacks counts as an empty ranking, once
+    qrels = read_qrels(_write(tmp_path / "qrels", "".join(qrels_lines)))
+    frame = pd.DataFrame(rows, columns=["qid", "docno", "score"])
+    run = compact_from_frame(frame.assign(rank=frame.groupby("qid").cumcount() + 1), None)
+    pieces = list(run.frames(rows=50))
+    assert len(pieces) > 5 and sum(len(p) for p in pieces) == len(run)
+    assert all(not set(a.qid) & set(b.qid) for a, b in zip(pieces, pieces[1:]))  # no query split
+    measures = parse_measures(["nDCG@10", "RR@10", "AP", "R@5"])
+    whole = evaluate(qrels, {"run": run.frame()}, measures)
+    qrels_df = qrels.assign(query_id=qrels.query_id.astype(str))
+    direct = ir_measures.calc_aggregate(measures, qrels_df, run.frame().rename(
+        columns={"qid": "query_id", "docno": "doc_id"})[["query_id", "doc_id", "score"]])
+    assert {str(m): v for m, v in direct.items()} == pytest.approx({k: v["run"] for k, v in whole.items()}, abs=1e-12)
+    chunked = evaluate(qrels, {"run": run.frames(rows=50)}, measures)
+    for name in whole:
+        assert chunked[name]["run"] == pytest.approx(whole[name]["run"], abs=1e-12)
+    assert 0 < whole["nDCG@10"]["run"] < 1
 
 
 def test_evaluation_input_errors(tmp_path):
