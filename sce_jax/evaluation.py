@@ -51,12 +51,15 @@ def evaluate(qrels: pd.DataFrame, runs: Mapping[str, pd.DataFrame | Iterable[pd.
     one at a time and the per-query values aggregated as ir_measures' `calc_aggregate` does (same numbers), so a
     7M-row run (MS MARCO dev at depth 1000) never becomes one frame and one dict of dicts in memory."""
     evaluator = ir_measures.evaluator(measures, qrels)
+    judged_queries = set(qrels["query_id"].astype(str))
+    depth = needed_depth(measures)
     results = {str(measure): {} for measure in measures}
     for run_name, chunks in runs.items():
         aggregators = {str(measure): measure.aggregator() for measure in measures}
         seen: set[str] = set()
         for run in [chunks] if isinstance(chunks, pd.DataFrame) else chunks:
             queries = set(run["qid"].astype(str))
+            run = _prune(run, judged_queries, depth)
             for metric in _per_query(evaluator, run):
                 # The evaluator also reports the qrels' queries that are not in this piece (as empty rankings):
                 # those are counted once, below, if no piece has them.
@@ -69,6 +72,28 @@ def evaluate(qrels: pd.DataFrame, runs: Mapping[str, pd.DataFrame | Iterable[pd.
         for name, aggregator in aggregators.items():
             results[name][run_name] = float(aggregator.result())
     return results
+
+
+def needed_depth(measures: Sequence) -> int | None:
+    """How many top-scored documents per query the measures read: the largest cutoff when every measure has one
+    (nDCG@10, RR@10, P@5, R@1000, ...) and none judges only judged documents; None (all) otherwise."""
+    cutoffs = []
+    for measure in measures:
+        cutoff = measure.params.get("cutoff")
+        if not isinstance(cutoff, int) or measure.params.get("judged_only"):
+            return None
+        cutoffs.append(cutoff)
+    return max(cutoffs, default=None)
+
+
+def _prune(run: pd.DataFrame, judged_queries: set[str], depth: int | None) -> pd.DataFrame:
+    """The rows that can change a measure: queries with qrels only, and with a `depth`, each query's rows that
+    score at least its depth-th highest score (ties at the boundary kept, whatever ir_measures' tie order)."""
+    run = run[run["qid"].astype(str).isin(judged_queries)]
+    if depth is not None and len(run):
+        place = run.groupby("qid", sort=False)["score"].rank(method="min", ascending=False)
+        run = run[place.to_numpy() <= depth]
+    return run
 
 
 def _per_query(evaluator, run: pd.DataFrame):

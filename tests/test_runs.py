@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from sce_jax import irds
-from sce_jax.evaluation import evaluate, parse_measures, read_qrels
+from sce_jax.evaluation import evaluate, needed_depth, parse_measures, read_qrels
 from sce_jax.runs import (
     InputError,
     is_json_run,
@@ -265,7 +265,7 @@ def test_evaluation_in_pieces_of_whole_queries_equals_the_whole_run(tmp_path):
     rows, qrels_lines = [], []
     for q in range(40):
         for d in range(int(rng.integers(1, 30))):
-            rows.append((f"q{q}", f"d{d}", float(rng.normal())))
+            rows.append((f"q{q}", f"d{d}", float(np.round(rng.normal(), 1))))  # many ties
             if rng.random() < 0.3:
                 qrels_lines.append(f"q{q} 0 d{d} {rng.integers(0, 3)}\n")
     qrels_lines.append("q99 0 x 1\n")  # a query the run lacks counts as an empty ranking, once
@@ -285,6 +285,24 @@ def test_evaluation_in_pieces_of_whole_queries_equals_the_whole_run(tmp_path):
     for name in whole:
         assert chunked[name]["run"] == pytest.approx(whole[name]["run"], abs=1e-12)
     assert 0 < whole["nDCG@10"]["run"] < 1
+    # Measures that all have a cutoff read only each query's top rows (ties at the cutoff kept): same numbers.
+    cut = parse_measures(["nDCG@3", "RR@3", "P@2", "R@4"])
+    assert needed_depth(cut) == 4 and needed_depth(measures) is None
+    assert needed_depth(parse_measures(["nDCG(judged_only=True)@10"])) is None
+    direct = ir_measures.calc_aggregate(cut, qrels_df, run.frame().rename(
+        columns={"qid": "query_id", "docno": "doc_id"})[["query_id", "doc_id", "score"]])
+    pruned = evaluate(qrels, {"run": run.frames(rows=50)}, cut)
+    assert {str(m): v for m, v in direct.items()} == pytest.approx({k: v["run"] for k, v in pruned.items()}, abs=1e-12)
+    # Six documents tied at the cutoff, in both file orders, either end relevant: whichever ir_measures ranks
+    # first among them must survive the pruning.
+    for relevant in ("d0", "d5"):
+        for order in (range(6), range(5, -1, -1)):
+            tied_qrels = read_qrels(_write(tmp_path / "tied", f"t 0 {relevant} 1\n"))
+            tied = pd.DataFrame({"qid": ["t"] * 6, "docno": [f"d{i}" for i in order], "score": [1.0] * 6})
+            expected = ir_measures.calc_aggregate(parse_measures(["RR@1", "P@1"]), tied_qrels,
+                                                  tied.rename(columns={"qid": "query_id", "docno": "doc_id"}))
+            found = evaluate(tied_qrels, {"run": tied}, parse_measures(["RR@1", "P@1"]))
+            assert {str(m): v for m, v in expected.items()} == {k: v["run"] for k, v in found.items()}
 
 
 def test_evaluation_input_errors(tmp_path):
