@@ -218,6 +218,7 @@ class TextStore:
             if loaded is not None:
                 index = loaded
                 break
+        release_free_memory()  # the indexing pass's freed chunks (or the built arrays, now memory-mapped)
         return cls(path, kind, data=data, index=index)
 
     def __len__(self) -> int:
