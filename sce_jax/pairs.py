@@ -4,8 +4,9 @@ A pairs file has one pair per line, tab-separated: `qid docid_a docid_b [score_a
 any other order of those fields (`columns`; ir_datasets' kd-docpairs file is `score_a score_b qid docid_a docid_b`).
 Ids are interned: decimal ids (MS MARCO's) are kept as their numbers (int32 when they fit: no table at all),
 other ids as indices into a sorted table of their bytes. 40M pairs take ~0.8 GB (three int32 and two float32
-columns) and are read in chunks of `CHUNK_BYTES`. Every line is checked (field count, empty ids, UTF-8, finite
-scores) before any is used; the first bad one is reported as `file: line N: ...`.
+columns) and are read in chunks of `CHUNK_BYTES`. `load_docpairs` writes the decimal-id and score columns into its
+cache files chunk by chunk and memory-maps them, so they never sit in memory. Every line is checked (field count,
+empty ids, UTF-8, finite scores) before any is used; the first bad one is reported as `file: line N: ...`.
 """
 
 from __future__ import annotations
@@ -76,6 +77,29 @@ def release_free_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+_TRIM_BYTES = 128 << 20
+
+
+def join_freeing(parts: list[np.ndarray]) -> np.ndarray:
+    """`np.concatenate(parts)` that empties `parts` as it copies them, handing the freed memory back every
+    `_TRIM_BYTES`: the peak is the parts plus one trim interval, not the parts plus the whole result."""
+    if not parts:
+        raise ValueError("nothing to join")
+    out = np.empty((sum(len(part) for part in parts), *parts[0].shape[1:]), parts[0].dtype)
+    parts.reverse()  # pop() from the end: the first part first
+    at = freed = 0
+    while parts:
+        part = parts.pop()
+        out[at : at + len(part)] = part
+        at += len(part)
+        freed += part.nbytes
+        del part
+        if freed >= _TRIM_BYTES:
+            release_free_memory()
+            freed = 0
+    return out
 
 
 def line_chunks(path, chunk_bytes: int) -> Iterator[bytes]:
@@ -229,15 +253,10 @@ def _parse_chunk(data: bytes, first_line: int, path, columns: Sequence[str]) -> 
 
 
 def _intern(columns: list[list[tuple]]) -> tuple[list[np.ndarray], IdTable]:
-    """Interned int32 ids of several columns sharing one table; each column a list of per-chunk parts
-    (bytes array or None, numbers or None), emptied as it is consumed (memory: one column at a time)."""
+    """Interned int32 ids of several columns sharing one table (ids that are not all decimal int32: those need
+    none, see `_read_docpairs`); each column a list of per-chunk parts (bytes array or None, numbers or None),
+    emptied as it is consumed."""
     parts = [part for column in columns for part in column]
-    if all(numbers is not None and numbers.dtype == np.int32 for _, numbers in parts):
-        out = []
-        for column in columns:  # decimal ids below 2^31 are their own interned value: no table
-            out.append(np.concatenate([numbers for _, numbers in column]))
-            column.clear()
-        return out, IdTable(None)
     sizes = [sum(len(b if numbers is None else numbers) for b, numbers in column) for column in columns]
     if all(numbers is not None for _, numbers in parts):
         unique, inverse = np.unique(np.concatenate([n.astype(np.int64) for _, n in parts]), return_inverse=True)
@@ -250,20 +269,72 @@ def _intern(columns: list[list[tuple]]) -> tuple[list[np.ndarray], IdTable]:
     return np.split(inverse.astype(np.int32), np.cumsum(sizes)[:-1]), IdTable(unique)
 
 
-CACHE_VERSION = 1
+class _CacheWriteError(Exception):
+    """Writing a column into the cache failed (disk full, ...): the caller reads into memory instead."""
 
 
-def load_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMNS) -> DocPairArrays:
-    """`read_docpairs`, cached: the arrays are saved once under `$SCE_JAX_CACHE_DIR/docpairs/` (keyed by the
-    file's absolute path and the columns, checked against its size and modification time) and later memory-mapped,
-    so a restart or `--resume` costs about a second and the arrays are file-backed pages. Best effort: a cache that
-    cannot be written is skipped."""
+def _npy_header(dtype: np.dtype, shape: tuple) -> bytes:
+    """A .npy (version 1.0) header of a fixed 128 bytes, so it can be rewritten once the row count is known."""
+    header = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                   "shape": tuple(shape)})
+    return b"\x93NUMPY\x01\x00" + (118).to_bytes(2, "little") + (header.ljust(117) + "\n").encode("latin1")
 
-    path = Path(path).absolute()
-    stat = path.stat()
-    key = hashlib.sha1(f"{path}\0{','.join(columns)}".encode("utf-8", "surrogateescape")).hexdigest()
-    directory = cache_dir() / "docpairs" / key
-    stamp = {"version": CACHE_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+class _Columns:
+    """Where `_read_docpairs` puts the fixed-dtype columns (decimal int32 ids, float32 scores) chunk by chunk:
+    in memory (parts joined at the end), or, for the cache, straight into `.npy` files in `directory` (nothing of
+    them stays in memory; `take` memory-maps the file)."""
+
+    def __init__(self, directory: Path | None = None):
+        self.directory = directory
+        self.parts: dict[str, list[np.ndarray]] = {}
+        self.files: dict[str, list] = {}  # name -> [file, dtype, row shape, rows]
+
+    def append(self, name: str, array: np.ndarray) -> None:
+        if self.directory is None:
+            self.parts.setdefault(name, []).append(array)
+            return
+        try:
+            if name not in self.files:
+                f = open(self.directory / f"{name}.npy", "wb")
+                self.files[name] = [f, array.dtype, array.shape[1:], 0]
+                f.write(_npy_header(array.dtype, (0, *array.shape[1:])))
+            entry = self.files[name]
+            entry[0].write(memoryview(np.ascontiguousarray(array)).cast("B"))
+            entry[3] += len(array)
+        except OSError as error:
+            raise _CacheWriteError(error) from None
+
+    def take(self, name: str) -> np.ndarray | None:
+        """The column's whole array (None if nothing was appended); the column is forgotten."""
+        if self.directory is None:
+            parts = self.parts.pop(name, None)
+            return None if parts is None else join_freeing(parts)
+        entry = self.files.pop(name, None)
+        if entry is None:
+            return None
+        f, dtype, row_shape, rows = entry
+        try:
+            with f:
+                f.seek(0)
+                f.write(_npy_header(dtype, (rows, *row_shape)))
+            return np.load(self.directory / f"{name}.npy", mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise _CacheWriteError(error) from None
+
+    def close(self) -> None:
+        for f, *_ in self.files.values():
+            f.close()
+        self.files.clear()
+        self.parts.clear()
+
+
+_ID_GROUPS = {"query": ("qid",), "doc": ("doc_a", "doc_b")}  # the columns that share one id table
+_SAVED = {"qid": "query_P", "doc_a": "doc_a_P", "doc_b": "doc_b_P"}  # names of the arrays (and cache files)
+
+
+def _cached(directory: Path, stamp: dict) -> DocPairArrays | None:
+    """The cached arrays in `directory` (memory-mapped) if its stamp matches, else None."""
     try:
         if json.loads((directory / "stamp.json").read_text()) == stamp:
             arrays = {f.stem: np.load(f, mmap_mode="r") for f in directory.glob("*.npy")}
@@ -271,26 +342,60 @@ def load_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMN
                                  IdTable(arrays.get("query_table")), IdTable(arrays.get("doc_table")))
     except (OSError, ValueError, KeyError):
         pass
-    pairs = read_docpairs(path, columns)
-    staging = None
+    return None
+
+
+def _named(pairs: DocPairArrays) -> dict[str, np.ndarray | None]:
+    return {"query_P": pairs.query_P, "doc_a_P": pairs.doc_a_P, "doc_b_P": pairs.doc_b_P,
+            "scores_Px2": pairs.scores_Px2, "query_table": pairs.query_ids.table, "doc_table": pairs.doc_ids.table}
+
+
+CACHE_VERSION = 1
+
+
+def load_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMNS) -> DocPairArrays:
+    """`read_docpairs`, cached: the arrays are saved once under `$SCE_JAX_CACHE_DIR/docpairs/` (keyed by the
+    file's absolute path and the columns, checked against its size and modification time) and memory-mapped, the
+    first time as well: decimal ids and scores go into the cache files as they are read, so the first read holds
+    only the chunks being parsed, and a restart or `--resume` costs about a second. The arrays are file-backed
+    pages either way. Best effort: a cache that cannot be written is skipped (the arrays are then in memory)."""
+
+    path = Path(path).absolute()
+    stat = path.stat()
+    key = hashlib.sha1(f"{path}\0{','.join(columns)}".encode("utf-8", "surrogateescape")).hexdigest()
+    directory = cache_dir() / "docpairs" / key
+    stamp = {"version": CACHE_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    cached = _cached(directory, stamp)
+    if cached is not None:
+        return cached
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{key}."))
-        named = {"query_P": pairs.query_P, "doc_a_P": pairs.doc_a_P, "doc_b_P": pairs.doc_b_P,
-                 "scores_Px2": pairs.scores_Px2, "query_table": pairs.query_ids.table,
-                 "doc_table": pairs.doc_ids.table}
-        for name, array in named.items():
-            if array is not None and array.dtype != object:
-                np.save(staging / f"{name}.npy", array)
-        if pairs.query_ids.table is None or pairs.query_ids.table.dtype != object:
-            (staging / "stamp.json").write_text(json.dumps(stamp))
-            shutil.rmtree(directory, ignore_errors=True)
-            os.replace(staging, directory)
-    except OSError:  # e.g. another process put its copy in place first
-        pass
-    if staging is not None and staging.exists():
+    except OSError:
+        return read_docpairs(path, columns)
+    try:
+        try:
+            pairs = _read_docpairs(path, columns, CHUNK_BYTES, _Columns(staging))
+        except _CacheWriteError:
+            pairs = None  # read into memory below, without the cache
+        if pairs is not None:
+            try:
+                for name, array in _named(pairs).items():  # ids that needed a table: in memory so far
+                    if array is not None and not isinstance(array, np.memmap) and array.dtype != object:
+                        np.save(staging / f"{name}.npy", array)
+                (staging / "stamp.json").write_text(json.dumps(stamp))
+                shutil.rmtree(directory, ignore_errors=True)
+                os.replace(staging, directory)
+            except OSError:  # e.g. another process put its copy in place first
+                pass
+            cached = _cached(directory, stamp)
+            # Without a cache, the arrays are still backed by the staging files, about to be removed: copied.
+            pairs = cached if cached is not None else DocPairArrays(
+                *(None if a is None else np.array(a) for a in pairs[:4]), *pairs[4:])
+            release_free_memory()
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return pairs
+    return pairs if pairs is not None else read_docpairs(path, columns)
 
 
 def read_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMNS, *,
@@ -298,8 +403,14 @@ def read_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMN
     """Read a pairs file (`.gz` allowed). `columns` names each tab-separated field: qid, doc_a, doc_b and
     optionally score_a, score_b. For the local format (the default) the two scores are optional as a pair:
     the file's first line decides whether lines have 3 or 5 fields."""
-    parts: dict[str, list] = {"qid": [], "doc_a": [], "doc_b": []}
-    scores: list[np.ndarray] = []
+    return _read_docpairs(path, columns, chunk_bytes, _Columns())
+
+
+def _read_docpairs(path, columns: Sequence[str], chunk_bytes: int, out: _Columns) -> DocPairArrays:
+    """`read_docpairs` putting the columns into `out`. A group of id columns (queries; documents) whose ids are
+    all decimal int32 needs no table and goes to `out` chunk by chunk; at its first other id it is taken back
+    (in memory) and interned once the whole file is read."""
+    tabled: dict[str, dict[str, list] | None] = {group: None for group in _ID_GROUPS}
     line, count = 1, 0
     pending: collections.deque = collections.deque()
     workers = max(1, min(4, os.cpu_count() or 1))
@@ -307,30 +418,48 @@ def read_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMN
     def collect(future) -> None:
         nonlocal count
         chunk = future.result()
-        for name in parts:
-            parts[name].append(chunk.ids[name])
+        for group, names in _ID_GROUPS.items():
+            if tabled[group] is None:
+                if all(chunk.ids[n][0] is None and chunk.ids[n][1].dtype == np.int32 for n in names):
+                    for name in names:
+                        out.append(_SAVED[name], chunk.ids[name][1])
+                    continue
+                tabled[group] = {}
+                for name in names:  # ids that need a table: the earlier chunks' int32 ids come back
+                    earlier = out.take(_SAVED[name])
+                    tabled[group][name] = [] if earlier is None else [(None, np.array(earlier))]
+            for name in names:
+                tabled[group][name].append(chunk.ids[name])
         if chunk.scores is not None:
-            scores.append(chunk.scores)
+            out.append("scores_Px2", chunk.scores)
         count += len(chunk.ids["qid"][1] if chunk.ids["qid"][1] is not None else chunk.ids["qid"][0])
 
-    # Chunks are parsed in threads (numpy releases the GIL), a few at a time so memory stays bounded.
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="read-docpairs") as pool:
-        for data in line_chunks(path, chunk_bytes):
-            if line == 1 and tuple(columns) == LOCAL_COLUMNS:
-                first = data.lstrip(b"\r\n").split(b"\n", 1)[0]
-                columns = LOCAL_COLUMNS[:3] if first.count(b"\t") == 2 else LOCAL_COLUMNS
-            pending.append(pool.submit(lambda d, first_line: _parse_chunk(d, first_line, path, columns)[0],
-                                       data, line))
-            line += data.count(b"\n") + (not data.endswith(b"\n"))
-            while len(pending) > workers:
+    try:
+        # Chunks are parsed in threads (numpy releases the GIL), a few at a time so memory stays bounded.
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="read-docpairs") as pool:
+            for data in line_chunks(path, chunk_bytes):
+                if line == 1 and tuple(columns) == LOCAL_COLUMNS:
+                    first = data.lstrip(b"\r\n").split(b"\n", 1)[0]
+                    columns = LOCAL_COLUMNS[:3] if first.count(b"\t") == 2 else LOCAL_COLUMNS
+                pending.append(pool.submit(lambda d, first_line: _parse_chunk(d, first_line, path, columns)[0],
+                                           data, line))
+                line += data.count(b"\n") + (not data.endswith(b"\n"))
+                while len(pending) > workers:
+                    collect(pending.popleft())
+            while pending:
                 collect(pending.popleft())
-        while pending:
-            collect(pending.popleft())
-    if not count:
-        raise InputError(f"{path}: contains no pairs")
-    (query_P,), query_ids = _intern([parts["qid"]])
-    (doc_a_P, doc_b_P), doc_ids = _intern([parts["doc_a"], parts["doc_b"]])
-    scores_Px2 = np.concatenate(scores) if scores else None
-    scores.clear()
+        if not count:
+            raise InputError(f"{path}: contains no pairs")
+        arrays, tables = {}, {}
+        for group, names in _ID_GROUPS.items():
+            if tabled[group] is None:
+                arrays.update((name, out.take(_SAVED[name])) for name in names)
+                tables[group] = IdTable(None)
+            else:
+                interned, tables[group] = _intern([tabled[group][name] for name in names])
+                arrays.update(zip(names, interned))
+        scores_Px2 = out.take("scores_Px2")
+    finally:
+        out.close()
     release_free_memory()
-    return DocPairArrays(query_P, doc_a_P, doc_b_P, scores_Px2, query_ids, doc_ids)
+    return DocPairArrays(arrays["qid"], arrays["doc_a"], arrays["doc_b"], scores_Px2, tables["query"], tables["doc"])

@@ -32,11 +32,13 @@ import numpy as np
 
 from sce_jax.cache import cache_dir
 from sce_jax.errors import InputError, located, user_path
+from sce_jax.pairs import join_freeing, release_free_memory
 from sce_jax.runs import GZIP_ERRORS, atomic_write, check_readable, check_text, decode_line, json_records
 
 INDEX_MAGIC = b"SCEJAX-TEXTSTORE-2\n"
 # Bytes per read in the indexing pass (whole lines: a chunk ends at its last newline).
 CHUNK_BYTES = 32 << 20
+_VERIFY_BYTES = 8 << 20  # bytes per read when an index's checksum is verified
 ID_FIELDS = ("docno", "doc_id", "qid", "query_id")
 TEXT_FIELDS = ("text", "query")
 
@@ -162,16 +164,18 @@ class _Index:
             start = len(INDEX_MAGIC) + 8 + header_length
             if path.stat().st_size != start + count * 8 * len(cls.FIELDS):
                 return None
-            arrays = []
+            # The checksum reads the file (the arrays one after the other) in blocks rather than through the
+            # memory maps, so verifying does not make every page of the index resident in this process.
             digest = hashlib.blake2b(digest_size=16)
-            for i, (_, dtype) in enumerate(cls.FIELDS):
-                array = np.memmap(path, dtype, "r", offset=start + i * count * 8, shape=(count,)) if count else \
-                    np.zeros(0, dtype)
-                digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
-                arrays.append(array)
+            with open(path, "rb", buffering=0) as f:
+                f.seek(start)
+                block = bytearray(_VERIFY_BYTES)
+                while n := f.readinto(block):
+                    digest.update(memoryview(block)[:n])
             if digest.hexdigest() != header["checksum"]:
                 return None
-            return cls(*arrays)
+            return cls(*(np.memmap(path, dtype, "r", offset=start + i * count * 8, shape=(count,)) if count else
+                         np.zeros(0, dtype) for i, (_, dtype) in enumerate(cls.FIELDS)))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -214,6 +218,7 @@ class TextStore:
             if loaded is not None:
                 index = loaded
                 break
+        release_free_memory()  # the indexing pass's freed chunks (or the built arrays, now memory-mapped)
         return cls(path, kind, data=data, index=index)
 
     def __len__(self) -> int:
@@ -359,22 +364,36 @@ def _build_index(path: Path, data: Path, fmt: str) -> _Index:
             lines.append(ln)
             position += len(chunk)
             line_base += chunk_lines
-    hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-    offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
-    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    lines = np.concatenate(lines) if lines else np.zeros(0, np.int64)
-    order = np.lexsort((offsets, hashes))
-    hashes, offsets, lengths, lines = hashes[order], offsets[order], lengths[order], lines[order]
+    # Memory: the per-chunk parts are joined (and freed) one array at a time, and each array is sorted (then
+    # filtered) in turn, so the peak holds the index plus one array, not two or three copies of it.
+    hashes = join_freeing(hashes) if hashes else np.zeros(0, np.uint64)
+    offsets = join_freeing(offsets) if offsets else np.zeros(0, np.int64)
+    lengths = join_freeing(lengths) if lengths else np.zeros(0, np.int64)
+    lines = join_freeing(lines) if lines else np.zeros(0, np.int64)
+    release_free_memory()
+    # By hash, lines of one hash in file order: offsets ascend in file order, and the sort is stable.
+    order = np.argsort(hashes, kind="stable")
+    hashes = hashes[order]
+    offsets = offsets[order]
+    lengths = lengths[order]
+    lines = lines[order]
+    del order
     keep = _drop_repeats(path, data, fmt, hashes, offsets, lengths, lines)
-    return _Index(hashes[keep], offsets[keep], lengths[keep], lines[keep])
+    if keep is not None:
+        hashes = hashes[keep]
+        offsets = offsets[keep]
+        lengths = lengths[keep]
+        lines = lines[keep]
+    return _Index(hashes, offsets, lengths, lines)
 
 
-def _drop_repeats(path, data, fmt, hashes, offsets, lengths, lines) -> np.ndarray:
-    """A mask keeping each id's first line; a repeated id with a different text is an InputError."""
-    keep = np.ones(len(hashes), bool)
+def _drop_repeats(path, data, fmt, hashes, offsets, lengths, lines) -> np.ndarray | None:
+    """A mask keeping each id's first line (None: every line is kept); a repeated id with a different text is an
+    InputError."""
     same = np.flatnonzero(hashes[1:] == hashes[:-1])
     if not same.size:
-        return keep
+        return None
+    keep = np.ones(len(hashes), bool)
     store = TextStore(path, "texts", data=data, index=_Index(hashes, offsets, lengths, lines))
     with store:
         groups = np.split(np.arange(len(hashes)), np.flatnonzero(hashes[1:] != hashes[:-1]) + 1)

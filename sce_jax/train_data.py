@@ -300,17 +300,22 @@ def distinct_ids(columns: Sequence[np.ndarray]) -> np.ndarray:
     return distinct
 
 
-def absent_ids(store, table: IdTable, interned: np.ndarray) -> list[str]:
+def absent_ids(store, table: IdTable, interned: np.ndarray, *, block: int = 1 << 20) -> list[str]:
     """The ids (distinct `interned` values of `table`) that a TextStore does not hold, from its index alone
-    (`TextStore.absent`, vectorised: no Python string per id)."""
-    if table.table is None:
-        keys = interned.astype(f"S{len(str(int(interned.max(initial=0))))}")  # decimal ids: their digits
-    elif table.table.dtype.kind == "i":
-        values = table.table[interned]
-        keys = values.astype(f"S{len(str(int(values.max(initial=0))))}")
-    else:
-        keys = table.table[interned]
-    return table.strings(interned[store.absent(keys)])
+    (`TextStore.absent`, vectorised: no Python string per id), `block` ids at a time (the temporaries of 8.8M
+    ids at once would be ~0.5 GB)."""
+    absent = np.zeros(len(interned), bool)
+    for start in range(0, len(interned), block):
+        part = interned[start : start + block]
+        if table.table is None:
+            keys = part.astype(f"S{len(str(int(part.max(initial=0))))}")  # decimal ids: their digits
+        elif table.table.dtype.kind == "i":
+            values = table.table[part]
+            keys = values.astype(f"S{len(str(int(values.max(initial=0))))}")
+        else:
+            keys = table.table[part]
+        absent[start : start + block] = store.absent(keys)
+    return table.strings(interned[absent])
 
 
 def _checked_text(text: str, source: str, kind: str, text_id: str) -> str:

@@ -148,3 +148,52 @@ def test_absent_from_the_index_alone(tmp_path):
     with TextStore.open(path) as store:
         assert store.absent(np.array([b"bb", b"c", b"a", b"aa"])).tolist() == [False, True, False, True]
         assert store.texts_read == 0
+
+
+def _reference_index(data: bytes):
+    """The index by the earlier algorithm: every line's (hash, offset, length, line number), each id's first line
+    kept, sorted by hash then offset (np.lexsort)."""
+    rows, seen, offset = [], set(), 0
+    for number, line in enumerate(data.split(b"\n")[:-1], 1):
+        text_id = line.split(b"\t", 1)[0]
+        if line.strip() and text_id not in seen:
+            seen.add(text_id)
+            rows.append((int(hash_ids([text_id])[0]), offset, len(line), number))
+        offset += len(line) + 1
+    hashes, offsets, lengths, lines = (np.array(c) for c in zip(*rows))
+    order = np.lexsort((offsets, hashes))
+    return hashes[order], offsets[order], lengths[order], lines[order]
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_index_equals_the_earlier_sort_with_repeats_and_collisions(tmp_path, monkeypatch, collide):
+    if collide:  # few distinct hashes (the reference's too): many lines of one hash, kept in file order
+        real = textstore._hash_spans
+        monkeypatch.setattr(textstore, "_hash_spans", lambda b, s, n: real(b, s, n) % np.uint64(5))
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 400, 3000)
+    data = "".join(f"d{i}\ttext of {i}\n" for i in ids).encode()  # repeats: identical lines
+    path = _write(tmp_path / "c.tsv", data)
+    monkeypatch.setattr(textstore, "CHUNK_BYTES", 4096)  # many chunks
+    with TextStore.open(path) as store:
+        index = store._index
+        for got, expected in zip((index.hashes, index.offsets, index.lengths, index.lines), _reference_index(data)):
+            np.testing.assert_array_equal(got, expected)
+        assert len(store) == len(set(ids.tolist()))
+        assert store.get_many([f"d{i}" for i in ids[:50]]) == [f"text of {i}" for i in ids[:50]]
+
+
+def test_index_checksum_is_verified_in_blocks(tmp_path, monkeypatch):
+    path = _write(tmp_path / "c.tsv", "".join(f"d{i}\t{i}\n" for i in range(1000)).encode())
+    TextStore.open(path).close()
+    index_path = tmp_path / ".c.tsv.sce_jax-index"
+    key = {**textstore._source_key(path), "format": "tsv"}
+    monkeypatch.setattr(textstore, "_VERIFY_BYTES", 1000)  # the arrays span many reads
+    good = textstore._Index.load(index_path, key)
+    assert good is not None and isinstance(good.hashes, np.memmap) and len(good.hashes) == 1000
+    original = index_path.read_bytes()
+    for at in (len(original) - 4 * 8000 + 5, len(original) - 2 * 8000 + 3333, len(original) - 1):
+        damaged = bytearray(original)
+        damaged[at] ^= 0x01  # one bit in one of the arrays
+        index_path.write_bytes(bytes(damaged))
+        assert textstore._Index.load(index_path, key) is None

@@ -253,19 +253,96 @@ def test_pairs_are_cached_and_reread_when_the_file_changes(tmp_path, monkeypatch
     from sce_jax import pairs as pairs_module
 
     pairs_path, *_ = pair_files(tmp_path, numeric=numeric)
+    in_memory = read_docpairs(pairs_path)
+    assert not isinstance(in_memory.query_P, np.memmap)
     reads = []
-    original = pairs_module.read_docpairs
-    monkeypatch.setattr(pairs_module, "read_docpairs", lambda *a, **k: reads.append(1) or original(*a, **k))
+    original = pairs_module._read_docpairs
+    monkeypatch.setattr(pairs_module, "_read_docpairs", lambda *a, **k: reads.append(1) or original(*a, **k))
     first = pairs_module.load_docpairs(pairs_path)
     second = pairs_module.load_docpairs(pairs_path)
-    assert len(reads) == 1 and isinstance(second.query_P, np.memmap)
-    for a, b in zip(first[:4], second[:4]):
-        np.testing.assert_array_equal(a, b)
-    assert first.doc_ids.strings(first.doc_a_P) == second.doc_ids.strings(second.doc_a_P)
+    assert len(reads) == 1
+    # The first load returns the cache's memory-mapped arrays too (nothing of the pairs stays in memory).
+    assert all(isinstance(a, np.memmap) for a in first[:4] + second[:4])
+    for got in (first, second):
+        assert_same_pairs(got, in_memory)
     with open(pairs_path, "ab") as f:
         f.write(b"" if pairs_path.suffix == ".gz" else (b"101\t7\t10\t1\t2\n" if numeric else b"q-1\tx\ty\t1\t2\n"))
     third = pairs_module.load_docpairs(pairs_path)
     assert len(reads) == 2 and len(third) == 13
+
+
+def assert_same_pairs(got, expected):
+    for a, b in zip(got[:4], expected[:4]):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    for table in ("query_ids", "doc_ids"):
+        a, b = getattr(got, table).table, getattr(expected, table).table
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+    assert got.query_ids.strings(got.query_P) == expected.query_ids.strings(expected.query_P)
+    assert got.doc_ids.strings(got.doc_b_P) == expected.doc_ids.strings(expected.doc_b_P)
+
+
+@pytest.mark.parametrize("later", ["q-7\t9\t5\t1.5\t2\n", "3\t9\td-5\t1.5\t2\n", "3\t4294967296\t5\t1.5\t2\n"])
+def test_cached_pairs_whose_ids_need_a_table_after_many_decimal_lines(tmp_path, monkeypatch, later):
+    # Decimal ids go into the cache files as they are read; an id further on that is not a decimal int32 (a
+    # string, a number past 2^31) sends its group (queries, or both document columns) back to a table.
+    from sce_jax import pairs as pairs_module
+
+    lines = [f"{i % 13}\t{i % 17}\t{(i * 7) % 19}\t{i / 8}\t-{i % 5}\n" for i in range(300)]
+    (tmp_path / "pairs.tsv").write_text("".join(lines) + later + "".join(lines[:10]))
+    monkeypatch.setattr(pairs_module, "CHUNK_BYTES", 64)  # many chunks before the odd id
+    expected = read_docpairs(tmp_path / "pairs.tsv", chunk_bytes=64)
+    assert (expected.query_ids.table is None) == later.startswith("3"), "the line makes its own group need a table"
+    assert (expected.doc_ids.table is None) == later.startswith("q")
+    for _ in range(2):  # written, then reread from the cache
+        got = pairs_module.load_docpairs(tmp_path / "pairs.tsv")
+        assert isinstance(got.query_P, np.memmap) and len(got) == 311
+        assert_same_pairs(got, expected)
+    assert got.doc_ids.strings(got.doc_a_P[300:301]) == [later.split("\t")[1]]
+
+
+def test_pairs_without_a_writable_cache_are_read_into_memory(tmp_path, monkeypatch):
+    from sce_jax import pairs as pairs_module
+
+    pairs_path, *_ = pair_files(tmp_path, numeric=True)
+    expected = read_docpairs(pairs_path)
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("SCE_JAX_CACHE_DIR", str(tmp_path / "not-a-dir"))  # mkdir fails
+    assert_same_pairs(pairs_module.load_docpairs(pairs_path), expected)
+    monkeypatch.setenv("SCE_JAX_CACHE_DIR", str(tmp_path / "cache2"))
+
+    append = pairs_module._Columns.append
+
+    def full_disk(self, name, array):
+        if self.directory is not None:
+            raise pairs_module._CacheWriteError(OSError(28, "No space left on device"))
+        append(self, name, array)
+
+    monkeypatch.setattr(pairs_module._Columns, "append", full_disk)
+    got = pairs_module.load_docpairs(pairs_path)
+    assert not isinstance(got.query_P, np.memmap)
+    assert_same_pairs(got, expected)
+    assert not list((tmp_path / "cache2" / "docpairs").iterdir())  # the staging directory is removed
+
+
+def test_bad_pairs_leave_no_cache_behind(tmp_path):
+    from sce_jax import pairs as pairs_module
+
+    (tmp_path / "pairs.tsv").write_bytes(b"1\t2\t3\n4\t5\n")
+    with pytest.raises(InputError, match=re.escape("pairs.tsv: line 2: expected 3 tab-separated fields")):
+        pairs_module.load_docpairs(tmp_path / "pairs.tsv")
+    assert not list((tmp_path / "cache" / "docpairs").iterdir())
+
+
+def test_join_freeing_equals_concatenate():
+    from sce_jax.pairs import join_freeing
+
+    parts = [np.arange(n * 2, dtype=np.float32).reshape(n, 2) + n for n in (3, 0, 5, 1)]
+    expected = np.concatenate(parts)
+    np.testing.assert_array_equal(join_freeing(parts), expected)
+    assert parts == []
 
 
 def test_distinct_ids_dense_and_sparse():
@@ -275,3 +352,27 @@ def test_distinct_ids_dense_and_sparse():
     np.testing.assert_array_equal(distinct_ids([a, b]), [0, 2, 3, 5, 9])
     sparse = np.array([2**30, 7], np.int32)
     np.testing.assert_array_equal(distinct_ids([sparse, b]), [0, 2, 7, 9, 2**30])
+
+
+@pytest.mark.parametrize("kind", ["decimal", "int table", "bytes table"])
+def test_absent_ids_in_blocks(tmp_path, kind):
+    from sce_jax.pairs import IdTable
+    from sce_jax.textstore import TextStore
+    from sce_jax.train_data import absent_ids
+
+    present = [str(i) for i in range(0, 100, 3)] + ["x9", "12345678901"]
+    (tmp_path / "c.tsv").write_text("".join(f"{i}\ttext {i}\n" for i in present))
+    ids = [str(i) for i in range(0, 30)] + ["x9", "x10", "12345678901", "12345678902"]
+    if kind == "decimal":
+        ids = [i for i in ids if i.isdigit() and int(i) < 2**31]
+        table, interned = IdTable(None), np.array([int(i) for i in ids], np.int32)
+    elif kind == "int table":
+        ids = [i for i in ids if i.isdigit()]
+        table, interned = IdTable(np.array([int(i) for i in ids], np.int64)), np.arange(len(ids), dtype=np.int32)
+    else:
+        table, interned = IdTable(np.array([i.encode() for i in ids])), np.arange(len(ids), dtype=np.int32)
+    expected = [i for i in ids if i not in present]
+    with TextStore.open(tmp_path / "c.tsv") as store:
+        for block in (1, 3, 1 << 20):
+            assert absent_ids(store, table, interned, block=block) == expected
+        assert store.texts_read == 0
