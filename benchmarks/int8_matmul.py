@@ -4,19 +4,29 @@ per-token quantization and the dequantization around it (what `sce_jax.quant.int
     python benchmarks/int8_matmul.py [--tokens 2048] [--rounds 5]
 
 At the model's feed-forward shape ([tokens, 384] @ [384, 1536]), in one process, alternating rounds of 20 calls
-each; prints medians and ratios to the float32 dot.
+each; prints medians and ratios to the float32 dot. For the question whether a C++ route through a well-kept
+int8 GEMM library would pay, the same products also run in PyTorch's CPU int8 kernels, on the same threads:
+`torch._int_mm` (int8 x int8 -> int32, oneDNN) and a dynamically quantized `nn.Linear` (per-token activation
+quantization + int8 GEMM + dequantization in one call, torch's "x86" engine: FBGEMM/oneDNN), what such a route
+would call.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sce_jax import quant
+
+
+warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
 def main() -> None:
@@ -38,14 +48,29 @@ def main() -> None:
         "dequantization": (jax.jit(lambda a, s: a.astype(jnp.float32) * (s[:, None] * scale) + bias), (acc, x_scale)),
         "int8_linear (all three)": (jax.jit(lambda x: quant.int8_linear(x, q, scale, bias)), (x,)),
     }
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        a_t, w_t = torch.from_numpy(np.asarray(xq)), torch.from_numpy(np.asarray(q))
+        linear = torch.nn.Sequential(torch.nn.Linear(384, 1536))
+        linear[0].weight.data = torch.from_numpy(w.T.copy())
+        dynamic = torch.ao.quantization.quantize_dynamic(linear, {torch.nn.Linear}, dtype=torch.qint8)
+        x_t = torch.from_numpy(np.asarray(x))
+        cases["torch._int_mm (int32 out)"] = (lambda a, b: torch._int_mm(a, b), (a_t, w_t))
+        cases["torch dynamic int8 Linear"] = (lambda v: dynamic(v), (x_t,))
+        cases["torch float32 Linear"] = (lambda v: linear(v), (x_t,))
     for fn, inputs in cases.values():
         jax.block_until_ready(fn(*inputs))
     times = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name, (fn, inputs) in cases.items():
             start = time.perf_counter()
-            for _ in range(20):
-                jax.block_until_ready(fn(*inputs))
+            with torch.inference_mode() if torch is not None else contextlib.nullcontext():
+                for _ in range(20):
+                    jax.block_until_ready(fn(*inputs))
             times[name].append((time.perf_counter() - start) / 20)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"{cpu}; jax {jax.__version__}; [{args.tokens}, 384] @ [384, 1536], median of {args.rounds} rounds")
