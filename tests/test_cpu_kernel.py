@@ -330,8 +330,11 @@ def test_an_interrupted_build_kills_the_compiler_and_cleans_up(tmp_path, signal_
     the build directory removed, and the process still ends by that signal."""
     cache = tmp_path / "cache"
     compiler = _hanging_compiler(tmp_path, f"kill -{signal_name} $PPID")
-    result = _python("from sce_jax.kernels import cpu_attention; print(cpu_attention.available())",
-                     {"SCE_JAX_CACHE_DIR": str(cache), "CXX": str(compiler)})
+    # SIGINT as a terminal delivers it: a test run started in the background of a non-interactive shell inherits
+    # SIGINT ignored, and Python then leaves it ignored (the build would wait for the hanging compiler).
+    result = _python("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                     "from sce_jax.kernels import cpu_attention; print(cpu_attention.available())",
+                     {"SCE_JAX_CACHE_DIR": str(cache), "CXX": str(compiler)}, timeout=120)
     assert result.returncode == returncode, (result.returncode, result.stderr[-3000:])
     _assert_gone(tmp_path / "pids")
     assert not list(cache.glob("*.so*")) and _leftovers(cache) == []
