@@ -32,7 +32,7 @@ import numpy as np
 
 from sce_jax.cache import cache_dir
 from sce_jax.errors import InputError, located, user_path
-from sce_jax.pairs import join_freeing, release_free_memory
+from sce_jax.memory import join_freeing, release_free_memory
 from sce_jax.runs import GZIP_ERRORS, atomic_write, check_readable, check_text, decode_line, json_records
 
 INDEX_MAGIC = b"SCEJAX-TEXTSTORE-2\n"

@@ -25,7 +25,8 @@ import numpy as np
 
 from sce_jax.cache import cache_dir
 from sce_jax.batch import bucket_length, length_buckets, make_batch
-from sce_jax.pairs import DocPairArrays, IdTable, line_chunks, load_docpairs, release_free_memory
+from sce_jax.memory import release_free_memory
+from sce_jax.pairs import DocPairArrays, IdTable, line_chunks, load_docpairs
 from sce_jax.errors import InputError
 
 KD_DOCPAIRS_ID = "msmarco-passage/train/kd-docpairs"

@@ -337,7 +337,7 @@ def test_bad_pairs_leave_no_cache_behind(tmp_path):
 
 
 def test_join_freeing_equals_concatenate():
-    from sce_jax.pairs import join_freeing
+    from sce_jax.memory import join_freeing
 
     parts = [np.arange(n * 2, dtype=np.float32).reshape(n, 2) + n for n in (3, 0, 5, 1)]
     expected = np.concatenate(parts)
