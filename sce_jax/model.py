@@ -75,10 +75,15 @@ def _is_int8(dtype) -> bool:
     return jnp.dtype(dtype) == jnp.int8
 
 
-def _linear_columns(linear, x_TxI, start: int, stop: int) -> jax.Array:
-    """Output channels start:stop of a linear layer (float or int8)."""
+def _linear(linear, x_TxI, float_rows: int) -> jax.Array:
+    """A linear layer (float, or int8 with its first `float_rows` rows in float32) applied to x."""
+    return linear(x_TxI, float_rows) if isinstance(linear, Int8Linear) else linear(x_TxI)
+
+
+def _linear_columns(linear, x_TxI, start: int, stop: int, float_rows: int) -> jax.Array:
+    """Output channels start:stop of a linear layer (float or int8, as `_linear`)."""
     if isinstance(linear, Int8Linear):
-        return linear.columns(x_TxI, start, stop)
+        return linear.columns(x_TxI, start, stop, float_rows)
     x, kernel, bias = linear.promote_dtype((x_TxI, linear.kernel[...], linear.bias[...]), dtype=linear.dtype)
     return x @ kernel[:, start:stop] + bias[start:stop]
 
@@ -86,8 +91,9 @@ def _linear_columns(linear, x_TxI, start: int, stop: int) -> jax.Array:
 class Layer(nnx.Module):
     """A post-LayerNorm BERT layer whose attention follows the sparse pattern.
 
-    With dtype int8 the four linear layers are `Int8Linear` (int8 weights and activations, int32 sums) and the
-    rest computes in float32 (`sce_jax.quant`)."""
+    With dtype int8 the four linear layers are `Int8Linear` (int8 weights and activations, int32 sums) for the
+    document tokens; the [CLS] and query rows, which every score reads directly and which are few, and everything
+    else compute in float32 (`sce_jax.quant`)."""
 
     def __init__(self, config: SparseCrossEncoderConfig, *, dtype, rngs: nnx.Rngs):
         hidden = config.hidden_size
@@ -107,13 +113,14 @@ class Layer(nnx.Module):
 
     def __call__(self, x_TxF, layout: TokenLayout, masks, *, impl, interpret, dropout_rngs):
         cfg = self.config
-        qkv_Tx3xHxK = self.qkv(x_TxF).reshape(x_TxF.shape[0], 3, cfg.num_attention_heads, cfg.head_dim)
+        float_rows = layout.sizes[0] + layout.sizes[1]  # [CLS] and query rows (int8 model only)
+        qkv_Tx3xHxK = _linear(self.qkv, x_TxF, float_rows).reshape(x_TxF.shape[0], 3, cfg.num_attention_heads, cfg.head_dim)
         if impl == "cpu":
             attended_TxHxK = cpu_layer_attention(qkv_Tx3xHxK, qkv_Tx3xHxK, *masks, cfg, layout)
         else:
             q, k, v = (layout.split(qkv_Tx3xHxK[:, i]) for i in range(3))
             attended_TxHxK = layout.join(sparse_attention(q, k, v, *masks, cfg, impl=impl, interpret=interpret))
-        return self._feed_forward(x_TxF, attended_TxHxK.reshape(x_TxF.shape), dropout_rngs)
+        return self._feed_forward(x_TxF, attended_TxHxK.reshape(x_TxF.shape), dropout_rngs, float_rows)
 
     def cls_states(self, x_TxF, layout: TokenLayout, masks, *, impl, dropout_rngs):
         """The layer's output for the [CLS] rows only, [D·C, F]: all the last layer has to compute for the
@@ -124,37 +131,41 @@ class Layer(nnx.Module):
         num_cls = layout.sizes[0]
         cls_TxF = x_TxF[:num_cls]
         heads = (cfg.num_attention_heads, cfg.head_dim)
-        kv_Tx2xHxK = _linear_columns(self.qkv, x_TxF, hidden, 3 * hidden).reshape(x_TxF.shape[0], 2, *heads)
-        q_cls_Nx1xHxK = _linear_columns(self.qkv, cls_TxF, 0, hidden).reshape(num_cls, 1, *heads)
+        float_rows = layout.sizes[0] + layout.sizes[1]
+        kv_Tx2xHxK = _linear_columns(self.qkv, x_TxF, hidden, 3 * hidden, float_rows).reshape(x_TxF.shape[0], 2, *heads)
+        q_cls_Nx1xHxK = _linear_columns(self.qkv, cls_TxF, 0, hidden, num_cls).reshape(num_cls, 1, *heads)
         if impl == "cpu":
             attended = cpu_layer_attention(q_cls_Nx1xHxK, kv_Tx2xHxK, *masks, cfg, layout, cls_only=True)
         else:
             k, v = (layout.split(kv_Tx2xHxK[:, i]) for i in range(2))
             attended = pattern_cls_attention(q_cls_Nx1xHxK.reshape(k.cls.shape), k, v, *masks, cfg)
-        return self._feed_forward(cls_TxF, attended.reshape(cls_TxF.shape), dropout_rngs)
+        return self._feed_forward(cls_TxF, attended.reshape(cls_TxF.shape), dropout_rngs, num_cls)
 
-    def _feed_forward(self, x_TxF, attended_TxF, dropout_rngs):
+    def _feed_forward(self, x_TxF, attended_TxF, dropout_rngs, float_rows: int):
         """Attention output projection, then the feed-forward block, each with residual and layer norm; on CPU in
-        chunks of at most `_CPU_TOKEN_CHUNK` tokens."""
+        chunks of at most `_CPU_TOKEN_CHUNK` tokens. `float_rows`: as `_linear`."""
         num_tokens = x_TxF.shape[0]
         if jax.default_backend() != "cpu" or num_tokens <= _CPU_TOKEN_CHUNK * 3 // 2:
-            return self._feed_forward_chunk(x_TxF, attended_TxF, dropout_rngs)
+            return self._feed_forward_chunk(x_TxF, attended_TxF, dropout_rngs, float_rows)
         pieces = -(-num_tokens // _CPU_TOKEN_CHUNK)
         step = -(-num_tokens // pieces)
         return jnp.concatenate([
             self._feed_forward_chunk(
                 x_TxF[start : start + step], attended_TxF[start : start + step],
                 [None if rng is None else jax.random.fold_in(rng, start) for rng in dropout_rngs],
+                max(0, float_rows - start),
             )
             for start in range(0, num_tokens, step)
         ])
 
-    def _feed_forward_chunk(self, x_TxF, attended_TxF, dropout_rngs):
+    def _feed_forward_chunk(self, x_TxF, attended_TxF, dropout_rngs, float_rows: int):
         rate = self.config.hidden_dropout_prob
-        x_TxF = self.attention_norm(x_TxF + _dropout(self.attention_output(attended_TxF), rate, dropout_rngs[0]))
+        projected_TxF = _linear(self.attention_output, attended_TxF, float_rows)
+        x_TxF = self.attention_norm(x_TxF + _dropout(projected_TxF, rate, dropout_rngs[0]))
         activation = _ACTIVATIONS[self.config.hidden_act]
         if isinstance(self.output, Int8Linear):
-            h = self.output.activated(self.intermediate(x_TxF), activation, ACTIVATION_FLOOR[self.config.hidden_act])
+            intermediate_TxI = _linear(self.intermediate, x_TxF, float_rows)
+            h = self.output.activated(intermediate_TxI, activation, ACTIVATION_FLOOR[self.config.hidden_act], float_rows)
         else:
             h = self.output(activation(self.intermediate(x_TxF)))
         return self.output_norm(x_TxF + _dropout(h, rate, dropout_rngs[1]))

@@ -10,11 +10,17 @@ float32: y = acc · (x_scale ⊗ w_scale) + bias.
 BERT's layer-norm outputs (the inputs of QKV and of the feed-forward) have a few outlier channels (MiniLM-L6:
 channel 99 reaches ~28 where most stay below ~2), which would set every token's scale and crush the other
 channels. So those two layers are smoothed first (SmoothQuant, Xiao et al. 2023): input channel c is divided by
-s_c = max|x_c|^α / max|w_c|^(1-α) (α = 0.8) and the weight row multiplied by it, an exact rewrite in float
+s_c = max|x_c|^α / max|w_c|^(1-α) (α = 0.65) and the weight row multiplied by it, an exact rewrite in float
 that moves the outliers into the (per-channel quantized) weights. max|x_c| comes from one float32 pass over
-a fixed calibration batch of random vocabulary tokens (`calibrate`), when the weights are quantized. Everything else stays float32: embeddings, layer norms,
-attention (scores, softmax and value sums), GELU, the pooler and the classifier (they see one row per document
-and cost nothing). docs/int8.md has the measurements behind these choices.
+a fixed calibration batch of random vocabulary tokens (`calibrate`), when the weights are quantized.
+
+Only the document tokens are quantized: the [CLS] rows (one per document, read directly by the score) and the
+query tokens (encoded once per query) go through the same linears in float32 with the dequantized weights
+(`float_rows`). They are ~1% of a document's tokens and ~2% of a passage batch's, and they carried most of
+int8's score error: per-token rounding of a [CLS] row moves that document's score alone, while the rounding
+of thousands of document tokens averages out in [CLS]'s attention. Everything else stays float32: embeddings,
+layer norms, attention (scores, softmax and value sums), GELU, the pooler and the classifier. docs/int8.md has
+the measurements behind these choices.
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ QUANTIZED_LINEARS = ("qkv", "attention_output", "intermediate", "output")
 # A converted directory holding int8 weights carries this file (its content documents the scheme).
 QUANTIZATION_FILE = "quantization.json"
 SCHEME = {"dtype": "int8", "weights": "symmetric, per output channel", "activations": "symmetric, per token",
-          "smoothing": "SmoothQuant alpha 0.8 on qkv and intermediate, calibrated on random vocabulary tokens"}
+          "smoothing": "SmoothQuant alpha 0.65 on qkv and intermediate, calibrated on random vocabulary tokens",
+          "float32 rows": "[CLS] and query tokens, with the dequantized weights"}
 # The linears whose inputs are smoothed (layer-norm outputs), and SmoothQuant's migration strength.
 SMOOTHED_LINEARS = ("qkv", "intermediate")
-SMOOTH_ALPHA = 0.8
+SMOOTH_ALPHA = 0.65
 
 _CONTRACT_LAST_FIRST = (((1,), (0,)), ((), ()))
 
@@ -97,7 +104,9 @@ def int8_linear(x_TxI, q_IxO, scale_O, bias_O, smooth_I=None, *, quantized=None)
 class Int8Linear(nnx.Module):
     """A linear layer with int8 weights (per-output-channel scales) and per-token int8 activations.
 
-    Built with placeholder weights; the model builder replaces them with `quantize_kernel`'s output.
+    `float_rows`: the input's first rows are computed in float32 instead, with the dequantized weights (the
+    model passes the count of its [CLS] and query rows). Built with placeholder weights; the model builder
+    replaces them with `quantize_kernel`'s output.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -107,19 +116,48 @@ class Int8Linear(nnx.Module):
         # Per input channel: the input is divided by it (SmoothQuant); ones where not smoothed.
         self.smooth = nnx.Param(jnp.ones((in_features,), jnp.float32))
 
-    def __call__(self, x_TxI: jax.Array) -> jax.Array:
-        return int8_linear(x_TxI, self.kernel[...], self.scale[...], self.bias[...], self.smooth[...])
+    def __call__(self, x_TxI: jax.Array, float_rows: int = 0) -> jax.Array:
+        return self.columns(x_TxI, 0, self.kernel.shape[1], float_rows)
 
-    def activated(self, u_TxI: jax.Array, activation, floor: float) -> jax.Array:
+    def columns(self, x_TxI: jax.Array, start: int, stop: int, float_rows: int = 0) -> jax.Array:
+        """Output channels start:stop only (the last layer's keys and values, or its [CLS] queries)."""
+        q_IxO, scale_O, bias_O = self.kernel[...][:, start:stop], self.scale[...][start:stop], self.bias[...][start:stop]
+        return _rows_split(
+            x_TxI, float_rows,
+            lambda x: x.astype(jnp.float32) @ dequantized_kernel(q_IxO, scale_O, self.smooth[...]) + bias_O,
+            lambda x: int8_linear(x, q_IxO, scale_O, bias_O, self.smooth[...]),
+        )
+
+    def activated(self, u_TxI: jax.Array, activation, floor: float, float_rows: int = 0) -> jax.Array:
         """This layer applied to activation(u) (`quantize_activated_rows`: the activation once per element).
         For layers without smoothing only (the feed-forward's second linear: not in `SMOOTHED_LINEARS`)."""
-        quantized = quantize_activated_rows(u_TxI.astype(jnp.float32), activation, floor)
-        return int8_linear(None, self.kernel[...], self.scale[...], self.bias[...], quantized=quantized)
+        q_IxO, scale_O, bias_O = self.kernel[...], self.scale[...], self.bias[...]
 
-    def columns(self, x_TxI: jax.Array, start: int, stop: int) -> jax.Array:
-        """Output channels start:stop only (the last layer's keys and values, or its [CLS] queries)."""
-        return int8_linear(x_TxI, self.kernel[...][:, start:stop], self.scale[...][start:stop],
-                           self.bias[...][start:stop], self.smooth[...])
+        def int8_rows(u):
+            quantized = quantize_activated_rows(u.astype(jnp.float32), activation, floor)
+            return int8_linear(None, q_IxO, scale_O, bias_O, quantized=quantized)
+
+        return _rows_split(
+            u_TxI, float_rows,
+            lambda u: activation(u.astype(jnp.float32)) @ dequantized_kernel(q_IxO, scale_O, self.smooth[...]) + bias_O,
+            int8_rows,
+        )
+
+
+def dequantized_kernel(q_IxO, scale_O, smooth_I) -> jax.Array:
+    """The float32 kernel an int8 linear stands for: q · scale, divided back by the smoothing (float32 [I, O])."""
+    return q_IxO.astype(jnp.float32) * scale_O * (1 / smooth_I)[:, None]
+
+
+def _rows_split(x_TxI, float_rows: int, float_fn, int8_fn) -> jax.Array:
+    """float_fn on the first `float_rows` rows (a static count), int8_fn on the rest. int8_fn runs on every row
+    and the first rows are overwritten in place: slicing off the rest and concatenating would copy whole
+    activations (25% slower on passages)."""
+    if float_rows >= x_TxI.shape[0]:
+        return float_fn(x_TxI)
+    if float_rows <= 0:
+        return int8_fn(x_TxI)
+    return int8_fn(x_TxI).at[:float_rows].set(float_fn(x_TxI[:float_rows]))
 
 
 def is_quantized(params: dict) -> bool:
