@@ -1,15 +1,16 @@
 """What int8 costs in accuracy: each int8 implementation's scores against its own float32 scores.
 
-    python benchmarks/int8_accuracy.py [--passages 256] [--documents 32] [--output int8_accuracy.json]
+    python benchmarks/int8_accuracy.py [--passages 256] [--documents 96] [--output int8_accuracy.json]
 
 On the throughput benchmark's model (the real all-MiniLM-L6-v2 encoder, positions interpolated to 4096, a seeded
 random classifier head: an untrained head, so scores are not relevance) and its synthetic texts (passages: 64
-per query; documents of ~2900 wordpieces: 16 per query here, so that a top 10 means something), it scores every
-pair with sce_jax float32 and int8, ONNX Runtime float32 and int8 (dynamic) and OpenVINO float32 and int8 (NNCF),
+per query; documents of ~2900 wordpieces: 16 per query here, so that a top 10 means something; the default 96
+documents are 6 queries, ~25 minutes on 2 cores, most of it the peers' full attention), it scores every pair
+with sce_jax float32 and int8, ONNX Runtime float32 and int8 (dynamic) and OpenVINO float32 and int8 (NNCF),
 each in a fresh subprocess (benchmarks/rerank_throughput.py's workers). Per query: Spearman's rank correlation of
 int8 against float32 scores, the overlap of the two top 10s, and max |int8 - float32| / (max - min of the
 query's float32 scores). The table shows, per workload and pair, the minimum and mean Spearman, the mean
-top-10 overlap and the largest relative score change over queries.
+top-10 overlap and the largest relative score change over queries; the JSON has every query's values.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def summary(metrics: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passages", type=int, default=256)
-    parser.add_argument("--documents", type=int, default=32)
+    parser.add_argument("--documents", type=int, default=96)
     parser.add_argument("--output", default="int8_accuracy.json")
     args = parser.parse_args()
     if not bench.peers_available():

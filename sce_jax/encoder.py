@@ -31,7 +31,7 @@ from sce_jax.checkpoint import load_params, read_model_config, resolve_model_dir
 from sce_jax.config import SparseCrossEncoderConfig
 from sce_jax.errors import InputError, SettingsError
 from sce_jax.model import SparseCrossEncoderModel
-from sce_jax.quant import dequantize_params, quantize_params
+from sce_jax.quant import dequantize_params, quantize_params, with_dense_kernels
 from sce_jax.runs import rank_by_score
 from sce_jax.tokenization import QueryDocTokenizer, check_lengths
 
@@ -56,7 +56,10 @@ def build_model(
         impl = resolve_attention_impl(attention_impl)
     except RuntimeError as error:  # e.g. attention_impl='cpu' where the C++ kernel cannot be built
         raise SettingsError("attention_impl", str(error)) from None
-    params = quantize_params(params, config) if dtype == "int8" else dequantize_params(params)
+    if dtype == "int8":
+        params = with_dense_kernels(quantize_params(params, config))
+    else:
+        params = dequantize_params(params)
     abstract = nnx.eval_shape(
         lambda: SparseCrossEncoderModel(
             config, rngs=nnx.Rngs(0), dtype=DTYPES[dtype], attention_impl=impl, interpret=interpret

@@ -105,8 +105,9 @@ class Int8Linear(nnx.Module):
     """A linear layer with int8 weights (per-output-channel scales) and per-token int8 activations.
 
     `float_rows`: the input's first rows are computed in float32 instead, with the dequantized weights (the
-    model passes the count of its [CLS] and query rows). Built with placeholder weights; the model builder
-    replaces them with `quantize_kernel`'s output.
+    model passes the count of its [CLS] and query rows); those are held as `dense` (float32 [I, O], made once
+    at load by `with_dense_kernels`: dequantizing at every call cost 12% on passages). Built with placeholder
+    weights; the model builder replaces them with `quantize_kernel`'s output.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -115,6 +116,8 @@ class Int8Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
         # Per input channel: the input is divided by it (SmoothQuant); ones where not smoothed.
         self.smooth = nnx.Param(jnp.ones((in_features,), jnp.float32))
+        # q · scale / smooth, for the float rows.
+        self.dense = nnx.Param(jnp.zeros((in_features, out_features), jnp.float32))
 
     def __call__(self, x_TxI: jax.Array, float_rows: int = 0) -> jax.Array:
         return self.columns(x_TxI, 0, self.kernel.shape[1], float_rows)
@@ -124,7 +127,7 @@ class Int8Linear(nnx.Module):
         q_IxO, scale_O, bias_O = self.kernel[...][:, start:stop], self.scale[...][start:stop], self.bias[...][start:stop]
         return _rows_split(
             x_TxI, float_rows,
-            lambda x: x.astype(jnp.float32) @ dequantized_kernel(q_IxO, scale_O, self.smooth[...]) + bias_O,
+            lambda x: x.astype(jnp.float32) @ self.dense[...][:, start:stop] + bias_O,
             lambda x: int8_linear(x, q_IxO, scale_O, bias_O, self.smooth[...]),
         )
 
@@ -139,14 +142,16 @@ class Int8Linear(nnx.Module):
 
         return _rows_split(
             u_TxI, float_rows,
-            lambda u: activation(u.astype(jnp.float32)) @ dequantized_kernel(q_IxO, scale_O, self.smooth[...]) + bias_O,
+            lambda u: activation(u.astype(jnp.float32)) @ self.dense[...] + bias_O,
             int8_rows,
         )
 
 
-def dequantized_kernel(q_IxO, scale_O, smooth_I) -> jax.Array:
-    """The float32 kernel an int8 linear stands for: q · scale, divided back by the smoothing (float32 [I, O])."""
-    return q_IxO.astype(jnp.float32) * scale_O * (1 / smooth_I)[:, None]
+def dequantized_kernel(linear: dict) -> np.ndarray:
+    """The float32 kernel a quantized linear ({kernel, scale, smooth, ...}) stands for: q · scale, divided back
+    by the smoothing, [I, O]."""
+    kernel = np.asarray(linear["kernel"], np.float32) * np.asarray(linear["scale"], np.float32)
+    return kernel / np.asarray(linear["smooth"], np.float32)[:, None]
 
 
 def _rows_split(x_TxI, float_rows: int, float_fn, int8_fn) -> jax.Array:
@@ -255,10 +260,19 @@ def dequantize_params(params: dict) -> dict:
     for i, layer in params["layers"].items():
         layer = dict(layer)
         for name in QUANTIZED_LINEARS:
-            linear = layer[name]
-            kernel = np.asarray(linear["kernel"], np.float32) * np.asarray(linear["scale"], np.float32)
-            kernel = kernel / np.asarray(linear["smooth"], np.float32)[:, None]
-            layer[name] = {"kernel": kernel, "bias": linear["bias"]}
+            layer[name] = {"kernel": dequantized_kernel(layer[name]), "bias": layer[name]["bias"]}
+        layers[i] = layer
+    return {**params, "layers": layers}
+
+
+def with_dense_kernels(params: dict) -> dict:
+    """Quantized parameters plus each int8 linear's `dense` kernel (`dequantized_kernel`), which `Int8Linear`
+    uses for its float rows: made at load, never stored."""
+    layers = {}
+    for i, layer in params["layers"].items():
+        layer = dict(layer)
+        for name in QUANTIZED_LINEARS:
+            layer[name] = {**layer[name], "dense": dequantized_kernel(layer[name])}
         layers[i] = layer
     return {**params, "layers": layers}
 

@@ -92,6 +92,7 @@ def test_int8_linear_layer_matches_the_reference(linear_case, smoothed):
     q, scale = quant.quantize_kernel(w * smooth[:, None])
     layer = quant.Int8Linear(48, 24)
     layer.kernel[...], layer.scale[...], layer.bias[...], layer.smooth[...] = q, scale, bias, smooth
+    layer.dense[...] = quant.dequantized_kernel({"kernel": q, "scale": scale, "smooth": smooth})
     acc_ref, y_ref = _ref_int8_linear(x, q, scale, bias, smooth)
     # The int32 sums inside are exact: recover them from the layer's output without the bias.
     xq, _ = quant.quantize_rows(jnp.asarray(x) * (1 / jnp.asarray(smooth)))
@@ -126,6 +127,7 @@ def test_activated_layer_keeps_its_first_rows_in_float():
     q, scale = quant.quantize_kernel(w)
     layer = quant.Int8Linear(40, 16)
     layer.kernel[...], layer.scale[...], layer.bias[...] = q, scale, bias
+    layer.dense[...] = quant.dequantized_kernel({"kernel": q, "scale": scale, "smooth": np.ones(40, np.float32)})
     h = np.maximum(u, 0)
     _, y_ref = _ref_int8_linear(h, q, scale, bias, np.ones(40, np.float32))
     out = np.asarray(layer.activated(jnp.asarray(u), _ACTIVATIONS["relu"], quant.ACTIVATION_FLOOR["relu"], 7))
