@@ -37,9 +37,11 @@ class TokenLayout:
     def __init__(self, num_rows: int, slots: int, num_queries: int, query_length: int, row_length: int):
         self.shapes = ((num_rows, slots), (num_queries, query_length), (num_rows, row_length))
         self.sizes = [num_rows * slots, num_queries * query_length, num_rows * row_length]
+        # The [CLS] and query rows come first; document rows start here.
+        self.query_end = self.sizes[0] + self.sizes[1]
 
     def split(self, x_TxF: jax.Array) -> Groups:
-        cls_end, query_end = self.sizes[0], self.sizes[0] + self.sizes[1]
+        cls_end, query_end = self.sizes[0], self.query_end
         parts = (x_TxF[:cls_end], x_TxF[cls_end:query_end], x_TxF[query_end:])
         return Groups(*(p.reshape(*shape, *x_TxF.shape[1:]) for p, shape in zip(parts, self.shapes)))
 

@@ -113,7 +113,7 @@ class Layer(nnx.Module):
 
     def __call__(self, x_TxF, layout: TokenLayout, masks, *, impl, interpret, dropout_rngs):
         cfg = self.config
-        float_rows = layout.sizes[0] + layout.sizes[1]  # [CLS] and query rows (int8 model only)
+        float_rows = layout.query_end  # the [CLS] and query rows run in float32 (int8 model only)
         qkv_Tx3xHxK = _linear(self.qkv, x_TxF, float_rows).reshape(x_TxF.shape[0], 3, cfg.num_attention_heads, cfg.head_dim)
         if impl == "cpu":
             attended_TxHxK = cpu_layer_attention(qkv_Tx3xHxK, qkv_Tx3xHxK, *masks, cfg, layout)
@@ -131,8 +131,7 @@ class Layer(nnx.Module):
         num_cls = layout.sizes[0]
         cls_TxF = x_TxF[:num_cls]
         heads = (cfg.num_attention_heads, cfg.head_dim)
-        float_rows = layout.sizes[0] + layout.sizes[1]
-        kv_Tx2xHxK = _linear_columns(self.qkv, x_TxF, hidden, 3 * hidden, float_rows).reshape(x_TxF.shape[0], 2, *heads)
+        kv_Tx2xHxK = _linear_columns(self.qkv, x_TxF, hidden, 3 * hidden, layout.query_end).reshape(x_TxF.shape[0], 2, *heads)
         q_cls_Nx1xHxK = _linear_columns(self.qkv, cls_TxF, 0, hidden, num_cls).reshape(num_cls, 1, *heads)
         if impl == "cpu":
             attended = cpu_layer_attention(q_cls_Nx1xHxK, kv_Tx2xHxK, *masks, cfg, layout, cls_only=True)

@@ -106,7 +106,7 @@ class Int8Linear(nnx.Module):
 
     `float_rows`: the input's first rows are computed in float32 instead, with the dequantized weights (the
     model passes the count of its [CLS] and query rows); those are held as `dense` (float32 [I, O], made once
-    at load by `with_dense_kernels`: dequantizing at every call cost 12% on passages). Built with placeholder
+    at load by `with_dense_kernels`, instead of dequantizing at every call: docs/int8.md). Built with placeholder
     weights; the model builder replaces them with `quantize_kernel`'s output.
     """
 
