@@ -1,5 +1,6 @@
 """Which int8 variant pays on this CPU: XLA's float32 dot against its int8 x int8 -> int32 dot, alone and with the
-per-token quantization and the dequantization around it (what `sce_jax.quant.int8_linear` runs).
+per-token quantization and the dequantization around it (what `sce_jax.quant.int8_linear` runs), and the fused C++
+kernel (`sce_jax.kernels.cpu_int8.int8_linear`: all three in one pass, AMX tiles where the CPU has them).
 
     python benchmarks/int8_matmul.py [--tokens 2048] [--rounds 5]
 
@@ -48,6 +49,13 @@ def main() -> None:
         "dequantization": (jax.jit(lambda a, s: a.astype(jnp.float32) * (s[:, None] * scale) + bias), (acc, x_scale)),
         "int8_linear (all three)": (jax.jit(lambda x: quant.int8_linear(x, q, scale, bias)), (x,)),
     }
+    from sce_jax.kernels import cpu_int8
+
+    if cpu_int8.available()[0]:
+        packed, ones = jnp.asarray(cpu_int8.pack_kernel(np.asarray(q))), jnp.ones(384, jnp.float32)
+        route = "AMX" if cpu_int8.amx() else "plain loops"
+        cases[f"C++ fused linear ({route})"] = (
+            jax.jit(lambda x: cpu_int8.int8_linear(x, packed, scale, bias, ones)), (x,))
     try:
         import torch
     except ImportError:
@@ -76,7 +84,7 @@ def main() -> None:
     print(f"{cpu}; jax {jax.__version__}; [{args.tokens}, 384] @ [384, 1536], median of {args.rounds} rounds")
     base = np.median(times["float32 dot"])
     for name, values in times.items():
-        print(f"{name:26s} {np.median(values) * 1e3:7.2f} ms   float32 dot / this: {base / np.median(values):5.2f}")
+        print(f"{name:30s} {np.median(values) * 1e3:7.2f} ms   float32 dot / this: {base / np.median(values):5.2f}")
 
 
 if __name__ == "__main__":

@@ -219,7 +219,20 @@ def worker_sce(spec: dict) -> dict:
     )
     return {"docs_per_s": len(docs) / seconds, "gflops": flops / seconds / 1e9, "peak_mib": temp_bytes / 2**20,
             "mean_doc_tokens": float(doc_lens.mean()), "compiled_shapes": len(encoder.compiled_shapes),
-            "attention_impl": encoder.model.attention_impl, "process_peak_mib": process_peak_mib()}
+            "attention_impl": encoder.model.attention_impl, "process_peak_mib": process_peak_mib(),
+            "int8_layers": int8_layers(encoder)}
+
+
+def int8_layers(encoder) -> str:
+    """Which implementation ran the int8 layers ("" for float models)."""
+    from sce_jax.kernels import cpu_int8
+    from sce_jax.quant import use_fused_kernels
+
+    if encoder.model.layers[0].qkv.__class__.__name__ != "Int8Linear":
+        return ""
+    if use_fused_kernels(encoder.model.attention_impl, encoder.config.hidden_act):
+        return "fused C++ (AMX)" if cpu_int8.amx() else "fused C++ (plain loops)"
+    return "XLA"
 
 
 PEERS = {  # name in the results: (runtime, model file under the model directory)
@@ -422,7 +435,8 @@ THREADS = os.cpu_count()
 
 def run_worker(kind: str, **spec) -> dict:
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": str(THREADS),
-           **(MEMORY_ENV if kind == "memory" or spec.get("memory") else {})}
+           **(MEMORY_ENV if kind == "memory" or spec.get("memory") else {}),
+           **({"SCE_JAX_INT8_KERNEL": spec["int8_kernel"]} if spec.get("int8_kernel") else {})}
     spec["threads"] = THREADS
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps({"kind": kind, **spec})],
                           capture_output=True, text=True, env=env)
@@ -444,8 +458,12 @@ def best_batch_size(spec: dict, workload: str, count: int, model_dir: str) -> in
 
 def implementations(with_full: bool = True) -> dict[str, dict]:
     """name -> worker spec of every implementation the throughput table compares."""
+    from sce_jax.kernels import cpu_int8
+
     impls = {"sce_jax sparse f32": dict(kind="sce", pattern="sparse"),
              "sce_jax sparse int8": dict(kind="sce", pattern="sparse", dtype="int8")}
+    if cpu_int8.amx():  # the int8 layers run fused in C++ by default here: XLA's int8 layers for comparison
+        impls["sce_jax sparse int8, XLA layers"] = dict(kind="sce", pattern="sparse", dtype="int8", int8_kernel="xla")
     if with_full:
         impls["sce_jax full f32"] = dict(kind="sce", pattern="full")
     impls.update({name: dict(kind="peer", peer=name) for name in PEERS})
@@ -528,7 +546,9 @@ def main() -> None:
             results["throughput"][workload]["ratios"] = {
                 f"{a} / {b}": float(np.median([r[a]["docs_per_s"] / r[b]["docs_per_s"] for r in rounds]))
                 for a, b in (("sce_jax sparse int8", "OpenVINO int8"), ("sce_jax sparse f32", "OpenVINO f32"),
-                             ("sce_jax sparse int8", "sce_jax sparse f32"), ("sce_jax sparse int8", "torch cross-encoder"))
+                             ("sce_jax sparse int8", "sce_jax sparse f32"), ("sce_jax sparse int8", "torch cross-encoder"),
+                             ("sce_jax sparse int8", "sce_jax sparse int8, XLA layers"))
+                if a in rounds[0] and b in rounds[0]
             }
         for pattern in ("sparse", "full", "torch"):
             results["memory"][pattern] = {

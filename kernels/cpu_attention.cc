@@ -18,6 +18,7 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -138,33 +139,6 @@ void AttendTokens(const Problem& p, int64_t begin, int64_t end) {
   }
 }
 
-// Runs fn(chunk) for chunks 0..chunks-1 on the calling thread and XLA's intra-op pool. Helpers that start after
-// the last chunk was taken return without touching `fn`, so they may outlive this call.
-void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const std::function<void(int64_t)>& fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t chunks = 0;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  state->chunks = chunks;
-  auto work = [](State* st, const std::function<void(int64_t)>* f) {
-    for (int64_t c; (c = st->next.fetch_add(1)) < st->chunks;) {
-      (*f)(c);
-      if (st->done.fetch_add(1) + 1 == st->chunks) {
-        std::lock_guard<std::mutex> lock(st->mu);
-        st->cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, &fn, work] { work(state.get(), &fn); });
-  work(state.get(), &fn);
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == state->chunks; });
-}
-
 ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kv, ffi::Buffer<ffi::S32> doc_slot,
                ffi::Buffer<ffi::S32> doc_query, ffi::Buffer<ffi::S32> query_mask, ffi::ResultBuffer<ffi::F32> out,
                int64_t window, int64_t flags) {
@@ -193,7 +167,7 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F
   // Chunks of tokens small enough to balance the threads ([CLS] rows of long documents cost the most).
   const int64_t chunk = 32, chunks = (out_tokens + chunk - 1) / chunk;
   auto attend = K == 32 ? AttendTokens<32> : K == 64 ? AttendTokens<64> : AttendTokens<0>;
-  ParallelFor(pool, chunks, [&](int64_t c) { attend(p, c * chunk, std::min(out_tokens, (c + 1) * chunk)); });
+  sce_jax::ParallelFor(pool, chunks, [&](int64_t c) { attend(p, c * chunk, std::min(out_tokens, (c + 1) * chunk)); });
   return ffi::Error::Success();
 }
 

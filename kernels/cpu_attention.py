@@ -6,9 +6,10 @@ tokens, then document rows; `sce_jax.attention.TokenLayout`) and returns every t
 neighbours of the same document, their [CLS] and the query (each edge switched by the config's flags), one
 float32 softmax per token and head. `sce_jax.attention.sparse_attention` is the reference it matches.
 
-The source (cpu_attention.cc) is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`) for
+The source (cpu_attention.cc, built into one library with the int8 layers' cpu_int8.cc: kernels/cpu_int8.py) is
+compiled on first use with the system's C++ compiler (`$CXX`, else `c++`) for
 this machine's CPU and cached under `$SCE_JAX_CACHE_DIR` (default `~/.cache/sce_jax`); `available()` says
-whether that worked, and why not. The cache is keyed by the source, the compiler's version, the flags, the
+whether that worked, and why not. The cache is keyed by the sources, the compiler's version, the flags, the
 JAX version and the instruction-set features the compiler enables for this CPU (its predefined macros under
 `-march=native`), so machines sharing a home directory each get a build they can run. A cached library is
 loaded only when it matches the SHA-256 written beside it (after the library was fsynced); otherwise it is
@@ -41,9 +42,15 @@ import numpy as np
 
 from sce_jax.cache import cache_dir
 
-_SOURCE = Path(__file__).with_name("cpu_attention.cc")
+# One library holds the CPU kernels: this attention and the int8 layers (kernels/cpu_int8.py).
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_attention.cc", "cpu_int8.cc")]
+_HEADERS = [Path(__file__).with_name("cpu_parallel.h")]
 _TARGET = "sce_jax_cpu_attention"
-_SYMBOL = "SceJaxCpuAttention"
+# FFI target -> exported handler symbol.
+_TARGETS = {_TARGET: "SceJaxCpuAttention", "sce_jax_int8_linear": "SceJaxInt8Linear",
+            "sce_jax_int8_layer_tail": "SceJaxInt8LayerTail"}
+# The loaded library (for its plain C exports, such as SceJaxInt8Amx), once registered.
+_library: ctypes.CDLL | None = None
 # Compiled and linked in two steps: `-ffast-math` on the link line would make GCC < 13 (and clang) link
 # crtfastmath.o, whose constructor sets flush-to-zero / denormals-are-zero for the whole process on load.
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-fPIC"]
@@ -60,8 +67,9 @@ CLS_QUERY, CLS_DOC, DOC_CLS, DOC_QUERY, CLS_ONLY = 1, 2, 4, 8, 16
 _CHECK_LIBRARY = """
 import ctypes, sys
 library = ctypes.CDLL(sys.argv[1])
-getattr(library, sys.argv[2])
-if float(sys.argv[3]) * 1.0 == 0.0:
+for symbol in sys.argv[3:]:
+    getattr(library, symbol)
+if float(sys.argv[2]) * 1.0 == 0.0:
     sys.exit("loading it sets flush-to-zero / denormals-are-zero (a -ffast-math link?)")
 """
 
@@ -172,7 +180,7 @@ def _build_key(compiler: list[str]) -> str:
         features = _run([*compiler, *_COMPILE_FLAGS, "-dM", "-E", "-x", "c++", os.devnull], cwd=Path(scratch),
                         timeout=timeout, what="asking the compiler its target features")
     macros = "\n".join(sorted(features.splitlines()))
-    parts = [_SOURCE.read_bytes(), " ".join(compiler).encode(), version.encode(), " ".join(_COMPILE_FLAGS).encode(),
+    parts = [*(path.read_bytes() for path in _SOURCES + _HEADERS), " ".join(compiler).encode(), version.encode(), " ".join(_COMPILE_FLAGS).encode(),
              " ".join(_LINK_FLAGS).encode(), jax.__version__.encode(), macros.encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
@@ -209,21 +217,24 @@ def _build(compiler: list[str], library: Path) -> None:
     cache = library.parent
     timeout = _timeout()
     _remove_stale_builds(cache, older_than_s=max(2 * timeout, 3600))
-    logger.info("compiling the CPU attention kernel for this machine (once, a few seconds; cached in %s)", cache)
+    logger.info("compiling the CPU kernels for this machine (once, a few seconds; cached in %s)", cache)
     build = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
     try:
         deadline = time.monotonic() + timeout
-        objects, output = build / "cpu_attention.o", build / library.name
-        _run([*compiler, *_COMPILE_FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(_SOURCE), "-o", str(objects)],
-             cwd=build, timeout=timeout, what=f"compiling {_SOURCE.name}")
-        _run([*compiler, *_LINK_FLAGS, str(objects), "-o", str(output)], cwd=build,
-             timeout=max(deadline - time.monotonic(), 1.0), what=f"linking {_SOURCE.name}")
+        output = build / library.name
+        objects = [build / source.with_suffix(".o").name for source in _SOURCES]
+        for i, (source, obj) in enumerate(zip(_SOURCES, objects)):
+            _run([*compiler, *_COMPILE_FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o", str(obj)],
+                 cwd=build, timeout=timeout if i == 0 else max(deadline - time.monotonic(), 1.0),
+                 what=f"compiling {source.name}")
+        _run([*compiler, *_LINK_FLAGS, *map(str, objects), "-o", str(output)], cwd=build,
+             timeout=max(deadline - time.monotonic(), 1.0), what="linking the CPU kernels")
         data = output.read_bytes() if output.is_file() else b""
         if not data.startswith(b"\x7fELF"):
             raise KernelUnavailable(f"{shlex.join(compiler)} reported success but wrote no shared library "
                                     f"({len(data)} bytes)")
         if sys.executable:  # (empty in some embedded interpreters)
-            _run([sys.executable, "-c", _CHECK_LIBRARY, str(output), _SYMBOL, "1e-310"], cwd=build, timeout=60,
+            _run([sys.executable, "-c", _CHECK_LIBRARY, str(output), "1e-310", *_TARGETS.values()], cwd=build, timeout=60,
                  what="loading the new library")
         with open(output, "rb+") as file:
             os.fsync(file.fileno())
@@ -254,18 +265,19 @@ def _open_verified(library: Path) -> int | None:
     if digest.hexdigest() == expected:
         return fd
     os.close(fd)
-    logger.warning("the cached CPU attention kernel %s does not match its checksum; rebuilding it", library)
+    logger.warning("the cached CPU kernel library %s does not match its checksum; rebuilding it", library)
     return None
 
 
 def _library_path(compiler: list[str]) -> Path:
     """Where the library for this compiler and CPU is cached."""
     cache_dir().mkdir(parents=True, exist_ok=True)
-    return cache_dir() / f"cpu_attention-{_build_key(compiler)}.so"
+    return cache_dir() / f"cpu_kernels-{_build_key(compiler)}.so"
 
 
 def _build_and_register() -> None:
-    """Build (once per key, see the module docstring), verify and load the library, and register the kernel."""
+    """Build (once per key, see the module docstring), verify and load the library, and register its kernels."""
+    global _library
     compiler = _compiler()
     library = _library_path(compiler)
     fd = _open_verified(library)
@@ -277,10 +289,13 @@ def _build_and_register() -> None:
     try:
         # Load the very file that was verified, whatever has been renamed onto the path since.
         path = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(library)
-        handler = getattr(ctypes.CDLL(path), _SYMBOL)
+        library_handle = ctypes.CDLL(path)
+        handlers = {target: getattr(library_handle, symbol) for target, symbol in _TARGETS.items()}
     finally:
         os.close(fd)
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    _library = library_handle
 
 
 @functools.cache

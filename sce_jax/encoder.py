@@ -31,7 +31,7 @@ from sce_jax.checkpoint import load_params, read_model_config, resolve_model_dir
 from sce_jax.config import SparseCrossEncoderConfig
 from sce_jax.errors import InputError, SettingsError
 from sce_jax.model import SparseCrossEncoderModel
-from sce_jax.quant import dequantize_params, quantize_params, with_dense_kernels
+from sce_jax.quant import dequantize_params, int8_kernel_choice, quantize_params, with_packed_kernels
 from sce_jax.runs import rank_by_score
 from sce_jax.tokenization import QueryDocTokenizer, check_lengths
 
@@ -57,7 +57,7 @@ def build_model(
     except RuntimeError as error:  # e.g. attention_impl='cpu' where the C++ kernel cannot be built
         raise SettingsError("attention_impl", str(error)) from None
     if dtype == "int8":
-        params = with_dense_kernels(quantize_params(params, config))
+        params = with_packed_kernels(quantize_params(params, config))
     else:
         params = dequantize_params(params)
     abstract = nnx.eval_shape(
@@ -79,6 +79,8 @@ def check_compute_settings(dtype: str, attention_impl: str, devices: int | None 
         raise SettingsError(
             "attention_impl", f"unknown attention_impl {attention_impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}"
         )
+    if dtype == "int8":
+        int8_kernel_choice()
     if devices is not None:
         local = len(jax.local_devices())
         if not isinstance(devices, int) or isinstance(devices, bool) or not 1 <= devices <= local:

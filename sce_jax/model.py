@@ -21,7 +21,7 @@ from sce_jax.attention import (
 )
 from sce_jax.batch import Batch
 from sce_jax.config import SparseCrossEncoderConfig
-from sce_jax.quant import ACTIVATION_FLOOR, Int8Linear
+from sce_jax.quant import ACTIVATION_FLOOR, Int8Linear, use_fused_kernels
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -113,13 +113,17 @@ class Layer(nnx.Module):
 
     def __call__(self, x_TxF, layout: TokenLayout, masks, *, impl, interpret, dropout_rngs):
         cfg = self.config
-        float_rows = layout.query_end  # the [CLS] and query rows run in float32 (int8 model only)
-        qkv_Tx3xHxK = _linear(self.qkv, x_TxF, float_rows).reshape(x_TxF.shape[0], 3, cfg.num_attention_heads, cfg.head_dim)
+        float_rows = layout.query_end  # the [CLS] and query rows, quantized in two passes (int8 model only)
+        fused = self._fused(impl)
+        qkv_TxO = self.qkv.fused(x_TxF, float_rows) if fused else _linear(self.qkv, x_TxF, float_rows)
+        qkv_Tx3xHxK = qkv_TxO.reshape(x_TxF.shape[0], 3, cfg.num_attention_heads, cfg.head_dim)
         if impl == "cpu":
             attended_TxHxK = cpu_layer_attention(qkv_Tx3xHxK, qkv_Tx3xHxK, *masks, cfg, layout)
         else:
             q, k, v = (layout.split(qkv_Tx3xHxK[:, i]) for i in range(3))
             attended_TxHxK = layout.join(sparse_attention(q, k, v, *masks, cfg, impl=impl, interpret=interpret))
+        if fused:
+            return self._fused_tail(x_TxF, attended_TxHxK.reshape(x_TxF.shape), float_rows)
         return self._feed_forward(x_TxF, attended_TxHxK.reshape(x_TxF.shape), dropout_rngs, float_rows)
 
     def cls_states(self, x_TxF, layout: TokenLayout, masks, *, impl, dropout_rngs):
@@ -131,14 +135,36 @@ class Layer(nnx.Module):
         num_cls = layout.sizes[0]
         cls_TxF = x_TxF[:num_cls]
         heads = (cfg.num_attention_heads, cfg.head_dim)
-        kv_Tx2xHxK = _linear_columns(self.qkv, x_TxF, hidden, 3 * hidden, layout.query_end).reshape(x_TxF.shape[0], 2, *heads)
-        q_cls_Nx1xHxK = _linear_columns(self.qkv, cls_TxF, 0, hidden, num_cls).reshape(num_cls, 1, *heads)
+        if fused := self._fused(impl):
+            kv_TxO = self.qkv.fused(x_TxF, layout.query_end, columns=(hidden, 3 * hidden))
+            q_cls_NxF = self.qkv.fused(cls_TxF, num_cls, columns=(0, hidden))
+        else:
+            kv_TxO = _linear_columns(self.qkv, x_TxF, hidden, 3 * hidden, layout.query_end)
+            q_cls_NxF = _linear_columns(self.qkv, cls_TxF, 0, hidden, num_cls)
+        kv_Tx2xHxK = kv_TxO.reshape(x_TxF.shape[0], 2, *heads)
+        q_cls_Nx1xHxK = q_cls_NxF.reshape(num_cls, 1, *heads)
         if impl == "cpu":
             attended = cpu_layer_attention(q_cls_Nx1xHxK, kv_Tx2xHxK, *masks, cfg, layout, cls_only=True)
         else:
             k, v = (layout.split(kv_Tx2xHxK[:, i]) for i in range(2))
             attended = pattern_cls_attention(q_cls_Nx1xHxK.reshape(k.cls.shape), k, v, *masks, cfg)
+        if fused:
+            return self._fused_tail(cls_TxF, attended.reshape(cls_TxF.shape), num_cls)
         return self._feed_forward(cls_TxF, attended.reshape(cls_TxF.shape), dropout_rngs, num_cls)
+
+    def _fused(self, impl: str) -> bool:
+        """Whether this int8 layer runs through the fused C++ kernels (`sce_jax.quant.use_fused_kernels`)."""
+        return isinstance(self.qkv, Int8Linear) and use_fused_kernels(impl, self.config.hidden_act)
+
+    def _fused_tail(self, x_TxF, attended_TxF, float_rows: int) -> jax.Array:
+        """Output projection, residual, layer norm and the feed-forward block in one C++ call (int8, inference)."""
+        from sce_jax.kernels import cpu_int8
+
+        norms = {name: (norm.scale[...], norm.bias[...])
+                 for name, norm in (("attention_norm", self.attention_norm), ("output_norm", self.output_norm))}
+        weights = {name: getattr(self, name).weights() for name in ("attention_output", "intermediate", "output")}
+        return cpu_int8.int8_layer_tail(x_TxF, attended_TxF, {**weights, **norms}, float_rows=float_rows,
+                                        eps=self.config.layer_norm_eps, activation=self.config.hidden_act)
 
     def _feed_forward(self, x_TxF, attended_TxF, dropout_rngs, float_rows: int):
         """Attention output projection, then the feed-forward block, each with residual and layer norm; on CPU in

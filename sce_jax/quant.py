@@ -3,9 +3,12 @@
 The encoder's linear layers (QKV, attention output, feed-forward in and out) hold int8 weights with one float32
 scale per output channel (symmetric: w ≈ q · scale, q in [-127, 127]), quantized once when the model is built
 or stored that way by `convert_torch_checkpoint.py --quantize int8`. Each call quantizes its input per token
-(one scale per row, the row's max |x| / 127), multiplies int8 by int8 into int32 (`jax.lax.dot_general` with
-`preferred_element_type=int32`; XLA's CPU backend runs it in YNNPACK), and scales the int32 sums back to
-float32: y = acc · (x_scale ⊗ w_scale) + bias.
+(one scale per row, the row's max |x| / 127), multiplies int8 by int8 into exact int32 sums, and scales them
+back to float32: y = acc · (x_scale ⊗ w_scale) + bias. Two implementations compute this: on CPUs with AMX
+tiles, next to the C++ attention kernel, fused C++ kernels (`sce_jax.kernels.cpu_int8`: the QKV projection,
+and everything after attention in one pass per block of 32 tokens), elsewhere XLA (`int8_linear`:
+`jax.lax.dot_general` with `preferred_element_type=int32`, which XLA's CPU backend runs in YNNPACK);
+`use_fused_kernels` picks, `$SCE_JAX_INT8_KERNEL` (auto, cpu, xla) overrides.
 
 BERT's layer-norm outputs (the inputs of QKV and of the feed-forward) have a few outlier channels (MiniLM-L6:
 channel 99 reaches ~28 where most stay below ~2), which would set every token's scale and crush the other
@@ -14,16 +17,19 @@ s_c = max|x_c|^α / max|w_c|^(1-α) (α = 0.65) and the weight row multiplied by
 that moves the outliers into the (per-channel quantized) weights. max|x_c| comes from one float32 pass over
 a fixed calibration batch of random vocabulary tokens (`calibrate`), when the weights are quantized.
 
-Only the document tokens are quantized: the [CLS] rows (one per document, read directly by the score) and the
-query tokens (encoded once per query) go through the same linears in float32 with the dequantized weights
-(`float_rows`). They are ~1% of a document's tokens and ~2% of a passage batch's, and they carried most of
-int8's score error: per-token rounding of a [CLS] row moves that document's score alone, while the rounding
-of thousands of document tokens averages out in [CLS]'s attention. Everything else stays float32: embeddings,
-layer norms, attention (scores, softmax and value sums), GELU, the pooler and the classifier. docs/int8.md has
-the measurements behind these choices.
+The [CLS] rows (one per document, read directly by the score) and the query tokens (encoded once per query)
+are quantized in two passes (`float_rows`): the row, then what its int8 copy leaves (x - q · scale) with a
+scale of its own, both products summed: about 15 bits, as good as float32 for these rows at int8 speed. They are
+~1% of a document's tokens and ~2% of a passage batch's, and they carried most of int8's score error: per-token
+rounding of a [CLS] row moves that document's score alone, while the rounding of thousands of document tokens
+averages out in [CLS]'s attention. Everything else stays float32: embeddings, layer norms, attention (scores,
+softmax and value sums), GELU, the pooler and the classifier. docs/int8.md has the measurements behind these
+choices.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +42,7 @@ QUANTIZED_LINEARS = ("qkv", "attention_output", "intermediate", "output")
 QUANTIZATION_FILE = "quantization.json"
 SCHEME = {"dtype": "int8", "weights": "symmetric, per output channel", "activations": "symmetric, per token",
           "smoothing": "SmoothQuant alpha 0.65 on qkv and intermediate, calibrated on random vocabulary tokens",
-          "float32 rows": "[CLS] and query tokens, with the dequantized weights"}
+          "two-pass rows": "[CLS] and query tokens: the row and its residual, each int8 per token"}
 # The linears whose inputs are smoothed (layer-norm outputs), and SmoothQuant's migration strength.
 SMOOTHED_LINEARS = ("qkv", "intermediate")
 SMOOTH_ALPHA = 0.65
@@ -54,14 +60,20 @@ def quantize_kernel(kernel_IxO) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_rows(x_TxI: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-row (per-token) symmetric int8: (q [T, I] int8, scale [T] float32), x ≈ q · scale[:, None].
+    """Per-row (per-token) symmetric int8: (q [T, I] int8, scale [T] float32), x ≈ q · scale[:, None], with
+    q = round_half_even(x · (127 / max|row|)) and scale = max|row| / 127 (the C++ kernel's arithmetic, exactly).
 
     Rows of zeros get scale 1 and q 0."""
     amax_T = jnp.max(jnp.abs(x_TxI), axis=1)
-    scale_T = jnp.where(amax_T > 0, amax_T / 127, 1.0)
-    # |x / scale| <= 127 up to rounding, so no clip is needed; x * (1 / scale) would round differently from the
-    # reference's division on a few values, so divide.
-    q_TxI = jnp.round(x_TxI / scale_T[:, None]).astype(jnp.int8)
+    return _round_rows(x_TxI, amax_T)
+
+
+def _round_rows(x_TxI, bound_T):
+    """q = round(x · 127 / bound), scale = bound / 127, per row (bound >= max |row|; 0 for a zero row)."""
+    positive = bound_T > 0
+    inverse_T = jnp.where(positive, 127 / jnp.where(positive, bound_T, 1), 1.0)
+    scale_T = jnp.where(positive, bound_T / 127, 1.0)
+    q_TxI = jnp.clip(jnp.round(x_TxI * inverse_T[:, None]), -127, 127).astype(jnp.int8)
     return q_TxI, scale_T
 
 
@@ -78,9 +90,7 @@ def quantize_activated_rows(u_TxI: jax.Array, activation, floor: float) -> tuple
     first layer of BERT's feed-forward, every real token's). XLA would otherwise compute the activation twice
     (once for the row maximum, once for the division): for the exact GELU that was ~20% of an int8 forward."""
     bound_T = jnp.maximum(activation(jnp.max(u_TxI, axis=1)), floor)
-    scale_T = jnp.where(bound_T > 0, bound_T / 127, 1.0)
-    q_TxI = jnp.clip(jnp.round(activation(u_TxI) / scale_T[:, None]), -127, 127).astype(jnp.int8)
-    return q_TxI, scale_T
+    return _round_rows(activation(u_TxI), bound_T)
 
 
 def int8_matmul(q_TxI: jax.Array, q_IxO: jax.Array) -> jax.Array:
@@ -88,26 +98,36 @@ def int8_matmul(q_TxI: jax.Array, q_IxO: jax.Array) -> jax.Array:
     return jax.lax.dot_general(q_TxI, q_IxO, _CONTRACT_LAST_FIRST, preferred_element_type=jnp.int32)
 
 
-def int8_linear(x_TxI, q_IxO, scale_O, bias_O, smooth_I=None, *, quantized=None) -> jax.Array:
+def int8_linear(x_TxI, q_IxO, scale_O, bias_O, smooth_I=None, *, quantized=None, float_rows: int = 0) -> jax.Array:
     """(x / smooth) @ (q · scale) + bias with x / smooth quantized per token: float32 [T, O]. `quantized`: the
-    input already quantized, (q [T, I] int8, scale [T]), instead of x."""
+    input already quantized, (q [T, I] int8, scale [T]), instead of x (then `float_rows` needs x too).
+
+    The first `float_rows` rows are quantized in two passes: the row, then its residual x - q · scale with a
+    scale of its own; the two products are summed (about 15 bits: the [CLS] and query rows)."""
+    if smooth_I is not None:
+        x_TxI = x_TxI.astype(jnp.float32) * (1 / smooth_I)
     if quantized is None:
-        x_TxI = x_TxI.astype(jnp.float32)
-        if smooth_I is not None:
-            x_TxI = x_TxI * (1 / smooth_I)
-        quantized = quantize_rows(x_TxI)
+        quantized = quantize_rows(x_TxI.astype(jnp.float32))
     xq_TxI, x_scale_T = quantized
     acc_TxO = int8_matmul(xq_TxI, q_IxO)
-    return acc_TxO.astype(jnp.float32) * (x_scale_T[:, None] * scale_O) + bias_O
+    y_TxO = acc_TxO.astype(jnp.float32) * (x_scale_T[:, None] * scale_O) + bias_O
+    n = min(float_rows, y_TxO.shape[0])
+    if n <= 0:
+        return y_TxO
+    residual_NxI = x_TxI[:n].astype(jnp.float32) - xq_TxI[:n].astype(jnp.float32) * x_scale_T[:n, None]
+    rq_NxI, r_scale_N = quantize_rows(residual_NxI)
+    # Written in place: slicing and concatenating would copy whole activations (25% slower on passages).
+    return y_TxO.at[:n].add(int8_matmul(rq_NxI, q_IxO).astype(jnp.float32) * (r_scale_N[:, None] * scale_O))
 
 
 class Int8Linear(nnx.Module):
     """A linear layer with int8 weights (per-output-channel scales) and per-token int8 activations.
 
-    `float_rows`: the input's first rows are computed in float32 instead, with the dequantized weights (the
-    model passes the count of its [CLS] and query rows); those are held as `dense` (float32 [I, O], made once
-    at load by `with_dense_kernels`, instead of dequantizing at every call: docs/int8.md). Built with placeholder
-    weights; the model builder replaces them with `quantize_kernel`'s output.
+    `float_rows`: the input's first rows are quantized in two passes (`int8_linear`; the model passes the count of
+    its [CLS] and query rows). `packed` holds the weights in the layout of the C++ kernels' AMX tiles
+    (`sce_jax.kernels.cpu_int8.pack_kernel`, made at load by `with_packed_kernels`, never stored); `fused`
+    runs the layer through them. Built with placeholder weights; the model builder replaces them with
+    `quantize_kernel`'s output.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -116,8 +136,7 @@ class Int8Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
         # Per input channel: the input is divided by it (SmoothQuant); ones where not smoothed.
         self.smooth = nnx.Param(jnp.ones((in_features,), jnp.float32))
-        # q · scale / smooth, for the float rows.
-        self.dense = nnx.Param(jnp.zeros((in_features, out_features), jnp.float32))
+        self.packed = nnx.Param(jnp.zeros(packed_shape(in_features, out_features), jnp.int8))
 
     def __call__(self, x_TxI: jax.Array, float_rows: int = 0) -> jax.Array:
         return self.columns(x_TxI, 0, self.kernel.shape[1], float_rows)
@@ -125,26 +144,62 @@ class Int8Linear(nnx.Module):
     def columns(self, x_TxI: jax.Array, start: int, stop: int, float_rows: int = 0) -> jax.Array:
         """Output channels start:stop only (the last layer's keys and values, or its [CLS] queries)."""
         q_IxO, scale_O, bias_O = self.kernel[...][:, start:stop], self.scale[...][start:stop], self.bias[...][start:stop]
-        return _rows_split(
-            x_TxI, float_rows,
-            lambda x: x.astype(jnp.float32) @ self.dense[...][:, start:stop] + bias_O,
-            lambda x: int8_linear(x, q_IxO, scale_O, bias_O, self.smooth[...]),
-        )
+        return int8_linear(x_TxI, q_IxO, scale_O, bias_O, self.smooth[...], float_rows=float_rows)
 
     def activated(self, u_TxI: jax.Array, activation, floor: float, float_rows: int = 0) -> jax.Array:
         """This layer applied to activation(u) (`quantize_activated_rows`: the activation once per element).
         For layers without smoothing only (the feed-forward's second linear: not in `SMOOTHED_LINEARS`)."""
-        q_IxO, scale_O, bias_O = self.kernel[...], self.scale[...], self.bias[...]
+        u_TxI = u_TxI.astype(jnp.float32)
+        quantized = quantize_activated_rows(u_TxI, activation, floor)
+        n = min(float_rows, u_TxI.shape[0])
+        # The two-pass rows' residual needs activation(u) itself: evaluated again for those few rows only.
+        x_TxI = activation(u_TxI[:n]) if n > 0 else None
+        return int8_linear(x_TxI, self.kernel[...], self.scale[...], self.bias[...], quantized=quantized,
+                           float_rows=n)
 
-        def int8_rows(u):
-            quantized = quantize_activated_rows(u.astype(jnp.float32), activation, floor)
-            return int8_linear(None, q_IxO, scale_O, bias_O, quantized=quantized)
+    def fused(self, x_TxI: jax.Array, float_rows: int = 0, columns=None) -> jax.Array:
+        """The same layer by the C++ kernel (`sce_jax.kernels.cpu_int8.int8_linear`)."""
+        from sce_jax.kernels import cpu_int8
 
-        return _rows_split(
-            u_TxI, float_rows,
-            lambda u: activation(u.astype(jnp.float32)) @ self.dense[...] + bias_O,
-            int8_rows,
-        )
+        return cpu_int8.int8_linear(x_TxI, self.packed[...], self.scale[...], self.bias[...], 1 / self.smooth[...],
+                                    float_rows=float_rows, columns=columns)
+
+    def weights(self) -> tuple:
+        """(packed, scale, bias, 1 / smooth) for `sce_jax.kernels.cpu_int8.int8_layer_tail`."""
+        return self.packed[...], self.scale[...], self.bias[...], 1 / self.smooth[...]
+
+
+# SCE_JAX_INT8_KERNEL: which implementation runs the int8 layers on CPU.
+INT8_KERNEL_ENV = "SCE_JAX_INT8_KERNEL"
+INT8_KERNELS = ("auto", "cpu", "xla")
+
+
+def int8_kernel_choice() -> str:
+    """`$SCE_JAX_INT8_KERNEL` (default "auto"); an InputError naming it when it is none of `INT8_KERNELS`."""
+    from sce_jax.errors import InputError
+
+    choice = os.environ.get(INT8_KERNEL_ENV, "auto") or "auto"
+    if choice not in INT8_KERNELS:
+        raise InputError(f"${INT8_KERNEL_ENV}={choice!r}: expected one of {', '.join(INT8_KERNELS)}")
+    return choice
+
+
+def use_fused_kernels(impl: str, hidden_act: str) -> bool:
+    """Whether the int8 layers run through the fused C++ kernels (`sce_jax.kernels.cpu_int8`): with the CPU
+    attention kernel (`impl == "cpu"`), an activation they implement, and `$SCE_JAX_INT8_KERNEL` = "auto" (the
+    default: where the CPU has AMX tiles, on which they beat XLA's int8 dot; elsewhere XLA's is faster than
+    their plain loops), "cpu" (always: the plain loops without AMX) or "xla" (never)."""
+    from sce_jax.kernels import cpu_int8
+
+    choice = int8_kernel_choice()
+    if choice == "xla" or impl != "cpu" or hidden_act not in cpu_int8.ACTIVATIONS:
+        return False
+    return choice == "cpu" or cpu_int8.amx()
+
+
+def packed_shape(in_features: int, out_features: int) -> tuple[int, int, int]:
+    """The shape of `sce_jax.kernels.cpu_int8.pack_kernel`'s output for an [in, out] kernel."""
+    return -(-out_features // 16), -(-in_features // 64), 1024
 
 
 def dequantized_kernel(linear: dict) -> np.ndarray:
@@ -152,17 +207,6 @@ def dequantized_kernel(linear: dict) -> np.ndarray:
     by the smoothing, [I, O]."""
     kernel = np.asarray(linear["kernel"], np.float32) * np.asarray(linear["scale"], np.float32)
     return kernel / np.asarray(linear["smooth"], np.float32)[:, None]
-
-
-def _rows_split(x_TxI, float_rows: int, float_fn, int8_fn) -> jax.Array:
-    """float_fn on the first `float_rows` rows (a static count), int8_fn on the rest. int8_fn runs on every row
-    and the first rows are overwritten in place: slicing off the rest and concatenating would copy whole
-    activations (25% slower on passages)."""
-    if float_rows >= x_TxI.shape[0]:
-        return float_fn(x_TxI)
-    if float_rows <= 0:
-        return int8_fn(x_TxI)
-    return int8_fn(x_TxI).at[:float_rows].set(float_fn(x_TxI[:float_rows]))
 
 
 def is_quantized(params: dict) -> bool:
@@ -265,14 +309,16 @@ def dequantize_params(params: dict) -> dict:
     return {**params, "layers": layers}
 
 
-def with_dense_kernels(params: dict) -> dict:
-    """Quantized parameters plus each int8 linear's `dense` kernel (`dequantized_kernel`), which `Int8Linear`
-    uses for its float rows: made at load, never stored."""
+def with_packed_kernels(params: dict) -> dict:
+    """Quantized parameters plus each int8 linear's `packed` kernel (the C++ kernels' tile layout,
+    `sce_jax.kernels.cpu_int8.pack_kernel`): made at load, never stored."""
+    from sce_jax.kernels.cpu_int8 import pack_kernel
+
     layers = {}
     for i, layer in params["layers"].items():
         layer = dict(layer)
         for name in QUANTIZED_LINEARS:
-            layer[name] = {**layer[name], "dense": dequantized_kernel(layer[name])}
+            layer[name] = {**layer[name], "packed": pack_kernel(layer[name]["kernel"])}
         layers[i] = layer
     return {**params, "layers": layers}
 

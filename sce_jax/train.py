@@ -110,6 +110,7 @@ class TrainConfig:
         need(self.loss in LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         need(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        need(self.dtype != "int8", "dtype int8 is for inference only (docs/int8.md); train in float32 or bfloat16")
         need(self.attention_pattern in (None, *PATTERNS), f"attention_pattern must be one of {', '.join(PATTERNS)}")
         need(self.attention_window in (None, "full") or isinstance(self.attention_window, int),
              f"attention_window must be an int, 'full' or null, got {self.attention_window!r}")

@@ -33,16 +33,25 @@ def _ref_quantize_columns(w):
 
 
 def _ref_quantize_rows(x):
+    """q = round(x · 127 / max|row|) (half to even), scale = max|row| / 127, in float32."""
     amax = np.abs(x).max(axis=1)
     scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
-    return np.rint(x / scale[:, None]).astype(np.int8), scale
+    factor = np.where(amax > 0, np.float32(127) / np.maximum(amax, np.float32(1e-30)), np.float32(1)).astype(np.float32)
+    return np.rint(x * factor[:, None]).astype(np.int8), scale
 
 
-def _ref_int8_linear(x, q, w_scale, bias, smooth):
-    xq, x_scale = _ref_quantize_rows((x * (np.float32(1) / smooth)).astype(np.float32))
+def _ref_int8_linear(x, q, w_scale, bias, smooth, float_rows=0):
+    """(sums, y): the first `float_rows` rows quantized in two passes (the row, then its residual)."""
+    x = (x * (np.float32(1) / smooth)).astype(np.float32)
+    xq, x_scale = _ref_quantize_rows(x)
     acc = xq.astype(np.int64) @ q.astype(np.int64)  # exact
     assert np.abs(acc).max() < 2**31
-    return acc, acc.astype(np.float32) * (x_scale[:, None] * w_scale) + bias
+    y = acc.astype(np.float32) * (x_scale[:, None] * w_scale) + bias
+    n = min(float_rows, len(x))
+    if n:
+        rq, r_scale = _ref_quantize_rows((x[:n] - xq[:n].astype(np.float32) * x_scale[:n, None]).astype(np.float32))
+        y[:n] += (rq.astype(np.int64) @ q.astype(np.int64)).astype(np.float32) * (r_scale[:, None] * w_scale)
+    return acc, y
 
 
 @pytest.fixture
@@ -92,7 +101,6 @@ def test_int8_linear_layer_matches_the_reference(linear_case, smoothed):
     q, scale = quant.quantize_kernel(w * smooth[:, None])
     layer = quant.Int8Linear(48, 24)
     layer.kernel[...], layer.scale[...], layer.bias[...], layer.smooth[...] = q, scale, bias, smooth
-    layer.dense[...] = quant.dequantized_kernel({"kernel": q, "scale": scale, "smooth": smooth})
     acc_ref, y_ref = _ref_int8_linear(x, q, scale, bias, smooth)
     # The int32 sums inside are exact: recover them from the layer's output without the bias.
     xq, _ = quant.quantize_rows(jnp.asarray(x) * (1 / jnp.asarray(smooth)))
@@ -102,22 +110,24 @@ def test_int8_linear_layer_matches_the_reference(linear_case, smoothed):
     np.testing.assert_allclose(np.asarray(layer.columns(jnp.asarray(x), 4, 20)), y_ref[:, 4:20], rtol=1e-6, atol=1e-6)
     # ... and it approximates the float layer: smoothing is an exact rewrite before rounding.
     np.testing.assert_allclose(y, x @ w + bias, atol=0.05 * np.abs(x @ w).max())
-    # float_rows: the first rows in float32 with the dequantized weights, the others exactly as before.
+    # float_rows: the first rows quantized in two passes (the reference's), the others exactly as before; the
+    # two-pass rows are within ~1/(127·254) of each row's range of float32 activations x dequantized weights.
     dequantized = (q.astype(np.float32) * scale) / smooth[:, None]
     for rows in (1, 10, 37, 50):
         mixed = np.asarray(layer(jnp.asarray(x), rows))
         n = min(rows, 37)
-        np.testing.assert_allclose(mixed[:n], x[:n] @ dequantized + bias, rtol=1e-5, atol=1e-5)
+        _, two_pass = _ref_int8_linear(x, q, scale, bias, smooth, rows)
+        np.testing.assert_allclose(mixed, two_pass, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(mixed[n:], y_ref[n:], rtol=1e-6, atol=1e-6)
-        assert not np.allclose(mixed[:n], y_ref[:n], rtol=1e-6, atol=1e-6)  # the float rows really differ
+        float_error = np.abs(mixed[:n] - (x[:n] @ dequantized + bias)).max()
+        assert float_error < 0.02 * np.abs(y_ref[:n] - (x[:n] @ dequantized + bias)).max()
         cols = np.asarray(layer.columns(jnp.asarray(x), 4, 20, rows))
-        np.testing.assert_allclose(cols[:n], (x[:n] @ dequantized + bias)[:, 4:20], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(cols[n:], y_ref[n:, 4:20], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(cols, two_pass[:, 4:20], rtol=1e-5, atol=1e-5)
 
 
-def test_activated_layer_keeps_its_first_rows_in_float():
-    """`Int8Linear.activated(u, f, floor, rows)`: f(u) @ dequantized weights for the first rows, the int8
-    reference (activation quantized per token) for the rest."""
+def test_activated_layer_quantizes_its_first_rows_in_two_passes():
+    """`Int8Linear.activated(u, f, floor, rows)`: the int8 reference (activation quantized per token), in two
+    passes for the first rows."""
     from sce_jax.model import _ACTIVATIONS
 
     rng = np.random.default_rng(3)
@@ -127,12 +137,12 @@ def test_activated_layer_keeps_its_first_rows_in_float():
     q, scale = quant.quantize_kernel(w)
     layer = quant.Int8Linear(40, 16)
     layer.kernel[...], layer.scale[...], layer.bias[...] = q, scale, bias
-    layer.dense[...] = quant.dequantized_kernel({"kernel": q, "scale": scale, "smooth": np.ones(40, np.float32)})
     h = np.maximum(u, 0)
-    _, y_ref = _ref_int8_linear(h, q, scale, bias, np.ones(40, np.float32))
+    _, y_ref = _ref_int8_linear(h, q, scale, bias, np.ones(40, np.float32), 7)
     out = np.asarray(layer.activated(jnp.asarray(u), _ACTIVATIONS["relu"], quant.ACTIVATION_FLOOR["relu"], 7))
-    np.testing.assert_allclose(out[:7], h[:7] @ (q.astype(np.float32) * scale) + bias, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out[7:], y_ref[7:], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, y_ref, rtol=1e-5, atol=1e-5)
+    _, one_pass = _ref_int8_linear(h, q, scale, bias, np.ones(40, np.float32))
+    assert not np.allclose(out[:7], one_pass[:7], rtol=1e-5, atol=1e-5)  # the two passes really ran
 
 
 def _ref_gelu(u):
@@ -159,7 +169,7 @@ def test_activation_quantized_once_matches_the_reference(name):
     if name == "gelu":
         assert not reaching[5] and not reaching[6] and reaching.sum() == 38
         np.testing.assert_allclose(scale[~reaching], floor / 127, rtol=1e-7)
-        q_floor = np.rint(h[~reaching] / (floor / np.float32(127))).astype(np.int8)
+        q_floor = np.rint(h[~reaching] * (np.float32(127) / np.float32(floor))).astype(np.int8)
         assert np.abs(q[~reaching].astype(int) - q_floor).max() <= 1
     # The erf polynomial differs from math.erf by an ulp or so: scales agree to float32 precision, and a value
     # next to a rounding boundary may move by one step.
@@ -239,18 +249,23 @@ def test_int8_model_is_close_to_float32(minilm_scores):
     assert not np.array_equal(f32, i8)  # int8 really ran
 
 
-def test_int8_model_computes_query_rows_in_float_and_documents_in_int8(minilm_hf_dir):
-    """The query tokens see only the query: in the int8 model their hidden states equal a float32 model's with
-    the dequantized weights (they run in float32). Document tokens are int8 and differ from it."""
+@pytest.mark.parametrize("kernel", ["xla", "cpu"])
+def test_int8_model_computes_query_rows_nearly_in_float_and_documents_in_int8(minilm_hf_dir, kernel, monkeypatch):
+    """The query tokens see only the query, and their rows are quantized in two passes (~15 bits): in the int8
+    model their hidden states stay within 1e-3 of a float32 model's with the dequantized weights, at least ten
+    times closer than the document tokens', which are int8. For both implementations of the int8 layers (XLA's
+    int8 dot, and the fused C++ kernels: with AMX where the CPU has it, else their plain loops)."""
     from sce_jax.batch import make_batch
     from sce_jax.config import released_pattern
     from sce_jax.encoder import build_model
 
+    monkeypatch.setenv(quant.INT8_KERNEL_ENV, kernel)
     config, params, _ = load_model_dir(minilm_hf_dir)
     config = dataclasses.replace(config, **{**released_pattern(), "attention_window_size": 4})
     quantized = quant.quantize_params(params, config)
     int8 = build_model(config, quantized, dtype="int8")
     dequantized = build_model(config, quant.dequantize_params(quantized), dtype="float32")
+    assert int8.layers[0]._fused("cpu") == (kernel == "cpu")
     encoder = SparseCrossEncoder.load(minilm_hf_dir, max_length=64)
     query = encoder.tokenizer.encode_queries([QUERY])
     docs = encoder.tokenizer.encode_docs([query[0]] * 3, DOCS[:3])
@@ -261,9 +276,42 @@ def test_int8_model_computes_query_rows_in_float_and_documents_in_int8(minilm_hf
     real_docs = np.asarray(batch[1]) != config.pad_token_id
     for layer in range(1, len(states_int8)):
         got, want = (np.asarray(s[layer].query)[real_query] for s in (states_int8, states_float))
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        query_error = np.abs(got - want).max()
         got, want = (np.asarray(s[layer].doc)[real_docs] for s in (states_int8, states_float))
-        assert np.abs(got - want).max() > 1e-3
+        doc_error = np.abs(got - want).max()
+        assert query_error < 1e-3 and query_error < doc_error / 10, (layer, query_error, doc_error)
+
+
+def test_fused_kernels_score_like_the_xla_int8_layers(minilm_hf_dir, monkeypatch):
+    """The fused C++ int8 layers and XLA's compute the same scheme, with float operations in another order: a
+    value on a rounding boundary may round the other way (in one token of 35 at layer 1 here), which moves that
+    token's later layers by int8-noise magnitudes. So on MiniLM-L6 (O(1) logits) the two agree within the
+    documented int8 tolerance (2% of the spread here), and each stays within it of float32. The kernels
+    themselves match their numpy reference exactly (test_cpu_int8.py)."""
+    from sce_jax.config import released_pattern
+
+    overrides = {**released_pattern(), "attention_window_size": 4}
+    scores = {}
+    for kernel in ("xla", "cpu"):
+        monkeypatch.setenv(quant.INT8_KERNEL_ENV, kernel)
+        encoder = SparseCrossEncoder.load(minilm_hf_dir, dtype="int8", config_overrides=overrides, max_length=128)
+        scores[kernel] = encoder.score(QUERY, DOCS)
+    f32 = SparseCrossEncoder.load(minilm_hf_dir, config_overrides=overrides, max_length=128).score(QUERY, DOCS)
+    spread = f32.max() - f32.min()
+    assert spread > 0.1
+    assert np.abs(scores["cpu"] - scores["xla"]).max() <= 0.05 * spread
+    assert spearmanr(scores["cpu"], scores["xla"]).statistic >= 0.95
+    for kernel in ("xla", "cpu"):
+        assert np.abs(scores[kernel] - f32).max() <= 0.1 * spread
+    assert not np.array_equal(scores["cpu"], scores["xla"])  # two implementations really ran
+
+
+def test_a_bad_int8_kernel_setting_is_named_before_any_work(tiny_sparse_dir, monkeypatch):
+    from sce_jax.errors import InputError
+
+    monkeypatch.setenv(quant.INT8_KERNEL_ENV, "gpu")
+    with pytest.raises(InputError, match=r"\$SCE_JAX_INT8_KERNEL='gpu': expected one of auto, cpu, xla"):
+        SparseCrossEncoder.load(tiny_sparse_dir, dtype="int8", max_length=64)
 
 
 # --- converter and CLI ------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ def wheel(tmp_path_factory):
 
 def test_the_wheel_installs_the_kernels_as_sce_jax_kernels(wheel):
     names = set(wheel.namelist())
-    for name in ("__init__.py", "block_config.py", "windowed_attention.py", "cpu_attention.py", "cpu_attention.cc"):
+    for name in ("__init__.py", "block_config.py", "windowed_attention.py", "cpu_attention.py", "cpu_attention.cc",
+                 "cpu_int8.py", "cpu_int8.cc", "cpu_parallel.h"):
         assert f"sce_jax/kernels/{name}" in names
     assert "sce_jax/py.typed" in names
     # No top-level `kernels` package: that name belongs to Hugging Face's kernels, which transformers probes for.

@@ -243,6 +243,7 @@ def test_schedules():
         (["--train-data", "MISSING_FIELD"], "bad.jsonl: line 1: missing field"),
         (["--loss", "margin-mse", "--train-data", "THREE_DOCS"], "margin-mse needs 2 documents"),
         (["--steps", "0"], "steps must be >= 1"),
+        (["--dtype", "int8"], "dtype int8 is for inference only"),
     ],
 )
 def test_bad_input_fails_before_training(tiny_hf_dir, tmp_path, capsys, extra, message):

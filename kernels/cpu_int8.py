@@ -1,0 +1,155 @@
+"""The int8 model's linear layers on CPU as fused C++ kernels (XLA FFI custom calls; source cpu_int8.cc, built into
+one library with the attention kernel by kernels/cpu_attention.py).
+
+Two ops, each over the model's flat token matrix in blocks of 32 tokens that stay in cache from the input to the
+output (XLA's version of the same writes and re-reads every intermediate: int32 sums, dequantized values, the
+activation, the layer-norm statistics):
+
+- `int8_linear(x, packed, scale, bias, inv_smooth, float_rows, columns)`: y = dq(q(x · inv_smooth) W) + b, the
+  QKV projection (or a range of its output channels).
+- `int8_layer_tail(x, attended, weights, float_rows, eps, activation)`: everything a layer does after attention:
+  x1 = LN(x + dq(q(attended) Wo) + bo); out = LN(x1 + dq(q(act(dq(q(x1 · inv_smooth) W1) + b1)) W2) + b2).
+
+q is symmetric int8 per token (scale = max|row| / 127, round half to even), W int8 per output channel
+(`sce_jax.quant.quantize_kernel`), the products exact int32 sums. The first `float_rows` rows (the [CLS] and
+query tokens) are quantized in two passes (the row, then the residual x - q·scale with a scale of its own; both
+products summed): about 15 bits for the few rows every score reads directly. `reference_linear` and
+`reference_layer_tail` are the numpy statement of the same arithmetic.
+
+The int8 products use AMX tiles (Sapphire Rapids and later) when the library was built with them and Linux grants
+them (`amx()`); otherwise plain loops compute the same sums (`portable=True` forces those, for tests). The model
+uses these kernels only where `amx()` holds: without AMX, XLA's int8 dot (YNNPACK, VNNI/AVX2) is faster than the
+plain loops. Weights are packed for the tiles once, at load (`pack_kernel`).
+"""
+
+from __future__ import annotations
+
+import functools
+from math import erf
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sce_jax.kernels import cpu_attention
+
+# The C++ kernel's activation codes, by the config's `hidden_act`.
+ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "relu": 2}
+_DEPTH, _WIDTH = 64, 16  # inputs per tile row, output channels per tile
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the kernels are built and registered here (see `cpu_attention.available`)."""
+    return cpu_attention.available()
+
+
+@functools.cache
+def amx() -> bool:
+    """Whether the int8 products run on AMX tiles in this process (built for them, granted by Linux)."""
+    return available()[0] and bool(cpu_attention._library.SceJaxInt8Amx())
+
+
+def pack_kernel(q_IxO) -> np.ndarray:
+    """int8 weights [I, O] in the tiles' layout: [ceil(O/16), ceil(I/64), 1024] int8, zero padded; tile (n, k)
+    holds W[64k + 4i + j, 16n + c] at byte 64i + 4c + j."""
+    q_IxO = np.asarray(q_IxO, np.int8)
+    inputs, outputs = q_IxO.shape
+    depth, width = -(-inputs // _DEPTH) * _DEPTH, -(-outputs // _WIDTH) * _WIDTH
+    padded = np.zeros((depth, width), np.int8)
+    padded[:inputs, :outputs] = q_IxO
+    tiles = padded.reshape(depth // _DEPTH, 16, 4, width // _WIDTH, _WIDTH)  # (k, i, j, n, c)
+    return np.ascontiguousarray(tiles.transpose(3, 0, 1, 4, 2)).reshape(width // _WIDTH, depth // _DEPTH, 1024)
+
+
+def _require() -> None:
+    ok, why = available()
+    if not ok:
+        raise cpu_attention.KernelUnavailable(why)
+
+
+def int8_linear(x_TxI, packed, scale_O, bias_O, inv_smooth_I, *, float_rows: int = 0, columns=None,
+                portable: bool = False) -> jax.Array:
+    """dq(q(x · inv_smooth) W) + b for output channels `columns` = (start, stop) (default all): float32 [T, stop -
+    start]. The first `float_rows` rows are quantized in two passes."""
+    _require()
+    start, stop = columns or (0, scale_O.shape[0])
+    call = jax.ffi.ffi_call("sce_jax_int8_linear", jax.ShapeDtypeStruct((x_TxI.shape[0], stop - start), jnp.float32))
+    return call(x_TxI.astype(jnp.float32), packed, scale_O, bias_O, inv_smooth_I, float_rows=np.int64(float_rows),
+                col_begin=np.int64(start), col_end=np.int64(stop), portable=np.int64(portable))
+
+
+def int8_layer_tail(x_TxF, attended_TxF, weights: dict, *, float_rows: int, eps: float, activation: str,
+                    portable: bool = False) -> jax.Array:
+    """A layer's attention output projection, residual and layer norm, then its feed-forward block with residual
+    and layer norm, in int8: float32 [T, F]. `weights`: {attention_output, intermediate, output: (packed, scale,
+    bias, inv_smooth)}, attention_norm / output_norm: (scale, bias)}."""
+    _require()
+    call = jax.ffi.ffi_call("sce_jax_int8_layer_tail", jax.ShapeDtypeStruct(x_TxF.shape, jnp.float32))
+    linears = [weights[k] for k in ("attention_output", "intermediate", "output")]
+    (g1, beta1), (g2, beta2) = weights["attention_norm"], weights["output_norm"]
+    return call(x_TxF.astype(jnp.float32), attended_TxF.astype(jnp.float32), *linears[0], g1, beta1, *linears[1],
+                *linears[2], g2, beta2, float_rows=np.int64(float_rows), eps=np.float32(eps),
+                activation=np.int64(ACTIVATIONS[activation]), portable=np.int64(portable))
+
+
+# The numpy reference: the same quantization in float32, the int8 products as exact integer sums, the rest in
+# float64.
+
+def reference_quantize(x_TxI: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row int8 (q, scale): q = round_half_even(x · (127 / max|row|)), scale = max|row| / 127 (1 for a zero
+    row), in float32 as the kernel computes them."""
+    x = np.asarray(x_TxI, np.float32)
+    amax = np.abs(x).max(axis=1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 1).astype(np.float32)
+    scale = np.where(amax > 0, amax / np.float32(127), 1).astype(np.float32)
+    q = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def reference_linear(x_TxI, q_IxO, scale_O, bias_O, inv_smooth_I=None, float_rows: int = 0) -> np.ndarray:
+    """`int8_linear` in numpy (unpacked weights q [I, O])."""
+    x = np.asarray(x_TxI, np.float32)
+    if inv_smooth_I is not None:
+        x = x * np.asarray(inv_smooth_I, np.float32)
+    q, sx = reference_quantize(x)
+    sums = q.astype(np.int64) @ np.asarray(q_IxO, np.int64)
+    y = sums * (sx.astype(np.float64)[:, None] * np.asarray(scale_O, np.float64))
+    if float_rows > 0:
+        n = min(float_rows, x.shape[0])
+        residual = x[:n] - q[:n].astype(np.float32) * sx[:n, None]
+        q2, sx2 = reference_quantize(residual)
+        y[:n] += (q2.astype(np.int64) @ np.asarray(q_IxO, np.int64)) * (sx2.astype(np.float64)[:, None]
+                                                                        * np.asarray(scale_O, np.float64))
+    return (y + np.asarray(bias_O, np.float64)).astype(np.float32)
+
+
+def _reference_norm(x: np.ndarray, scale, bias, eps: float) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=1, keepdims=True)
+    return ((x - mean) / np.sqrt(var + eps) * scale + bias).astype(np.float32)
+
+
+def reference_activation(u: np.ndarray, activation: str) -> np.ndarray:
+    u = np.asarray(u, np.float64)
+    if activation == "gelu":
+        return (0.5 * u * (1 + np.vectorize(erf)(u / np.sqrt(2)))).astype(np.float32)
+    if activation == "gelu_new":
+        return (0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3)))).astype(np.float32)
+    return np.maximum(u, 0).astype(np.float32)
+
+
+def reference_layer_tail(x_TxF, attended_TxF, layer: dict, *, float_rows: int, eps: float,
+                         activation: str) -> np.ndarray:
+    """`int8_layer_tail` in numpy. `layer`: {attention_output, intermediate, output: {kernel (int8 [I, O]), scale,
+    bias[, smooth]}, attention_norm / output_norm: {scale, bias}}."""
+    def linear(name, x):
+        p = layer[name]
+        inv = None if "smooth" not in p else (1 / np.asarray(p["smooth"], np.float32)).astype(np.float32)
+        return reference_linear(x, p["kernel"], p["scale"], p["bias"], inv, float_rows)
+
+    norm1, norm2 = layer["attention_norm"], layer["output_norm"]
+    x1 = _reference_norm(np.asarray(x_TxF, np.float32) + linear("attention_output", attended_TxF), norm1["scale"],
+                         norm1["bias"], eps)
+    hidden = reference_activation(linear("intermediate", x1), activation)
+    return _reference_norm(x1 + linear("output", hidden), norm2["scale"], norm2["bias"], eps)
