@@ -226,9 +226,9 @@ def worker_sce(spec: dict) -> dict:
 def int8_layers(encoder) -> str:
     """Which implementation ran the int8 layers ("" for float models)."""
     from sce_jax.kernels import cpu_int8
-    from sce_jax.quant import use_fused_kernels
+    from sce_jax.quant import Int8Linear, use_fused_kernels
 
-    if encoder.model.layers[0].qkv.__class__.__name__ != "Int8Linear":
+    if not isinstance(encoder.model.layers[0].qkv, Int8Linear):
         return ""
     if use_fused_kernels(encoder.model.attention_impl, encoder.config.hidden_act):
         return "fused C++ (AMX)" if cpu_int8.amx() else "fused C++ (plain loops)"

@@ -180,8 +180,9 @@ def _build_key(compiler: list[str]) -> str:
         features = _run([*compiler, *_COMPILE_FLAGS, "-dM", "-E", "-x", "c++", os.devnull], cwd=Path(scratch),
                         timeout=timeout, what="asking the compiler its target features")
     macros = "\n".join(sorted(features.splitlines()))
-    parts = [*(path.read_bytes() for path in _SOURCES + _HEADERS), " ".join(compiler).encode(), version.encode(), " ".join(_COMPILE_FLAGS).encode(),
-             " ".join(_LINK_FLAGS).encode(), jax.__version__.encode(), macros.encode()]
+    parts = [*(path.read_bytes() for path in _SOURCES + _HEADERS), " ".join(compiler).encode(), version.encode(),
+             " ".join(_COMPILE_FLAGS).encode(), " ".join(_LINK_FLAGS).encode(), jax.__version__.encode(),
+             macros.encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 

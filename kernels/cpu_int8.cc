@@ -84,8 +84,7 @@ void ConfigureTiles() {
 }
 
 // sums[r][n - first * 16] = a[r] . W[:, n] for rows [0, rows) of `a` (row stride w.depth; rows a multiple of 32)
-// and weight blocks first..last-1. Column pairs outside, row pairs inside: a pair's weight tiles are read from memory once per
-// block of rows and stay in L1 for the other rows.
+// and weight blocks first..last-1 (2x2 tiles: two row tiles times two column tiles per pass over the depth).
 void ProductAmx(const int8_t* a, const Linear& w, int64_t first, int64_t last, int32_t* sums, int64_t ld,
                 int64_t rows) {
   const int64_t depth_blocks = w.depth / kDepth;

@@ -83,7 +83,7 @@ def test_int8_linear_matches_the_reference(float_rows, columns):
     scale = np.abs(want).max()
     np.testing.assert_allclose(outputs[0][float_rows:], want[float_rows:, start:stop], rtol=0, atol=1e-6 * scale)
     np.testing.assert_allclose(outputs[0][:float_rows], want[:float_rows, start:stop], rtol=0, atol=1e-4 * scale)
-    assert not outputs[0][7].any() or np.allclose(outputs[0][7], linear["bias"][start:stop])  # a zero token: bias
+    np.testing.assert_allclose(outputs[0][7], linear["bias"][start:stop], rtol=0, atol=1e-6)  # a zero token: bias
 
 
 def test_int8_linear_sums_the_largest_products_exactly():
