@@ -38,7 +38,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((args.tokens, 384)), jnp.float32)
     w = rng.standard_normal((384, 1536)).astype(np.float32) * 0.05
-    q, scale = (jnp.asarray(a) for a in quant.quantize_kernel(w))
+    q, r, scale = (jnp.asarray(a) for a in quant.quantize_kernel(w))
     bias = jnp.zeros(1536, jnp.float32)
     xq, x_scale = quant.quantize_rows(x)
     acc = quant.int8_matmul(xq, q)
@@ -47,12 +47,13 @@ def main() -> None:
         "int8 dot (int32 out)": (jax.jit(quant.int8_matmul), (xq, q)),
         "per-token quantization": (jax.jit(quant.quantize_rows), (x,)),
         "dequantization": (jax.jit(lambda a, s: a.astype(jnp.float32) * (s[:, None] * scale) + bias), (acc, x_scale)),
-        "int8_linear (all three)": (jax.jit(lambda x: quant.int8_linear(x, q, scale, bias)), (x,)),
+        "two-pass int8 dot (float32 out)": (jax.jit(quant.two_pass_matmul), (xq, q, r)),
+        "int8_linear (all three, two-pass weights)": (jax.jit(lambda x: quant.int8_linear(x, q, r, scale, bias)), (x,)),
     }
     from sce_jax.kernels import cpu_int8
 
     if cpu_int8.available()[0]:
-        packed, ones = jnp.asarray(cpu_int8.pack_kernel(np.asarray(q))), jnp.ones(384, jnp.float32)
+        packed, ones = jnp.asarray(cpu_int8.pack_kernel(np.asarray(q), np.asarray(r))), jnp.ones(384, jnp.float32)
         route = "AMX" if cpu_int8.amx() else "plain loops"
         cases[f"C++ fused linear ({route})"] = (
             jax.jit(lambda x: cpu_int8.int8_linear(x, packed, scale, bias, ones)), (x,))

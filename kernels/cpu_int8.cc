@@ -7,18 +7,22 @@
 // SceJaxInt8LayerTail: the rest of a layer after attention: x1 = LN1(x + dq(q(att) Wo) + bo);
 //                      out = LN2(x1 + dq(q(act(dq(q(x1 / smooth1) W1) + b1)) W2) + b2); every linear's input is
 //                      divided by its smoothing (the model smooths only W1's and QKV's: ones elsewhere).
-// q: symmetric int8 per token (row), scale = max|row| / 127; W: int8 per output channel; dq: the int32 sums
-// times both scales. The first `float_rows` rows ([CLS] and query tokens) are quantized in two passes: the row,
-// then what its int8 copy leaves (x - q·scale) with a scale of its own; both products are summed, so those rows
-// carry about 15 bits.
+// q: symmetric int8 per token (row), scale = max|row| / 127; W: int8 in two passes per output channel,
+// W ≈ scale · (Q + R / 254) (R: what Q's rounding leaves, in steps of 1/254); dq: the int32 sums of both passes,
+// (x·Q + x·R / 254), times both scales. The first `float_rows` rows ([CLS] and query tokens) are quantized in two
+// passes too: the row, then what its int8 copy leaves (x - q·scale) with a scale of its own; both products are
+// summed, so those rows carry about 15 bits.
 //
 // The int8 x int8 -> int32 products run on AMX tiles where the CPU has them and Linux grants them (TDPBSSD on
 // 16x64-byte tiles), else in plain loops (the same sums, exactly). Weights come packed for the tiles
-// (sce_jax.kernels.cpu_int8.pack_kernel): [O/16 blocks][I/64 blocks][16 rows of 4 inputs][16 outputs][4].
+// (sce_jax.kernels.cpu_int8.pack_kernel): [O/16 blocks][Q, R][I/64 blocks][16 rows of 4 inputs][16 outputs][4],
+// so that a pair of tiles (Q's and R's of the same 16 outputs) runs as a pair of column blocks.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
@@ -43,16 +47,23 @@ constexpr int64_t kRows = 32;       // tokens per block (a multiple of 32: pairs
 constexpr int64_t kDepth = 64;      // inputs per tile row (bytes)
 constexpr int64_t kWidth = 16;      // output channels per tile
 constexpr int64_t kTile = 1024;     // bytes of one packed weight tile
+constexpr float kResidualStep = 1.0f / 254.0f;  // R's unit, in Q's steps
 
 // Activation codes (the `activation` attribute).
 constexpr int64_t kGelu = 0, kGeluTanh = 1, kRelu = 2;
 
 struct Linear {
-  const int8_t* packed;      // [blocks, depth_blocks, kTile]
+  const int8_t* packed;      // [2 * blocks, depth_blocks, kTile]: Q's and R's tiles of each block of 16 outputs
   const float* scale;        // [out]
   const float* bias;         // [out]
   const float* inv_smooth;   // [in] or nullptr
   int64_t in, out, depth;    // depth: `in` rounded up to kDepth
+};
+
+// The int32 sums of 32 rows against one block of 16 outputs, both weight passes: row r holds Q's 16 sums, then
+// R's 16.
+struct alignas(64) BlockSums {
+  int32_t v[32][2 * kWidth];
 };
 
 bool AmxReady() {
@@ -83,61 +94,48 @@ void ConfigureTiles() {
   _tile_loadconfig(&config);
 }
 
-// sums[r][n - first * 16] = a[r] . W[:, n] for rows [0, rows) of `a` (row stride w.depth; rows a multiple of 32)
-// and weight blocks first..last-1 (2x2 tiles: two row tiles times two column tiles per pass over the depth).
-void ProductAmx(const int8_t* a, const Linear& w, int64_t first, int64_t last, int32_t* sums, int64_t ld,
-                int64_t rows) {
+// sums = a[0:32] . Q_j and a[0:32] . R_j for output block j (a: row stride w.depth; 2x2 tiles: two row tiles
+// times Q's and R's tiles, per step over the depth).
+void BlockAmx(const int8_t* a, const Linear& w, int64_t j, BlockSums& sums) {
   const int64_t depth_blocks = w.depth / kDepth;
-  for (int64_t block = first; block < last; block += 2) {
-    const bool pair = block + 1 < last;
-    const int8_t* b0 = w.packed + block * depth_blocks * kTile;
-    const int8_t* b1 = b0 + depth_blocks * kTile;
-    for (int64_t r = 0; r < rows; r += 32) {
-      const int8_t* a0 = a + r * w.depth;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t k = 0; k < depth_blocks; ++k) {
-        _tile_loadd(4, a0 + k * kDepth, w.depth);
-        _tile_loadd(5, a0 + 16 * w.depth + k * kDepth, w.depth);
-        _tile_loadd(6, b0 + k * kTile, 64);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(2, 5, 6);
-        if (pair) {
-          _tile_loadd(7, b1 + k * kTile, 64);
-          _tile_dpbssd(1, 4, 7);
-          _tile_dpbssd(3, 5, 7);
-        }
-      }
-      int32_t* c = sums + r * ld + (block - first) * kWidth;
-      _tile_stored(0, c, ld * 4);
-      _tile_stored(2, c + 16 * ld, ld * 4);
-      if (pair) {
-        _tile_stored(1, c + kWidth, ld * 4);
-        _tile_stored(3, c + kWidth + 16 * ld, ld * 4);
-      }
-    }
+  const int8_t* bq = w.packed + 2 * j * depth_blocks * kTile;
+  const int8_t* br = bq + depth_blocks * kTile;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < depth_blocks; ++k) {
+    _tile_loadd(4, a + k * kDepth, w.depth);
+    _tile_loadd(5, a + 16 * w.depth + k * kDepth, w.depth);
+    _tile_loadd(6, bq + k * kTile, 64);
+    _tile_loadd(7, br + k * kTile, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
   }
+  _tile_stored(0, &sums.v[0][0], sizeof(sums.v[0]));
+  _tile_stored(1, &sums.v[0][kWidth], sizeof(sums.v[0]));
+  _tile_stored(2, &sums.v[16][0], sizeof(sums.v[0]));
+  _tile_stored(3, &sums.v[16][kWidth], sizeof(sums.v[0]));
 }
 #endif
 
-// The same sums in plain loops.
-void ProductPortable(const int8_t* a, const Linear& w, int64_t first, int64_t last, int32_t* sums, int64_t ld,
-                     int64_t rows) {
+// The same sums in plain loops, for rows [0, rows) only.
+void BlockPortable(const int8_t* a, const Linear& w, int64_t j, int64_t rows, BlockSums& sums) {
   const int64_t depth_blocks = w.depth / kDepth;
   for (int64_t r = 0; r < rows; ++r) {
     const int8_t* row = a + r * w.depth;
-    for (int64_t block = first; block < last; ++block) {
-      int32_t c[kWidth] = {0};
+    for (int64_t pass = 0; pass < 2; ++pass) {
+      int32_t* c = &sums.v[r][pass * kWidth];
+      std::fill(c, c + kWidth, 0);
       for (int64_t k = 0; k < depth_blocks; ++k) {
-        const int8_t* b = w.packed + (block * depth_blocks + k) * kTile;
+        const int8_t* b = w.packed + ((2 * j + pass) * depth_blocks + k) * kTile;
         const int8_t* x = row + k * kDepth;
         for (int64_t i = 0; i < 16; ++i)
           for (int64_t n = 0; n < kWidth; ++n)
-            for (int64_t j = 0; j < 4; ++j) c[n] += int32_t(x[i * 4 + j]) * int32_t(b[i * 64 + n * 4 + j]);
+            for (int64_t t = 0; t < 4; ++t) c[n] += int32_t(x[i * 4 + t]) * int32_t(b[i * 64 + n * 4 + t]);
       }
-      std::memcpy(sums + r * ld + (block - first) * kWidth, c, sizeof(c));
     }
   }
 }
@@ -145,7 +143,7 @@ void ProductPortable(const int8_t* a, const Linear& w, int64_t first, int64_t la
 // Per-thread buffers, grown on demand.
 struct Scratch {
   std::vector<int8_t> a, a2;       // [kRows, depth] quantized rows, and the two-pass rows' residuals
-  std::vector<int32_t> sums, sums2;
+  BlockSums sums, sums2;
   std::vector<float> values, x1, hidden;
   float scale[kRows], scale2[kRows];
 };
@@ -216,52 +214,56 @@ void Quantize(const float* x, int64_t ld, int64_t m, int64_t in, const float* in
   }
 }
 
-// out[r][o] = sums · (scale[r] · w.scale) (+ the residual pass) + bias, for rows [0, m) and output channels
-// [col_begin, col_end); out has row stride ld_out.
-void Dequantize(const Linear& w, int64_t m, int64_t two_pass, int64_t col_begin, int64_t col_end, Scratch& s,
-                int64_t ld_sums, float* out, int64_t ld_out) {
-  const int64_t skip = col_begin % kWidth;  // sums start at the block holding col_begin
-  const float* ws = w.scale + col_begin;
-  const float* b = w.bias + col_begin;
-  const int64_t n = col_end - col_begin;
-  for (int64_t r = 0; r < m; ++r) {
-    const int32_t* acc = s.sums.data() + r * ld_sums + skip;
-    float* y = out + r * ld_out;
-    const float sx = s.scale[r];
+// The sums of one row against both weight passes, for 16 outputs: acc[c] (Q) + acc[16 + c] / 254 (R).
+inline float Combined(const int32_t* acc, int64_t c) {
+  return static_cast<float>(acc[c]) + static_cast<float>(acc[kWidth + c]) * kResidualStep;
+}
+
+// y[r][c] = sums · (sx[r] · ws[c]) (+ the residual rows' sums · (sx2[r] · ws[c]) for r < two_pass) + b[c], for the
+// block's rows [0, rows) and its outputs [c0, c0 + count) (ws, b and y start at output c0; y has row stride ld).
+void DequantizeBlock(const BlockSums& sums, const BlockSums& sums2, int64_t rows, int64_t two_pass, const float* sx,
+                     const float* sx2, int64_t c0, int64_t count, const float* ws, const float* b, float* y,
+                     int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* acc = &sums.v[r][c0];
+    float* yr = y + r * ld;
     if (r < two_pass) {
-      const int32_t* acc2 = s.sums2.data() + r * ld_sums + skip;
-      const float sx2 = s.scale2[r];
+      const int32_t* acc2 = &sums2.v[r][c0];
 #pragma omp simd
-      for (int64_t o = 0; o < n; ++o)
-        y[o] = static_cast<float>(acc[o]) * (sx * ws[o]) + static_cast<float>(acc2[o]) * (sx2 * ws[o]) + b[o];
+      for (int64_t c = 0; c < count; ++c)
+        yr[c] = Combined(acc, c) * (sx[r] * ws[c]) + Combined(acc2, c) * (sx2[r] * ws[c]) + b[c];
     } else {
 #pragma omp simd
-      for (int64_t o = 0; o < n; ++o) y[o] = static_cast<float>(acc[o]) * (sx * ws[o]) + b[o];
+      for (int64_t c = 0; c < count; ++c) yr[c] = Combined(acc, c) * (sx[r] * ws[c]) + b[c];
     }
   }
 }
 
-// One linear layer on a block of m <= kRows rows: quantize, multiply (twice for the two-pass rows), dequantize.
+// One linear layer on a block of m <= kRows rows: quantize, then per block of 16 outputs and 32 rows: the int8
+// products against both weight passes (and the two-pass rows' residuals), dequantized while the sums are in cache.
 void Apply(const Linear& w, const float* x, int64_t ld_x, int64_t m, int64_t two_pass, int64_t col_begin,
            int64_t col_end, bool amx, Scratch& s, float* out, int64_t ld_out) {
   Quantize(x, ld_x, m, w.in, w.inv_smooth, w.depth, two_pass, s);
-  const int64_t first = col_begin / kWidth, last = (col_end + kWidth - 1) / kWidth;
-  const int64_t ld = (last - first) * kWidth;
-  s.sums.resize(kRows * ld);
-  if (two_pass > 0) s.sums2.resize(kRows * ld);
-  // Only the row pairs holding rows [0, m) (and [0, two_pass) for the residuals).
-  const int64_t rows = (m + 31) / 32 * 32, rows2 = (two_pass + 31) / 32 * 32;
+  for (int64_t j = col_begin / kWidth; j * kWidth < col_end; ++j) {
+    const int64_t c0 = std::max(col_begin - j * kWidth, int64_t{0});
+    const int64_t count = std::min(col_end - j * kWidth, kWidth) - c0;
+    const int64_t o = j * kWidth + c0;  // the first output channel of this block
+    for (int64_t r0 = 0; r0 < m; r0 += 32) {
+      const int64_t rows = std::min<int64_t>(32, m - r0), rows2 = std::max<int64_t>(0, std::min(rows, two_pass - r0));
 #ifdef SCE_JAX_AMX
-  if (amx) {
-    ProductAmx(s.a.data(), w, first, last, s.sums.data(), ld, rows);
-    if (two_pass > 0) ProductAmx(s.a2.data(), w, first, last, s.sums2.data(), ld, rows2);
-  }
+      if (amx) {
+        BlockAmx(s.a.data() + r0 * w.depth, w, j, s.sums);
+        if (rows2 > 0) BlockAmx(s.a2.data() + r0 * w.depth, w, j, s.sums2);
+      }
 #endif
-  if (!amx) {
-    ProductPortable(s.a.data(), w, first, last, s.sums.data(), ld, rows);
-    if (two_pass > 0) ProductPortable(s.a2.data(), w, first, last, s.sums2.data(), ld, rows2);
+      if (!amx) {
+        BlockPortable(s.a.data() + r0 * w.depth, w, j, rows, s.sums);
+        if (rows2 > 0) BlockPortable(s.a2.data() + r0 * w.depth, w, j, rows2, s.sums2);
+      }
+      DequantizeBlock(s.sums, s.sums2, rows, rows2, s.scale + r0, s.scale2 + r0, c0, count, w.scale + o, w.bias + o,
+                      out + r0 * ld_out + (o - col_begin), ld_out);
+    }
   }
-  Dequantize(w, m, two_pass, col_begin, col_end, s, ld, out, ld_out);
 }
 
 // In place: row = LayerNorm(row) · gamma + beta.
@@ -319,7 +321,7 @@ ffi::Error PackedLinear(ffi::Buffer<ffi::S8> packed, ffi::Buffer<ffi::F32> scale
   const auto pd = packed.dimensions();
   const int64_t o = scale.dimensions().size() == 1 ? scale.dimensions()[0] : -1;
   const int64_t depth = (in + kDepth - 1) / kDepth * kDepth;
-  if (pd.size() != 3 || o <= 0 || pd[0] != (o + kWidth - 1) / kWidth || pd[1] != depth / kDepth || pd[2] != kTile ||
+  if (pd.size() != 3 || o <= 0 || pd[0] != 2 * ((o + kWidth - 1) / kWidth) || pd[1] != depth / kDepth || pd[2] != kTile ||
       bias.dimensions().size() != 1 || bias.dimensions()[0] != o)
     return ffi::Error::InvalidArgument(std::string("sce_jax int8: inconsistent shapes of ") + name);
   out = Linear{packed.typed_data(), scale.typed_data(), bias.typed_data(), inv_smooth, in, o, depth};
@@ -422,7 +424,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SceJaxInt8Linear, LinearRun,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [T, I]
-                                  .Arg<ffi::Buffer<ffi::S8>>()   // packed weights [O/16, I/64, 1024]
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // packed weights [2 O/16, I/64, 1024]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // weight scales [O]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias [O]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // 1 / smoothing [I]

@@ -10,8 +10,9 @@ activation, the layer-norm statistics):
 - `int8_layer_tail(x, attended, weights, float_rows, eps, activation)`: everything a layer does after attention:
   x1 = LN(x + dq(q(attended) Wo) + bo); out = LN(x1 + dq(q(act(dq(q(x1 · inv_smooth) W1) + b1)) W2) + b2).
 
-q is symmetric int8 per token (scale = max|row| / 127, round half to even), W int8 per output channel
-(`sce_jax.quant.quantize_kernel`), the products exact int32 sums. The first `float_rows` rows (the [CLS] and
+q is symmetric int8 per token (scale = max|row| / 127, round half to even), W int8 in two passes per output channel
+(W ≈ scale · (Q + R / 254), `sce_jax.quant.quantize_kernel`), the products exact int32 sums against Q and R,
+combined in float32 (sum_Q + sum_R / 254). The first `float_rows` rows (the [CLS] and
 query tokens) are quantized in two passes (the row, then the residual x - q·scale with a scale of its own; both
 products summed): about 15 bits for the few rows every score reads directly. `reference_linear` and
 `reference_layer_tail` are the numpy statement of the same arithmetic.
@@ -49,7 +50,7 @@ def amx() -> bool:
     return available()[0] and bool(cpu_attention._library.SceJaxInt8Amx())
 
 
-def pack_kernel(q_IxO) -> np.ndarray:
+def pack_tiles(q_IxO) -> np.ndarray:
     """int8 weights [I, O] in the tiles' layout: [ceil(O/16), ceil(I/64), 1024] int8, zero padded; tile (n, k)
     holds W[64k + 4i + j, 16n + c] at byte 64i + 4c + j."""
     q_IxO = np.asarray(q_IxO, np.int8)
@@ -59,6 +60,14 @@ def pack_kernel(q_IxO) -> np.ndarray:
     padded[:inputs, :outputs] = q_IxO
     tiles = padded.reshape(depth // _DEPTH, 16, 4, width // _WIDTH, _WIDTH)  # (k, i, j, n, c)
     return np.ascontiguousarray(tiles.transpose(3, 0, 1, 4, 2)).reshape(width // _WIDTH, depth // _DEPTH, 1024)
+
+
+def pack_kernel(q_IxO, r_IxO) -> np.ndarray:
+    """A two-pass int8 kernel (W ≈ scale · (q + r / 254), `sce_jax.quant.quantize_kernel`) in the kernels'
+    layout: [2 · ceil(O/16), ceil(I/64), 1024] int8, q's tiles of each block of 16 outputs (`pack_tiles`) followed
+    by r's."""
+    q, r = pack_tiles(q_IxO), pack_tiles(r_IxO)
+    return np.stack([q, r], axis=1).reshape(2 * q.shape[0], *q.shape[1:])
 
 
 def _require() -> None:
@@ -106,20 +115,24 @@ def reference_quantize(x_TxI: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def reference_linear(x_TxI, q_IxO, scale_O, bias_O, inv_smooth_I=None, float_rows: int = 0) -> np.ndarray:
-    """`int8_linear` in numpy (unpacked weights q [I, O])."""
+def _reference_sums(q_TxI, q_IxO, r_IxO) -> np.ndarray:
+    """q @ (Q + R / 254) from the exact integer products, in float64."""
+    q = np.asarray(q_TxI, np.int64)
+    return q @ np.asarray(q_IxO, np.int64) + (q @ np.asarray(r_IxO, np.int64)) / 254
+
+
+def reference_linear(x_TxI, q_IxO, r_IxO, scale_O, bias_O, inv_smooth_I=None, float_rows: int = 0) -> np.ndarray:
+    """`int8_linear` in numpy (unpacked weights Q and R [I, O])."""
     x = np.asarray(x_TxI, np.float32)
     if inv_smooth_I is not None:
         x = x * np.asarray(inv_smooth_I, np.float32)
     q, sx = reference_quantize(x)
-    sums = q.astype(np.int64) @ np.asarray(q_IxO, np.int64)
-    y = sums * (sx.astype(np.float64)[:, None] * np.asarray(scale_O, np.float64))
+    y = _reference_sums(q, q_IxO, r_IxO) * (sx.astype(np.float64)[:, None] * np.asarray(scale_O, np.float64))
     if float_rows > 0:
         n = min(float_rows, x.shape[0])
         residual = x[:n] - q[:n].astype(np.float32) * sx[:n, None]
         q2, sx2 = reference_quantize(residual)
-        y[:n] += (q2.astype(np.int64) @ np.asarray(q_IxO, np.int64)) * (sx2.astype(np.float64)[:, None]
-                                                                        * np.asarray(scale_O, np.float64))
+        y[:n] += _reference_sums(q2, q_IxO, r_IxO) * (sx2.astype(np.float64)[:, None] * np.asarray(scale_O, np.float64))
     return (y + np.asarray(bias_O, np.float64)).astype(np.float32)
 
 
@@ -141,12 +154,12 @@ def reference_activation(u: np.ndarray, activation: str) -> np.ndarray:
 
 def reference_layer_tail(x_TxF, attended_TxF, layer: dict, *, float_rows: int, eps: float,
                          activation: str) -> np.ndarray:
-    """`int8_layer_tail` in numpy. `layer`: {attention_output, intermediate, output: {kernel (int8 [I, O]), scale,
-    bias[, smooth]}, attention_norm / output_norm: {scale, bias}}."""
+    """`int8_layer_tail` in numpy. `layer`: {attention_output, intermediate, output: {kernel, residual (int8
+    [I, O]), scale, bias[, smooth]}, attention_norm / output_norm: {scale, bias}}."""
     def linear(name, x):
         p = layer[name]
         inv = None if "smooth" not in p else (1 / np.asarray(p["smooth"], np.float32)).astype(np.float32)
-        return reference_linear(x, p["kernel"], p["scale"], p["bias"], inv, float_rows)
+        return reference_linear(x, p["kernel"], p["residual"], p["scale"], p["bias"], inv, float_rows)
 
     norm1, norm2 = layer["attention_norm"], layer["output_norm"]
     x1 = _reference_norm(np.asarray(x_TxF, np.float32) + linear("attention_output", attended_TxF), norm1["scale"],

@@ -176,12 +176,26 @@ def _check_stored_shapes(stored, target, where: Path) -> None:
                               f"first: {differing[0]}")
 
 
+def _check_scheme(path: Path) -> None:
+    """A one-line CheckpointError unless the int8 directory's quantization.json names this version's scheme
+    (`sce_jax.quant.SCHEME`; earlier versions stored one pass of int8 weights)."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read it ({one_line(e, 120)})") from None
+    if not isinstance(stored, dict) or stored.get("weights") != SCHEME["weights"]:
+        weights = stored.get("weights") if isinstance(stored, dict) else None
+        raise CheckpointError(f"{path}: int8 weights stored as {weights!r}, this version reads "
+                              f"{SCHEME['weights']!r}; convert the float32 model again with --quantize int8")
+
+
 def _restore_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:
     import orbax.checkpoint as ocp
 
     target = abstract_params(config)
     where = directory / PARAMS_DIR
     if (directory / QUANTIZATION_FILE).exists():  # written by the converter's --quantize int8
+        _check_scheme(directory / QUANTIZATION_FILE)
         target = quantized_target(target)
     try:
         if where.exists():

@@ -53,7 +53,8 @@ def convert(
     `add_untrained_head`: `source` is a bare BERT encoder (BertModel, e.g. sentence-transformers' MiniLM);
     give it a random single-logit classifier (`weights.with_untrained_head`), so that every command can be tried
     with it. Its scores mean nothing until it is fine-tuned. Everything is checked before anything is written.
-    `quantize="int8"` stores the linear layers' weights as int8 with per-output-channel scales (sce_jax.quant).
+    `quantize="int8"` stores the linear layers' weights as int8 in two passes with per-output-channel scales
+    (sce_jax.quant).
     """
     if quantize not in (None, "int8"):
         raise InputError(f"--quantize: unknown quantization {quantize!r}; the only one is int8")

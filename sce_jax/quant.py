@@ -1,10 +1,13 @@
 """int8 inference for the linear layers (`dtype="int8"`).
 
-The encoder's linear layers (QKV, attention output, feed-forward in and out) hold int8 weights with one float32
-scale per output channel (symmetric: w ≈ q · scale, q in [-127, 127]), quantized once when the model is built
-or stored that way by `convert_torch_checkpoint.py --quantize int8`. Each call quantizes its input per token
-(one scale per row, the row's max |x| / 127), multiplies int8 by int8 into exact int32 sums, and scales them
-back to float32: y = acc · (x_scale ⊗ w_scale) + bias. Two implementations compute this: on CPUs with AMX
+The encoder's linear layers (QKV, attention output, feed-forward in and out) hold int8 weights in two passes
+with one float32 scale per output channel (symmetric: w ≈ scale · (q + r / 254), q and r in [-127, 127]: q the
+weight rounded, r what that rounding leaves, in steps of 1/254 of q's; about 15 bits), quantized once when the
+model is built or stored that way by `convert_torch_checkpoint.py --quantize int8`. Each call quantizes its
+input per token (one scale per row, the row's max |x| / 127), multiplies int8 by int8 into exact int32 sums
+against q and r, and scales them back to float32: y = (acc_q + acc_r / 254) · (x_scale ⊗ w_scale) + bias.
+One pass of weights left the scores of near-tied long documents visibly reordered (docs/int8.md); the second
+doubles the int8 products, which are a third of the fused kernels' time. Two implementations compute this: on CPUs with AMX
 tiles, next to the C++ attention kernel, fused C++ kernels (`sce_jax.kernels.cpu_int8`: the QKV projection,
 and everything after attention in one pass per block of 32 tokens), elsewhere XLA (`int8_linear`:
 `jax.lax.dot_general` with `preferred_element_type=int32`, which XLA's CPU backend runs in YNNPACK);
@@ -40,7 +43,8 @@ from flax import nnx
 QUANTIZED_LINEARS = ("qkv", "attention_output", "intermediate", "output")
 # A converted directory holding int8 weights carries this file (its content documents the scheme).
 QUANTIZATION_FILE = "quantization.json"
-SCHEME = {"dtype": "int8", "weights": "symmetric, per output channel", "activations": "symmetric, per token",
+SCHEME = {"dtype": "int8", "weights": "symmetric, per output channel, two passes: scale * (kernel + residual / 254)",
+          "activations": "symmetric, per token",
           "smoothing": "SmoothQuant alpha 0.65 on qkv and intermediate, calibrated on random vocabulary tokens",
           "two-pass rows": "[CLS] and query tokens: the row and its residual, each int8 per token"}
 # The linears whose inputs are smoothed (layer-norm outputs), and SmoothQuant's migration strength.
@@ -50,13 +54,21 @@ SMOOTH_ALPHA = 0.65
 _CONTRACT_LAST_FIRST = (((1,), (0,)), ((), ()))
 
 
-def quantize_kernel(kernel_IxO) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel int8: (q [I, O] int8, scale [O] float32) with kernel ≈ q · scale."""
+# The second weight pass's unit, in steps of the first: r = round((w / scale - q) · 254), |w / scale - q| <= 1/2.
+RESIDUAL_STEPS = 254
+
+
+def quantize_kernel(kernel_IxO) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8 in two passes: (q [I, O] int8, r [I, O] int8, scale [O] float32) with
+    kernel ≈ scale · (q + r / RESIDUAL_STEPS): q = round(kernel / scale), r = round((kernel / scale - q) · 254)
+    (float64, round half to even), scale = max |column| / 127 (1 for a zero column)."""
     kernel_IxO = np.asarray(kernel_IxO, np.float32)
     amax_O = np.abs(kernel_IxO).max(axis=0)
     scale_O = np.where(amax_O > 0, amax_O / 127, 1).astype(np.float32)
-    q_IxO = np.clip(np.rint(kernel_IxO / scale_O), -127, 127).astype(np.int8)
-    return q_IxO, scale_O
+    steps_IxO = kernel_IxO.astype(np.float64) / scale_O
+    q_IxO = np.clip(np.rint(steps_IxO), -127, 127)
+    r_IxO = np.clip(np.rint((steps_IxO - q_IxO) * RESIDUAL_STEPS), -127, 127)
+    return q_IxO.astype(np.int8), r_IxO.astype(np.int8), scale_O
 
 
 def quantize_rows(x_TxI: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -98,9 +110,17 @@ def int8_matmul(q_TxI: jax.Array, q_IxO: jax.Array) -> jax.Array:
     return jax.lax.dot_general(q_TxI, q_IxO, _CONTRACT_LAST_FIRST, preferred_element_type=jnp.int32)
 
 
-def int8_linear(x_TxI, q_IxO, scale_O, bias_O, smooth_I=None, *, quantized=None, float_rows: int = 0) -> jax.Array:
-    """(x / smooth) @ (q · scale) + bias with x / smooth quantized per token: float32 [T, O]. `quantized`: the
-    input already quantized, (q [T, I] int8, scale [T]), instead of x (then `float_rows` needs x too).
+def two_pass_matmul(xq_TxI: jax.Array, q_IxO: jax.Array, r_IxO: jax.Array) -> jax.Array:
+    """xq @ (q + r / RESIDUAL_STEPS) from the two exact int32 products: float32 [T, O]."""
+    return (int8_matmul(xq_TxI, q_IxO).astype(jnp.float32)
+            + int8_matmul(xq_TxI, r_IxO).astype(jnp.float32) * (1 / RESIDUAL_STEPS))
+
+
+def int8_linear(x_TxI, q_IxO, r_IxO, scale_O, bias_O, smooth_I=None, *, quantized=None,
+                float_rows: int = 0) -> jax.Array:
+    """(x / smooth) @ (scale · (q + r / 254)) + bias with x / smooth quantized per token: float32 [T, O].
+    `quantized`: the input already quantized, (q [T, I] int8, scale [T]), instead of x (then `float_rows` needs x
+    too).
 
     The first `float_rows` rows are quantized in two passes: the row, then its residual x - q · scale with a
     scale of its own; the two products are summed (about 15 bits: the [CLS] and query rows)."""
@@ -109,19 +129,19 @@ def int8_linear(x_TxI, q_IxO, scale_O, bias_O, smooth_I=None, *, quantized=None,
     if quantized is None:
         quantized = quantize_rows(x_TxI.astype(jnp.float32))
     xq_TxI, x_scale_T = quantized
-    acc_TxO = int8_matmul(xq_TxI, q_IxO)
-    y_TxO = acc_TxO.astype(jnp.float32) * (x_scale_T[:, None] * scale_O) + bias_O
+    y_TxO = two_pass_matmul(xq_TxI, q_IxO, r_IxO) * (x_scale_T[:, None] * scale_O) + bias_O
     n = min(float_rows, y_TxO.shape[0])
     if n <= 0:
         return y_TxO
     residual_NxI = x_TxI[:n].astype(jnp.float32) - xq_TxI[:n].astype(jnp.float32) * x_scale_T[:n, None]
     rq_NxI, r_scale_N = quantize_rows(residual_NxI)
     # Written in place: slicing and concatenating would copy whole activations (25% slower on passages).
-    return y_TxO.at[:n].add(int8_matmul(rq_NxI, q_IxO).astype(jnp.float32) * (r_scale_N[:, None] * scale_O))
+    return y_TxO.at[:n].add(two_pass_matmul(rq_NxI, q_IxO, r_IxO) * (r_scale_N[:, None] * scale_O))
 
 
 class Int8Linear(nnx.Module):
-    """A linear layer with int8 weights (per-output-channel scales) and per-token int8 activations.
+    """A linear layer with two-pass int8 weights (`kernel` + `residual` / 254, per-output-channel scales) and
+    per-token int8 activations.
 
     `float_rows`: the input's first rows are quantized in two passes (`int8_linear`; the model passes the count of
     its [CLS] and query rows). `packed` holds the weights in the layout of the C++ kernels' AMX tiles
@@ -132,6 +152,7 @@ class Int8Linear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int):
         self.kernel = nnx.Param(jnp.zeros((in_features, out_features), jnp.int8))
+        self.residual = nnx.Param(jnp.zeros((in_features, out_features), jnp.int8))
         self.scale = nnx.Param(jnp.ones((out_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
         # Per input channel: the input is divided by it (SmoothQuant); ones where not smoothed.
@@ -143,8 +164,9 @@ class Int8Linear(nnx.Module):
 
     def columns(self, x_TxI: jax.Array, start: int, stop: int, float_rows: int = 0) -> jax.Array:
         """Output channels start:stop only (the last layer's keys and values, or its [CLS] queries)."""
-        q_IxO, scale_O, bias_O = self.kernel[...][:, start:stop], self.scale[...][start:stop], self.bias[...][start:stop]
-        return int8_linear(x_TxI, q_IxO, scale_O, bias_O, self.smooth[...], float_rows=float_rows)
+        q_IxO, r_IxO = self.kernel[...][:, start:stop], self.residual[...][:, start:stop]
+        scale_O, bias_O = self.scale[...][start:stop], self.bias[...][start:stop]
+        return int8_linear(x_TxI, q_IxO, r_IxO, scale_O, bias_O, self.smooth[...], float_rows=float_rows)
 
     def activated(self, u_TxI: jax.Array, activation, floor: float, float_rows: int = 0) -> jax.Array:
         """This layer applied to activation(u) (`quantize_activated_rows`: the activation once per element).
@@ -154,8 +176,8 @@ class Int8Linear(nnx.Module):
         n = min(float_rows, u_TxI.shape[0])
         # The two-pass rows' residual needs activation(u) itself: evaluated again for those few rows only.
         x_TxI = activation(u_TxI[:n]) if n > 0 else None
-        return int8_linear(x_TxI, self.kernel[...], self.scale[...], self.bias[...], quantized=quantized,
-                           float_rows=n)
+        return int8_linear(x_TxI, self.kernel[...], self.residual[...], self.scale[...], self.bias[...],
+                           quantized=quantized, float_rows=n)
 
     def fused(self, x_TxI: jax.Array, float_rows: int = 0, columns=None) -> jax.Array:
         """The same layer by the C++ kernel (`sce_jax.kernels.cpu_int8.int8_linear`)."""
@@ -199,13 +221,14 @@ def use_fused_kernels(impl: str, hidden_act: str) -> bool:
 
 def packed_shape(in_features: int, out_features: int) -> tuple[int, int, int]:
     """The shape of `sce_jax.kernels.cpu_int8.pack_kernel`'s output for an [in, out] kernel."""
-    return -(-out_features // 16), -(-in_features // 64), 1024
+    return 2 * -(-out_features // 16), -(-in_features // 64), 1024
 
 
 def dequantized_kernel(linear: dict) -> np.ndarray:
-    """The float32 kernel a quantized linear ({kernel, scale, smooth, ...}) stands for: q · scale, divided back
-    by the smoothing, [I, O]."""
-    kernel = np.asarray(linear["kernel"], np.float32) * np.asarray(linear["scale"], np.float32)
+    """The float32 kernel a quantized linear ({kernel, residual, scale, smooth, ...}) stands for: scale · (q + r /
+    254), divided back by the smoothing, [I, O]."""
+    steps = np.asarray(linear["kernel"], np.float64) + np.asarray(linear["residual"], np.float64) / RESIDUAL_STEPS
+    kernel = (steps * np.asarray(linear["scale"], np.float64)).astype(np.float32)
     return kernel / np.asarray(linear["smooth"], np.float32)[:, None]
 
 
@@ -289,9 +312,9 @@ def quantize_params(params: dict, config=None) -> dict:
             smooth = np.ones(kernel.shape[0], np.float32)
             if (int(i), name) in amax:
                 smooth = smoothing_factors(amax[int(i), name], kernel)
-            q, scale = quantize_kernel(kernel * smooth[:, None])
-            layer[name] = {"kernel": q, "scale": scale, "bias": np.asarray(layer[name]["bias"], np.float32),
-                           "smooth": smooth}
+            q, r, scale = quantize_kernel(kernel * smooth[:, None])
+            layer[name] = {"kernel": q, "residual": r, "scale": scale,
+                           "bias": np.asarray(layer[name]["bias"], np.float32), "smooth": smooth}
         layers[i] = layer
     return {**params, "layers": layers}
 
@@ -318,7 +341,7 @@ def with_packed_kernels(params: dict) -> dict:
     for i, layer in params["layers"].items():
         layer = dict(layer)
         for name in QUANTIZED_LINEARS:
-            layer[name] = {**layer[name], "packed": pack_kernel(layer[name]["kernel"])}
+            layer[name] = {**layer[name], "packed": pack_kernel(layer[name]["kernel"], layer[name]["residual"])}
         layers[i] = layer
     return {**params, "layers": layers}
 
@@ -332,6 +355,7 @@ def quantized_target(target: dict) -> dict:
             kernel, bias = layer[name]["kernel"], layer[name]["bias"]
             layer[name] = {
                 "kernel": jax.ShapeDtypeStruct(kernel.shape, np.int8, sharding=kernel.sharding),
+                "residual": jax.ShapeDtypeStruct(kernel.shape, np.int8, sharding=kernel.sharding),
                 "scale": jax.ShapeDtypeStruct(bias.shape, np.float32, sharding=bias.sharding),
                 "bias": bias,
                 "smooth": jax.ShapeDtypeStruct(kernel.shape[:1], np.float32, sharding=bias.sharding),

@@ -21,8 +21,9 @@ pytestmark = pytest.mark.skipif(not cpu_int8.available()[0], reason=f"no CPU ker
 def _weights(rng, inputs, outputs, smooth=False):
     w = (rng.standard_normal((inputs, outputs)) * 0.1).astype(np.float32)
     w[:, 3] = 0  # an all-zero output channel
-    q, scale = quant.quantize_kernel(w)
-    linear = {"kernel": q, "scale": scale, "bias": (rng.standard_normal(outputs) * 0.1).astype(np.float32)}
+    q, r, scale = quant.quantize_kernel(w)
+    linear = {"kernel": q, "residual": r, "scale": scale,
+              "bias": (rng.standard_normal(outputs) * 0.1).astype(np.float32)}
     if smooth:
         linear["smooth"] = rng.uniform(0.5, 3, inputs).astype(np.float32)
     return linear
@@ -30,7 +31,7 @@ def _weights(rng, inputs, outputs, smooth=False):
 
 def _operands(linear):
     inv = (1 / linear.get("smooth", np.ones(linear["kernel"].shape[0], np.float32))).astype(np.float32)
-    return (jnp.asarray(cpu_int8.pack_kernel(linear["kernel"])), jnp.asarray(linear["scale"]),
+    return (jnp.asarray(cpu_int8.pack_kernel(linear["kernel"], linear["residual"])), jnp.asarray(linear["scale"]),
             jnp.asarray(linear["bias"]), jnp.asarray(inv))
 
 
@@ -43,15 +44,21 @@ def _inputs(rng, tokens, width):
 
 def test_packing_puts_each_weight_where_the_tiles_read_it():
     rng = np.random.default_rng(0)
-    q = rng.integers(-127, 128, (70, 20)).astype(np.int8)  # pads to 128 inputs, 32 outputs
-    packed = cpu_int8.pack_kernel(q)
-    assert packed.shape == (2, 2, 1024) == quant.packed_shape(70, 20) and packed.dtype == np.int8
+    q, r = (rng.integers(-127, 128, (70, 20)).astype(np.int8) for _ in range(2))  # pads to 128 inputs, 32 outputs
+    tiles = cpu_int8.pack_tiles(q)
+    assert tiles.shape == (2, 2, 1024) and tiles.dtype == np.int8
     for n, k, i, c, j in [(0, 0, 0, 0, 0), (0, 0, 3, 7, 2), (1, 0, 15, 3, 3), (0, 1, 1, 15, 1), (1, 1, 0, 2, 1)]:
         row, column = 64 * k + 4 * i + j, 16 * n + c
         want = q[row, column] if row < 70 and column < 20 else 0
-        assert packed[n, k, 64 * i + 4 * c + j] == want
-    assert not packed[1, :, :].reshape(2, 16, 16, 4)[:, :, 4:].any()  # outputs 20..31: padding
-    assert not packed[:, 1].reshape(2, 16, 16, 4)[:, 2:].any()  # inputs 72..127: padding
+        assert tiles[n, k, 64 * i + 4 * c + j] == want
+    assert not tiles[1, :, :].reshape(2, 16, 16, 4)[:, :, 4:].any()  # outputs 20..31: padding
+    assert not tiles[:, 1].reshape(2, 16, 16, 4)[:, 2:].any()  # inputs 72..127: padding
+    # Both passes: q's tiles of each block of 16 outputs, then r's.
+    packed = cpu_int8.pack_kernel(q, r)
+    assert packed.shape == (4, 2, 1024) == quant.packed_shape(70, 20) and packed.dtype == np.int8
+    assert packed[1, 0, 64 * 3 + 4 * 7 + 2] == r[14, 7] and packed[2, 1, 64 * 1 + 4 * 2 + 1] == q[69, 18]
+    np.testing.assert_array_equal(packed[0::2], tiles)
+    np.testing.assert_array_equal(packed[1::2], cpu_int8.pack_tiles(r))
 
 
 def test_the_numpy_reference_is_the_documented_scheme():
@@ -61,8 +68,10 @@ def test_the_numpy_reference_is_the_documented_scheme():
     x = _inputs(rng, 37, 48)
     inv = (1 / linear["smooth"]).astype(np.float32)
     for rows in (0, 9):
-        got = cpu_int8.reference_linear(x, linear["kernel"], linear["scale"], linear["bias"], inv, rows)
-        _, want = _ref_int8_linear(x, linear["kernel"], linear["scale"], linear["bias"], linear["smooth"], rows)
+        got = cpu_int8.reference_linear(x, linear["kernel"], linear["residual"], linear["scale"], linear["bias"], inv,
+                                        rows)
+        _, want = _ref_int8_linear(x, linear["kernel"], linear["residual"], linear["scale"], linear["bias"],
+                                   linear["smooth"], rows)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -73,7 +82,8 @@ def test_int8_linear_matches_the_reference(float_rows, columns):
     linear = _weights(rng, 96, 40, smooth=True)  # 96 inputs: two 64-deep blocks, padded; 40 outputs: 3 blocks
     x = _inputs(rng, 150, 96)  # 5 blocks of 32 tokens, the last partial
     inv = (1 / linear["smooth"]).astype(np.float32)
-    want = cpu_int8.reference_linear(x, linear["kernel"], linear["scale"], linear["bias"], inv, float_rows)
+    want = cpu_int8.reference_linear(x, linear["kernel"], linear["residual"], linear["scale"], linear["bias"], inv,
+                                     float_rows)
     start, stop = columns or (0, 40)
     outputs = [np.asarray(cpu_int8.int8_linear(jnp.asarray(x), *_operands(linear), float_rows=float_rows,
                                                columns=columns, portable=portable)) for portable in (False, True)]
@@ -87,14 +97,16 @@ def test_int8_linear_matches_the_reference(float_rows, columns):
 
 
 def test_int8_linear_sums_the_largest_products_exactly():
-    """1536 products of 127 · 127 per output: 24.8M, exact in int32 (and in float32, being a multiple of 512)."""
+    """1536 products of 127 · 127 per output and pass: 24.8M, exact in int32 (and in float32, being a multiple of
+    512); the second pass adds 1/254 of it."""
     q = np.full((1536, 16), 127, np.int8)
+    r = np.full((1536, 16), -127, np.int8)
     scale, bias = np.full(16, 0.01, np.float32), np.zeros(16, np.float32)
     x = np.full((3, 1536), 2.0, np.float32)  # quantizes to 127 everywhere, scale 2/127
-    operands = (jnp.asarray(cpu_int8.pack_kernel(q)), jnp.asarray(scale), jnp.asarray(bias), jnp.ones(1536))
+    operands = (jnp.asarray(cpu_int8.pack_kernel(q, r)), jnp.asarray(scale), jnp.asarray(bias), jnp.ones(1536))
     for portable in (False, True):
         y = np.asarray(cpu_int8.int8_linear(jnp.asarray(x), *operands, portable=portable))
-        np.testing.assert_allclose(y, 1536 * 127 * 127 * np.float32(2 / 127) * 0.01, rtol=1e-6)
+        np.testing.assert_allclose(y, 1536 * 127 * 127 * (1 - 1 / 254) * np.float32(2 / 127) * 0.01, rtol=1e-6)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_new", "relu"])
