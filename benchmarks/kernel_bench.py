@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from sce_jax.kernels import BlockConfig, windowed_attention
+from sce_jax.kernels.block_config import BlockConfig
+from sce_jax.kernels.windowed_attention import windowed_attention
 from sce_jax.attention import doc_attention
 
 IMPLS = ("dense", "xla", "pallas")

@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
-from .block_config import BlockConfig
+from sce_jax.kernels.block_config import BlockConfig
 
 # Finite, so a tile whose keys are all masked yields no inf - inf = NaN in the running max.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)

@@ -152,7 +152,7 @@ def doc_attention(
     length = q_DxLxHxK.shape[1]
     segments = (doc_slot_DxL, global_slot_DxG)
     if impl == "pallas":
-        from sce_jax.kernels import windowed_attention
+        from sce_jax.kernels.windowed_attention import windowed_attention
 
         if doc_slot_DxL is not None:
             raise ValueError("the Pallas kernel takes one document per row")

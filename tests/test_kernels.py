@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sce_jax.kernels import BlockConfig, windowed_attention
+from sce_jax.kernels.block_config import BlockConfig
+from sce_jax.kernels.windowed_attention import windowed_attention
 from sce_jax import attention
 from sce_jax.batch import Batch
 from sce_jax.config import SparseCrossEncoderConfig
@@ -263,7 +264,7 @@ _SHARDED_SCRIPT = "import jax\n" + inspect.getsource(abstract_gpu_mesh) + textwr
     """
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    from sce_jax.kernels import windowed_attention
+    from sce_jax.kernels.windowed_attention import windowed_attention
 
     rng = np.random.default_rng(0)
     D, L, H, K, G = 4, 21, 2, 32, 5

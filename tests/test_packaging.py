@@ -25,12 +25,28 @@ def wheel(tmp_path_factory):
 
 def test_the_wheel_installs_the_kernels_as_sce_jax_kernels(wheel):
     names = set(wheel.namelist())
-    for name in ("__init__.py", "block_config.py", "windowed_attention.py", "cpu_attention.py", "cpu_attention.cc",
+    for name in ("block_config.py", "windowed_attention.py", "cpu_attention.py", "cpu_attention.cc",
                  "cpu_int8.py", "cpu_int8.cc", "cpu_parallel.h"):
         assert f"sce_jax/kernels/{name}" in names
     assert "sce_jax/py.typed" in names
+    # A namespace portion: no __init__.py, in the wheel as in the checkout (see test_checkout_root_does_not_shadow_kernels).
+    assert "sce_jax/kernels/__init__.py" not in names
     # No top-level `kernels` package: that name belongs to Hugging Face's kernels, which transformers probes for.
     assert {n.split("/")[0] for n in names} == {"sce_jax", "sce_jax-0.1.0.dist-info"}
+
+
+def test_checkout_root_does_not_shadow_kernels():
+    """From the checkout root (first on sys.path, as with `python -m pytest` there), `import kernels` is Hugging
+    Face's package, which transformers imports when torch is installed: the repository's kernels/ folder is a
+    namespace portion (no __init__.py), and a regular package anywhere on sys.path wins over it."""
+    pytest.importorskip("kernels", reason="Hugging Face's kernels package (the test extra) is not installed")
+    code = ("import kernels, pathlib, sys; from transformers import BertForSequenceClassification; "
+            "from sce_jax.kernels.block_config import BlockConfig; "
+            "print(pathlib.Path(kernels.__file__).resolve())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=""))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert pathlib.Path(result.stdout.strip()).parent != REPO / "kernels", result.stdout
 
 
 def test_the_wheel_declares_scripts_license_and_the_gpu_extra(wheel):
