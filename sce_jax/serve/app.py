@@ -216,8 +216,11 @@ def create_app(encoder, settings: ServeSettings, *, warmup: bool = True):
             scores = await first_of(asyncio.wrap_future(job.future), gone)
         except (ApiError, ClientGone):
             raise
-        except Exception as error:  # logged with its traceback by the batcher
-            raise ApiError(500, f"scoring failed: {type(error).__name__}: {one_line(error)}", "Backend") from None
+        except Exception as error:  # a scoring failure is logged with its traceback by the batcher
+            if job is None:
+                logger.exception("tokenizing failed")
+            what = "tokenizing" if job is None else "scoring"
+            raise ApiError(500, f"{what} failed: {type(error).__name__}: {one_line(error)}", "Backend") from None
         finally:
             gone.cancel()
             if job is None:
