@@ -1,0 +1,3 @@
+from sce_jax.serve import cli
+
+cli()
