@@ -95,7 +95,8 @@ class Layer(nnx.Module):
     document tokens; the [CLS] and query rows, which every score reads directly and which are few, and everything
     else compute in float32 (`sce_jax.quant`)."""
 
-    def __init__(self, config: SparseCrossEncoderConfig, *, dtype, rngs: nnx.Rngs, int8_kernel: str | None = None):
+    def __init__(self, config: SparseCrossEncoderConfig, *, dtype, rngs: nnx.Rngs, cpu_kernels: str | None = None,
+                 int8_kernel: str | None = None):
         hidden = config.hidden_size
         int8 = _is_int8(dtype)
         dtype = jnp.float32 if int8 else dtype
@@ -103,7 +104,9 @@ class Layer(nnx.Module):
         norm = dict(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         linear = (lambda i, o: Int8Linear(i, o, int8_kernel)) if int8 else (lambda i, o: nnx.Linear(i, o, **dense))
         self.config = config
-        # The fused C++ kernels' build that runs the int8 linears (`sce_jax.quant.fused_int8_variant`), or None.
+        # The C++ kernels' build for attention (None: the selected one) and for the int8 linears
+        # (`sce_jax.quant.fused_int8_variant`; None: XLA's int8 layers).
+        self.cpu_kernels = cpu_kernels
         self.int8_kernel = int8_kernel if int8 else None
         # Query, key and value in one matmul.
         self.qkv = linear(hidden, 3 * hidden)
@@ -120,7 +123,7 @@ class Layer(nnx.Module):
         qkv_TxO = self.qkv.fused(x_TxF, float_rows) if fused else _linear(self.qkv, x_TxF, float_rows)
         qkv_Tx3xHxK = qkv_TxO.reshape(x_TxF.shape[0], 3, cfg.num_attention_heads, cfg.head_dim)
         if impl == "cpu":
-            attended_TxHxK = cpu_layer_attention(qkv_Tx3xHxK, qkv_Tx3xHxK, *masks, cfg, layout)
+            attended_TxHxK = cpu_layer_attention(qkv_Tx3xHxK, qkv_Tx3xHxK, *masks, cfg, layout, variant=self.cpu_kernels)
         else:
             q, k, v = (layout.split(qkv_Tx3xHxK[:, i]) for i in range(3))
             attended_TxHxK = layout.join(sparse_attention(q, k, v, *masks, cfg, impl=impl, interpret=interpret))
@@ -146,7 +149,8 @@ class Layer(nnx.Module):
         kv_Tx2xHxK = kv_TxO.reshape(x_TxF.shape[0], 2, *heads)
         q_cls_Nx1xHxK = q_cls_NxF.reshape(num_cls, 1, *heads)
         if impl == "cpu":
-            attended = cpu_layer_attention(q_cls_Nx1xHxK, kv_Tx2xHxK, *masks, cfg, layout, cls_only=True)
+            attended = cpu_layer_attention(q_cls_Nx1xHxK, kv_Tx2xHxK, *masks, cfg, layout, cls_only=True,
+                                           variant=self.cpu_kernels)
         else:
             k, v = (layout.split(kv_Tx2xHxK[:, i]) for i in range(2))
             attended = pattern_cls_attention(q_cls_Nx1xHxK.reshape(k.cls.shape), k, v, *masks, cfg)
@@ -210,21 +214,24 @@ class SparseCrossEncoderModel(nnx.Module):
         dtype=jnp.float32,
         attention_impl: str = "xla",
         interpret: bool = False,
+        cpu_kernels: str | None = None,
         int8_kernel: str | None = None,
     ):
         self.config = config
         # Patterns the C++ CPU kernel does not cover run the XLA path.
         self.attention_impl = "xla" if attention_impl == "cpu" and not supports_cpu_kernel(config) else attention_impl
-        # With dtype int8: the build of the fused C++ int8 kernels that runs the linears (they work beside the C++
-        # attention only), or None for XLA's int8 layers (`sce_jax.quant.fused_int8_variant`).
+        # The build of the C++ kernels (`sce_jax.kernels.cpu_library`) that runs the attention (None: the selected
+        # one), and with dtype int8 the one that runs the linears (only beside the C++ attention), or None for XLA's
+        # int8 layers (`sce_jax.quant.fused_int8_variant`): chosen at load.
+        self.cpu_kernels = cpu_kernels if self.attention_impl == "cpu" else None
         self.int8_kernel = int8_kernel if _is_int8(dtype) and self.attention_impl == "cpu" else None
         self.interpret = interpret
         # int8: the layers' linears are int8 (`sce_jax.quant`), everything else float32.
         float_dtype = jnp.float32 if _is_int8(dtype) else dtype
         dense = dict(dtype=float_dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.embeddings = Embeddings(config, dtype=float_dtype, rngs=rngs)
-        self.layers = nnx.List([Layer(config, dtype=dtype, rngs=rngs, int8_kernel=self.int8_kernel)
-                                for _ in range(config.num_hidden_layers)])
+        self.layers = nnx.List([Layer(config, dtype=dtype, rngs=rngs, cpu_kernels=self.cpu_kernels,
+                                      int8_kernel=self.int8_kernel) for _ in range(config.num_hidden_layers)])
         self.pooler = nnx.Linear(config.hidden_size, config.hidden_size, **dense)
         self.classifier = nnx.Linear(config.hidden_size, 1, **dense)
 

@@ -123,26 +123,46 @@ def test_ci_fails_instead_of_skipping_without_the_kernels_or_weights(tmp_path, m
 
 
 _SCORE_INSTALLED = """
-    import json, os, shutil, sys
-    assert not any(shutil.which(c) for c in ("c++", "g++", "gcc", "cc", "clang")), os.environ["PATH"]
+    import json, shutil, sys
+    installed = sys.argv[1] == "installed"
+    assert not installed or not any(shutil.which(c) for c in ("c++", "g++", "gcc", "cc", "clang")), "a compiler"
+    import jax
+    import numpy as np
+    from flax import nnx
+
     import sce_jax
-    from sce_jax import SparseCrossEncoder
+    from sce_jax.batch import make_batch
+    from sce_jax.config import SparseCrossEncoderConfig, released_pattern
+    from sce_jax.encoder import build_model
     from sce_jax.kernels import cpu_library
-    assert sce_jax.__file__.startswith(sys.prefix), (sce_jax.__file__, sys.prefix)
-    encoder = SparseCrossEncoder.load(sys.argv[1], dtype="int8", max_length=64)
-    assert encoder.model.attention_impl == "cpu", encoder.model.attention_impl
-    scores = encoder.score("where do cats sit", ["the cat sat on the mat", "dogs chase cats", "stock markets fell"])
-    print(json.dumps({"variant": cpu_library.selected(), "int8": encoder.model.int8_kernel,
-                      "scores": [float(s) for s in scores]}))
+    from sce_jax.model import SparseCrossEncoderModel
+
+    assert not installed or sce_jax.__file__.startswith(sys.prefix), (sce_jax.__file__, sys.prefix)
+    config = SparseCrossEncoderConfig(vocab_size=300, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                                      num_hidden_layers=2, max_position_embeddings=300,
+                                      **{**released_pattern(), "attention_window_size": 2})
+    # Weights 15x BERT's initialisation, so that scores differ clearly between documents.
+    params = jax.tree.map(lambda w: w * 15, nnx.state(SparseCrossEncoderModel(config, rngs=nnx.Rngs(0)),
+                                                      nnx.Param).to_pure_dict())
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(200, 300, n).tolist() for n in (30, 7, 19)]
+    batch = make_batch([[150, 160, 170, 102]], docs, [0, 0, 0], query_length=8, doc_length=32)
+    found = {}
+    for impl, dtype in (("cpu", "float32"), ("xla", "float32"), ("cpu", "int8")):
+        model = build_model(config, params, dtype=dtype, attention_impl=impl)
+        found[f"{impl} {dtype}"] = np.asarray(model(batch)).tolist()
+        if impl == "cpu":
+            assert model.attention_impl == "cpu", model.attention_impl
+            found[f"{dtype} kernels"] = model.int8_kernel if dtype == "int8" else model.cpu_kernels
+    print(json.dumps(found))
 """
 
 
 @pytest.mark.slow
-def test_the_wheel_scores_with_its_kernels_where_there_is_no_compiler(wheel, tmp_path, tiny_sparse_dir):
-    """The wheel installed into a fresh virtual environment (its dependencies seen from this one) runs the C++
-    kernels in a process with no compiler on PATH and no $CXX: nothing is compiled at run time. Same scores as
-    this checkout."""
-    from sce_jax import SparseCrossEncoder
+def test_the_wheel_scores_with_its_kernels_where_there_is_no_compiler(wheel, tmp_path):
+    """The wheel installed into a fresh virtual environment (its dependencies seen from this one) scores with its C++
+    kernels, float32 and int8, in a process with no compiler on PATH and no $CXX (nothing is compiled at run time):
+    float32 as the XLA path does, and both as this checkout does."""
     from sce_jax.kernels import cpu_library
 
     if cpu_library.selected() is None:
@@ -159,13 +179,18 @@ def test_the_wheel_scores_with_its_kernels_where_there_is_no_compiler(wheel, tmp
     # The dependencies from this environment, after the venv's own site-packages (so its sce_jax wins).
     outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     pathlib.Path(purelib, "outer.pth").write_text("\n".join(sorted(outer)) + "\n")
-    env.update(PATH=str(venv / "bin"), SCE_JAX_CACHE_DIR=str(tmp_path / "cache"))
-    result = subprocess.run([str(python), "-c", textwrap.dedent(_SCORE_INSTALLED), str(tiny_sparse_dir)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    installed = json.loads(result.stdout.strip().splitlines()[-1])
-    assert installed["variant"] == cpu_library.selected()
-    encoder = SparseCrossEncoder.load(tiny_sparse_dir, dtype="int8", max_length=64)
-    here = encoder.score("where do cats sit", ["the cat sat on the mat", "dogs chase cats", "stock markets fell"])
-    assert installed["int8"] == encoder.model.int8_kernel
-    np.testing.assert_allclose(installed["scores"], here, rtol=1e-6, atol=1e-6)
+    script = textwrap.dedent(_SCORE_INSTALLED)
+    run = lambda command, env: subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                              timeout=600)
+    installed = run([str(python), "-c", script, "installed"], {**env, "PATH": str(venv / "bin")})
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    found = json.loads(installed.stdout.strip().splitlines()[-1])
+    here = run([sys.executable, "-c", script, "checkout"], {**env, "PYTHONPATH": str(REPO)})
+    assert here.returncode == 0, here.stderr[-3000:]
+    checkout = json.loads(here.stdout.strip().splitlines()[-1])
+    assert {k: v for k, v in found.items() if "kernels" in k} == {k: v for k, v in checkout.items() if "kernels" in k}
+    for key in ("cpu float32", "cpu int8"):  # the same builds, the same scores
+        np.testing.assert_allclose(found[key], checkout[key], rtol=1e-6, atol=1e-6)
+    assert found["float32 kernels"] == cpu_library.selected()
+    np.testing.assert_allclose(found["cpu float32"], found["xla float32"], rtol=1e-5, atol=1e-5)
+    assert np.ptp(found["cpu float32"]) > 1e-3  # (scores that differ between documents)
