@@ -103,19 +103,24 @@ float Load(const float* x, const float* inv_smooth, int64_t n, float* v) {
   }
   return _mm512_reduce_max_ps(amax);
 #else
+  int64_t k = 0;
   float amax = 0.0f;
-  if (inv_smooth) {
-#pragma omp simd reduction(max : amax)
-    for (int64_t k = 0; k < n; ++k) {
-      v[k] = x[k] * inv_smooth[k];
-      amax = std::max(amax, std::fabs(v[k]));
-    }
-  } else {
-#pragma omp simd reduction(max : amax)
-    for (int64_t k = 0; k < n; ++k) {
-      v[k] = x[k];
-      amax = std::max(amax, std::fabs(v[k]));
-    }
+#ifdef __AVX2__
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 amax8 = _mm256_setzero_ps();
+  for (; k + 8 <= n; k += 8) {
+    __m256 value = _mm256_loadu_ps(x + k);
+    if (inv_smooth) value = _mm256_mul_ps(value, _mm256_loadu_ps(inv_smooth + k));
+    _mm256_storeu_ps(v + k, value);
+    amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, value));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, amax8);
+  for (float lane : lanes) amax = std::max(amax, lane);
+#endif
+  for (; k < n; ++k) {
+    v[k] = inv_smooth ? x[k] * inv_smooth[k] : x[k];
+    amax = std::max(amax, std::fabs(v[k]));
   }
   return amax;
 #endif
