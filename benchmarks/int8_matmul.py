@@ -58,8 +58,9 @@ def main() -> None:
     for variant in cpu_library.VARIANTS:
         if cpu_int8.available(variant)[0]:
             packed = jnp.asarray(cpu_int8.pack_kernel(np.asarray(q), np.asarray(r), variant))
-            cases[f"C++ fused linear ({variant})"] = (jax.jit(lambda x, packed=packed, variant=variant: cpu_int8.int8_linear(
-                x, packed, scale, bias, ones, variant=variant)), (x,))
+            fused = lambda x, packed=packed, variant=variant: cpu_int8.int8_linear(x, packed, scale, bias, ones,
+                                                                                   variant=variant)
+            cases[f"C++ fused linear ({variant})"] = (jax.jit(fused), (x,))
     torch = None
     if not args.no_torch:
         with contextlib.suppress(ImportError):
