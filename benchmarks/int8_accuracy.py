@@ -11,6 +11,8 @@ each in a fresh subprocess (benchmarks/rerank_throughput.py's workers). Per quer
 int8 against float32 scores, the overlap of the two top 10s, and max |int8 - float32| / (max - min of the
 query's float32 scores). The table shows, per workload and pair, the minimum and mean Spearman, the mean
 top-10 overlap and the largest relative score change over queries; the JSON has every query's values.
+`--sce-only` leaves the peers out; `SCE_JAX_CPU_KERNELS=avx2` (or another build of the C++ kernels this CPU runs)
+checks that build's int8 kernels (the machine line names the build).
 """
 
 from __future__ import annotations
@@ -59,27 +61,29 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=256)
     parser.add_argument("--documents", type=int, default=96)
     parser.add_argument("--output", default="int8_accuracy.json")
+    parser.add_argument("--sce-only", action="store_true", help="sce_jax alone (no ONNX Runtime, OpenVINO)")
     args = parser.parse_args()
-    if not bench.peers_available():
+    pairs = {"sce_jax": PAIRS["sce_jax"]} if args.sce_only else PAIRS
+    if not args.sce_only and not bench.peers_available():
         sys.exit("the peers need the benchmark extra: pip install -e '.[benchmark]'")
     directory = Path(tempfile.mkdtemp(prefix="int8-accuracy-"))
     impls = bench.implementations(with_full=False)
     results = {"machine": bench.machine(), "workloads": {}}
     try:
-        model_dir = bench.prepare_models(directory / "model", peers=True)
+        model_dir = bench.prepare_models(directory / "model", peers=not args.sce_only)
         for workload, count in (("passages", args.passages), ("documents", args.documents)):
             if count == 0:
                 continue
             spec = dict(workload=workload, count=count, per_query=PER_QUERY[workload], model_dir=model_dir, scores=True)
             _, _, doc_query = bench.workload_texts(spec)
             scores = {}
-            for int8, f32 in PAIRS.values():
+            for int8, f32 in pairs.values():
                 for name in (int8, f32):
                     scores[name] = np.array(bench.run_worker(**impls[name], **spec)["scores"], np.float32)
             results["workloads"][workload] = {
                 label: {"per_query": (m := per_query_metrics(scores[f32], scores[int8], np.asarray(doc_query))),
                         **summary(m)}
-                for label, (int8, f32) in PAIRS.items()
+                for label, (int8, f32) in pairs.items()
             }
     finally:
         shutil.rmtree(directory, ignore_errors=True)

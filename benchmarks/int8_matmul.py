@@ -1,8 +1,9 @@
 """Which int8 variant pays on this CPU: XLA's float32 dot against its int8 x int8 -> int32 dot, alone and with the
 per-token quantization and the dequantization around it (what `sce_jax.quant.int8_linear` runs), and the fused C++
-kernel (`sce_jax.kernels.cpu_int8.int8_linear`: all three in one pass, AMX tiles where the CPU has them).
+kernel (`sce_jax.kernels.cpu_int8.int8_linear`: all three in one pass) in every build this CPU runs (AMX tiles,
+AVX-512 VNNI, AVX2, plain loops: `sce_jax.kernels.cpu_library`).
 
-    python benchmarks/int8_matmul.py [--tokens 2048] [--rounds 5]
+    python benchmarks/int8_matmul.py [--tokens 2048] [--rounds 5] [--no-torch]
 
 At the model's feed-forward shape ([tokens, 384] @ [384, 1536]), in one process, alternating rounds of 20 calls
 each; prints medians and ratios to the float32 dot. For the question whether a C++ route through a well-kept
@@ -34,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-torch", action="store_true", help="leave out PyTorch's int8 kernels")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((args.tokens, 384)), jnp.float32)
@@ -50,17 +52,19 @@ def main() -> None:
         "two-pass int8 dot (float32 out)": (jax.jit(quant.two_pass_matmul), (xq, q, r)),
         "int8_linear (all three, two-pass weights)": (jax.jit(lambda x: quant.int8_linear(x, q, r, scale, bias)), (x,)),
     }
-    from sce_jax.kernels import cpu_int8
+    from sce_jax.kernels import cpu_int8, cpu_library
 
-    if cpu_int8.available()[0]:
-        packed, ones = jnp.asarray(cpu_int8.pack_kernel(np.asarray(q), np.asarray(r))), jnp.ones(384, jnp.float32)
-        route = "AMX" if cpu_int8.amx() else "plain loops"
-        cases[f"C++ fused linear ({route})"] = (
-            jax.jit(lambda x: cpu_int8.int8_linear(x, packed, scale, bias, ones)), (x,))
-    try:
-        import torch
-    except ImportError:
-        torch = None
+    ones = jnp.ones(384, jnp.float32)
+    for variant in cpu_library.VARIANTS:
+        if cpu_int8.available(variant)[0]:
+            packed = jnp.asarray(cpu_int8.pack_kernel(np.asarray(q), np.asarray(r), variant))
+            fused = lambda x, packed=packed, variant=variant: cpu_int8.int8_linear(x, packed, scale, bias, ones,
+                                                                                   variant=variant)
+            cases[f"C++ fused linear ({variant})"] = (jax.jit(fused), (x,))
+    torch = None
+    if not args.no_torch:
+        with contextlib.suppress(ImportError):
+            import torch
     if torch is not None:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         a_t, w_t = torch.from_numpy(np.asarray(xq)), torch.from_numpy(np.asarray(q))
@@ -81,8 +85,8 @@ def main() -> None:
                 for _ in range(20):
                     jax.block_until_ready(fn(*inputs))
             times[name].append((time.perf_counter() - start) / 20)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{cpu}; jax {jax.__version__}; [{args.tokens}, 384] @ [384, 1536], median of {args.rounds} rounds")
+    print(f"{cpu_library.describe()}; jax {jax.__version__}; [{args.tokens}, 384] @ [384, 1536], median of "
+          f"{args.rounds} rounds")
     base = np.median(times["float32 dot"])
     for name, values in times.items():
         print(f"{name:30s} {np.median(values) * 1e3:7.2f} ms   float32 dot / this: {base / np.median(values):5.2f}")

@@ -31,6 +31,11 @@ the median of the per-round ratios to torch. Results print as a markdown table (
 --output as JSON. `--sweep IMAGE` instead times one document per length (256 to 4096 tokens) for sce_jax
 float32 and int8, torch and OpenVINO float32 and int8 and draws docs/s and peak memory against length.
 benchmarks/int8_accuracy.py compares the scores of each int8 implementation with its float32 one.
+
+The machine line names the CPU, its instruction-set level and the build of sce_jax's C++ kernels that ran
+(`sce_jax.kernels.cpu_library`); `SCE_JAX_CPU_KERNELS=avx2 python benchmarks/rerank_throughput.py ...` runs
+another build on the same CPU (the AVX2 build on an AVX-512 CPU is a stand-in for an AVX2-only one: same kernels,
+but XLA's float32 and the peers still use AVX-512 there).
 """
 
 from __future__ import annotations
@@ -220,19 +225,23 @@ def worker_sce(spec: dict) -> dict:
     return {"docs_per_s": len(docs) / seconds, "gflops": flops / seconds / 1e9, "peak_mib": temp_bytes / 2**20,
             "mean_doc_tokens": float(doc_lens.mean()), "compiled_shapes": len(encoder.compiled_shapes),
             "attention_impl": encoder.model.attention_impl, "process_peak_mib": process_peak_mib(),
-            "int8_layers": int8_layers(encoder)}
+            "int8_layers": int8_layers(encoder), "cpu_kernels": cpu_kernels()}
+
+
+def cpu_kernels() -> str:
+    """The build of the C++ CPU kernels this process runs (`$SCE_JAX_CPU_KERNELS` chooses another)."""
+    from sce_jax.kernels import cpu_library
+
+    return cpu_library.selected() or "none"
 
 
 def int8_layers(encoder) -> str:
-    """Which implementation ran the int8 layers ("" for float models)."""
-    from sce_jax.kernels import cpu_int8
-    from sce_jax.quant import Int8Linear, use_fused_kernels
+    """Which implementation ran the int8 layers ("" for float models): the fused C++ kernels' build, or XLA."""
+    from sce_jax.quant import Int8Linear
 
     if not isinstance(encoder.model.layers[0].qkv, Int8Linear):
         return ""
-    if use_fused_kernels(encoder.model.attention_impl, encoder.config.hidden_act):
-        return "fused C++ (AMX)" if cpu_int8.amx() else "fused C++ (plain loops)"
-    return "XLA"
+    return f"fused C++ ({encoder.model.int8_kernel})" if encoder.model.int8_kernel else "XLA"
 
 
 PEERS = {  # name in the results: (runtime, model file under the model directory)
@@ -458,11 +467,12 @@ def best_batch_size(spec: dict, workload: str, count: int, model_dir: str) -> in
 
 def implementations(with_full: bool = True) -> dict[str, dict]:
     """name -> worker spec of every implementation the throughput table compares."""
-    from sce_jax.kernels import cpu_int8
+    from sce_jax.kernels import cpu_library
+    from sce_jax.quant import FAST_INT8_VARIANTS
 
     impls = {"sce_jax sparse f32": dict(kind="sce", pattern="sparse"),
              "sce_jax sparse int8": dict(kind="sce", pattern="sparse", dtype="int8")}
-    if cpu_int8.amx():  # the int8 layers run fused in C++ by default here: XLA's int8 layers for comparison
+    if cpu_library.selected() in FAST_INT8_VARIANTS:  # int8 layers fused in C++ here: XLA's for comparison
         impls["sce_jax sparse int8, XLA layers"] = dict(kind="sce", pattern="sparse", dtype="int8", int8_kernel="xla")
     if with_full:
         impls["sce_jax full f32"] = dict(kind="sce", pattern="full")
@@ -477,13 +487,16 @@ def peers_available() -> bool:
 
 
 def machine() -> str:
+    """The CPU's model, its instruction-set level (the features the C++ kernels' builds need), the build the
+    sce_jax rows run (`$SCE_JAX_CPU_KERNELS` picks another: e.g. avx2 on an AVX-512 CPU, as a stand-in for an AVX2
+    one), cores and versions."""
     import jax
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()}; Python {platform.python_version()}, "
-            f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
+    from sce_jax.kernels import cpu_library
+
+    return (f"{cpu_library.describe()}; {os.cpu_count()} cores, {platform.system()}; Python "
+            f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
 
 
 def main() -> None:
@@ -631,7 +644,8 @@ def format_report(results: dict) -> str:
                 continue
             reference = matmul["torch_matmul_gflops" if not name.startswith("sce_jax") else "jax_matmul_gflops"]
             if "attention_impl" in row:
-                name = f"{name} ({row['attention_impl']})"
+                kernels = f", {row['cpu_kernels']} build" if row["attention_impl"] == "cpu" else ""
+                name = f"{name} ({row['attention_impl']}{kernels})"
             lines.append(f"| {workload} | {name} | {row['docs_per_s']:.2f} | {row['vs_torch']:.2f}x | "
                          f"{row['gflops']:.1f} | {100 * row['gflops'] / reference:.0f}% | {row['peak_mib']:.0f} |")
     for workload, sizes in results.get("batch_sizes", {}).items():

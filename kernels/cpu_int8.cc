@@ -1,22 +1,26 @@
 // The int8 model's linear layers on CPU as XLA FFI custom calls, fused so that each block of 32 tokens goes
-// through quantization, the int8 products and every elementwise step in cache. Built and registered with the
-// attention kernel (kernels/cpu_attention.py); kernels/cpu_int8.py states the contract and holds the numpy
-// reference; sce_jax/quant.py the scheme.
+// through quantization, the integer products and every elementwise step in cache. Built into one library per
+// instruction set with the attention kernel (setup.py; loaded by kernels/cpu_library.py); kernels/cpu_int8.py
+// states the contract, packs the weights and holds the numpy reference; sce_jax/quant.py the scheme.
 //
 // SceJaxInt8Linear:    y = dq(q(x / smooth) W) + b, for output channels [col_begin, col_end) (the QKV projection).
 // SceJaxInt8LayerTail: the rest of a layer after attention: x1 = LN1(x + dq(q(att) Wo) + bo);
 //                      out = LN2(x1 + dq(q(act(dq(q(x1 / smooth1) W1) + b1)) W2) + b2); every linear's input is
 //                      divided by its smoothing (the model smooths only W1's and QKV's: ones elsewhere).
 // q: symmetric int8 per token (row), scale = max|row| / 127; W: int8 in two passes per output channel,
-// W ≈ scale · (Q + R / 254) (R: what Q's rounding leaves, in steps of 1/254); dq: the int32 sums of both passes,
-// (x·Q + x·R / 254), times both scales. The first `float_rows` rows ([CLS] and query tokens) are quantized in two
+// W ≈ scale · (Q + R / 254) (R: what Q's rounding leaves, in steps of 1/254); dq: the exact integer sums
+// x·Q + x·R / 254 times both scales. The first `float_rows` rows ([CLS] and query tokens) are quantized in two
 // passes too: the row, then what its int8 copy leaves (x - q·scale) with a scale of its own; both products are
 // summed, so those rows carry about 15 bits.
 //
-// The int8 x int8 -> int32 products run on AMX tiles where the CPU has them and Linux grants them (TDPBSSD on
-// 16x64-byte tiles), else in plain loops (the same sums, exactly). Weights come packed for the tiles
-// (sce_jax.kernels.cpu_int8.pack_kernel): [O/16 blocks][Q, R][I/64 blocks][16 rows of 4 inputs][16 outputs][4],
-// so that a pair of tiles (Q's and R's of the same 16 outputs) runs as a pair of column blocks.
+// The products, by the instruction set this file is compiled for (one packed weight layout each, made by
+// sce_jax.kernels.cpu_int8.pack_kernel; SceJaxInt8Layout says which):
+// - AMX (layout "tiles"): int8 x int8 -> int32 on 16x64-byte tiles (TDPBSSD), Q and R as two int8 passes:
+//   [O/16 blocks][Q, R][I/64 blocks][16 rows of 4 inputs][16 outputs][4].
+// - every other build (layout "pairs"): Q and R as one int16 weight, 254·Q + R (|.| <= 32385), times the int8
+//   activations widened to int16, one product instead of two: vpdpwssd (AVX-512 VNNI), vpmaddwd + vpaddd (AVX2), or
+//   plain loops: [O/16 blocks][I/2 pairs][16 outputs][2] int16. One such product reaches 127 · 32385 ≈ 4.1e6, so the
+//   int32 sums run over at most 512 inputs at a time (< 2^31) and are added up in float32.
 
 #include <algorithm>
 #include <cmath>
@@ -26,13 +30,12 @@
 #include <vector>
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
-#include <immintrin.h>
+#define SCE_JAX_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
-#define SCE_JAX_AMX 1
 #endif
 
-#ifdef __AVX512F__
+#if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -44,39 +47,152 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kRows = 32;       // tokens per block (a multiple of 32: pairs of 16-row tiles)
-constexpr int64_t kDepth = 64;      // inputs per tile row (bytes)
-constexpr int64_t kWidth = 16;      // output channels per tile
-constexpr int64_t kTile = 1024;     // bytes of one packed weight tile
+constexpr int64_t kWidth = 16;      // output channels per weight block
 constexpr float kResidualStep = 1.0f / 254.0f;  // R's unit, in Q's steps
 
 // Activation codes (the `activation` attribute).
 constexpr int64_t kGelu = 0, kGeluTanh = 1, kRelu = 2;
 
+#ifdef SCE_JAX_AMX
+constexpr int kLayout = 1;          // "tiles"
+constexpr int64_t kDepth = 64;      // inputs per tile row (bytes)
+constexpr int64_t kTile = 1024;     // bytes of one packed weight tile
+using Act = int8_t;                 // quantized activations as the products read them
+// The int32 sums of 32 rows against one block of 16 outputs, both weight passes: row r holds Q's 16 sums, then
+// R's 16.
+struct alignas(64) Sums {
+  int32_t v[kRows][2 * kWidth];
+};
+#else
+constexpr int kLayout = 2;          // "pairs"
+constexpr int64_t kDepth = 2;       // inputs per weight pair
+constexpr int64_t kChunkPairs = 256;  // 512 inputs per int32 sum: 512 · 127 · 32385 < 2^31
+using Act = int16_t;
+// The sums of 32 rows against up to two blocks of 16 outputs (254·Q + R in one), as float32.
+struct alignas(64) Sums {
+  float v[kRows][2 * kWidth];
+};
+#endif
+
 struct Linear {
-  const int8_t* packed;      // [2 * blocks, depth_blocks, kTile]: Q's and R's tiles of each block of 16 outputs
+  const int8_t* packed;      // the weights in this build's layout (see the top of the file)
   const float* scale;        // [out]
   const float* bias;         // [out]
   const float* inv_smooth;   // [in] or nullptr
-  int64_t in, out, depth;    // depth: `in` rounded up to kDepth
+  int64_t in, out, depth;    // depth: `in` rounded up to kDepth (the quantized rows' stride)
 };
 
-// The int32 sums of 32 rows against one block of 16 outputs, both weight passes: row r holds Q's 16 sums, then
-// R's 16.
-struct alignas(64) BlockSums {
-  int32_t v[32][2 * kWidth];
+// Per-thread buffers, grown on demand.
+struct Scratch {
+  std::vector<Act> a, a2;          // [kRows, depth] quantized rows, and the two-pass rows' residuals
+  Sums sums, sums2;
+  std::vector<float> values, x1, hidden;
+  float scale[kRows], scale2[kRows];
 };
 
-bool AmxReady() {
-#ifdef SCE_JAX_AMX
-  // Linux hands out the AMX tile state only on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
-  static const bool ready = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return ready;
+// v = x (times inv_smooth when given); returns max |v|.
+float Load(const float* x, const float* inv_smooth, int64_t n, float* v) {
+#ifdef __AVX512F__
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mask = n - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
+    __m512 value = _mm512_maskz_loadu_ps(mask, x + k);
+    if (inv_smooth) value = _mm512_mul_ps(value, _mm512_maskz_loadu_ps(mask, inv_smooth + k));
+    _mm512_mask_storeu_ps(v + k, mask, value);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(value));
+  }
+  return _mm512_reduce_max_ps(amax);
 #else
-  return false;
+  int64_t k = 0;
+  float amax = 0.0f;
+#ifdef __AVX2__
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 amax8 = _mm256_setzero_ps();
+  for (; k + 8 <= n; k += 8) {
+    __m256 value = _mm256_loadu_ps(x + k);
+    if (inv_smooth) value = _mm256_mul_ps(value, _mm256_loadu_ps(inv_smooth + k));
+    _mm256_storeu_ps(v + k, value);
+    amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, value));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, amax8);
+  for (float lane : lanes) amax = std::max(amax, lane);
+#endif
+  for (; k < n; ++k) {
+    v[k] = inv_smooth ? x[k] * inv_smooth[k] : x[k];
+    amax = std::max(amax, std::fabs(v[k]));
+  }
+  return amax;
 #endif
 }
 
+// q = round_half_even(v * inv), clamped to [-127, 127] (the default rounding mode: to nearest, ties to even).
+void Round(const float* v, int64_t n, float inv, Act* q) {
+#ifdef __AVX512F__
+  const __m512 factor = _mm512_set1_ps(inv);
+  const __m512i low = _mm512_set1_epi32(-127), high = _mm512_set1_epi32(127);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mask = n - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
+    __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, v + k), factor));
+    r = _mm512_min_epi32(_mm512_max_epi32(r, low), high);
+    if constexpr (sizeof(Act) == 1) {
+      _mm512_mask_cvtepi32_storeu_epi8(q + k, mask, r);
+    } else {
+      _mm512_mask_cvtepi32_storeu_epi16(q + k, mask, r);
+    }
+  }
+#else
+  int64_t k = 0;
+#ifdef __AVX2__
+  const __m256 factor = _mm256_set1_ps(inv);
+  const __m256i low = _mm256_set1_epi32(-127), high = _mm256_set1_epi32(127);
+  for (; k + 8 <= n; k += 8) {
+    __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k), factor));
+    r = _mm256_min_epi32(_mm256_max_epi32(r, low), high);
+    const __m128i packed = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), packed);
+  }
+#endif
+  for (; k < n; ++k) q[k] = static_cast<Act>(std::min(127.0f, std::max(-127.0f, std::nearbyint(v[k] * inv))));
+#endif
+}
+
+// Quantizes rows [0, m) of x (row stride ld; times inv_smooth when given) into s.a (zero padded to kRows x
+// depth) and s.scale; rows r < two_pass also into s.a2 / s.scale2 (the residual). Rounds half to even.
+void Quantize(const float* x, int64_t ld, int64_t m, int64_t in, const float* inv_smooth, int64_t depth,
+              int64_t two_pass, Scratch& s) {
+  s.a.resize(kRows * depth);
+  if (depth > in || m < kRows) std::fill(s.a.begin(), s.a.end(), 0);
+  if (two_pass > 0) s.a2.assign(kRows * depth, 0);
+  s.values.resize(in + 16);
+  float* v = s.values.data();
+  for (int64_t r = 0; r < m; ++r) {
+    const float amax = Load(x + r * ld, inv_smooth, in, v);
+    s.scale[r] = amax > 0.0f ? amax / 127.0f : 1.0f;
+    Act* q = s.a.data() + r * depth;
+    Round(v, in, amax > 0.0f ? 127.0f / amax : 1.0f, q);
+    if (r < two_pass) {
+      const float scale = s.scale[r];
+      float amax2 = 0.0f;
+#pragma omp simd reduction(max : amax2)
+      for (int64_t k = 0; k < in; ++k) {
+        v[k] -= static_cast<float>(q[k]) * scale;
+        amax2 = std::max(amax2, std::fabs(v[k]));
+      }
+      s.scale2[r] = amax2 > 0.0f ? amax2 / 127.0f : 1.0f;
+      Round(v, in, amax2 > 0.0f ? 127.0f / amax2 : 1.0f, s.a2.data() + r * depth);
+    }
+  }
+}
+
 #ifdef SCE_JAX_AMX
+bool AmxReady() {
+  // Linux hands out the AMX tile state only on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA);
+  // sce_jax.kernels.cpu_library asks before choosing this build, so this only confirms it.
+  static const bool ready = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ready;
+}
+
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
   uint16_t colsb[16];
@@ -96,7 +212,7 @@ void ConfigureTiles() {
 
 // sums = a[0:32] . Q_j and a[0:32] . R_j for output block j (a: row stride w.depth; 2x2 tiles: two row tiles
 // times Q's and R's tiles, per step over the depth).
-void BlockAmx(const int8_t* a, const Linear& w, int64_t j, BlockSums& sums) {
+void BlockAmx(const int8_t* a, const Linear& w, int64_t j, Sums& sums) {
   const int64_t depth_blocks = w.depth / kDepth;
   const int8_t* bq = w.packed + 2 * j * depth_blocks * kTile;
   const int8_t* br = bq + depth_blocks * kTile;
@@ -119,100 +235,6 @@ void BlockAmx(const int8_t* a, const Linear& w, int64_t j, BlockSums& sums) {
   _tile_stored(2, &sums.v[16][0], sizeof(sums.v[0]));
   _tile_stored(3, &sums.v[16][kWidth], sizeof(sums.v[0]));
 }
-#endif
-
-// The same sums in plain loops, for rows [0, rows) only.
-void BlockPortable(const int8_t* a, const Linear& w, int64_t j, int64_t rows, BlockSums& sums) {
-  const int64_t depth_blocks = w.depth / kDepth;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int8_t* row = a + r * w.depth;
-    for (int64_t pass = 0; pass < 2; ++pass) {
-      int32_t* c = &sums.v[r][pass * kWidth];
-      std::fill(c, c + kWidth, 0);
-      for (int64_t k = 0; k < depth_blocks; ++k) {
-        const int8_t* b = w.packed + ((2 * j + pass) * depth_blocks + k) * kTile;
-        const int8_t* x = row + k * kDepth;
-        for (int64_t i = 0; i < 16; ++i)
-          for (int64_t n = 0; n < kWidth; ++n)
-            for (int64_t t = 0; t < 4; ++t) c[n] += int32_t(x[i * 4 + t]) * int32_t(b[i * 64 + n * 4 + t]);
-      }
-    }
-  }
-}
-
-// Per-thread buffers, grown on demand.
-struct Scratch {
-  std::vector<int8_t> a, a2;       // [kRows, depth] quantized rows, and the two-pass rows' residuals
-  BlockSums sums, sums2;
-  std::vector<float> values, x1, hidden;
-  float scale[kRows], scale2[kRows];
-};
-
-// v = x (times inv_smooth when given); returns max |v|.
-float Load(const float* x, const float* inv_smooth, int64_t n, float* v) {
-#ifdef __AVX512F__
-  __m512 amax = _mm512_setzero_ps();
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 mask = n - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
-    __m512 value = _mm512_maskz_loadu_ps(mask, x + k);
-    if (inv_smooth) value = _mm512_mul_ps(value, _mm512_maskz_loadu_ps(mask, inv_smooth + k));
-    _mm512_mask_storeu_ps(v + k, mask, value);
-    amax = _mm512_max_ps(amax, _mm512_abs_ps(value));
-  }
-  return _mm512_reduce_max_ps(amax);
-#else
-  float amax = 0.0f;
-  for (int64_t k = 0; k < n; ++k) {
-    v[k] = inv_smooth ? x[k] * inv_smooth[k] : x[k];
-    amax = std::max(amax, std::fabs(v[k]));
-  }
-  return amax;
-#endif
-}
-
-// q = round_half_even(v * inv), clamped to [-127, 127].
-void Round(const float* v, int64_t n, float inv, int8_t* q) {
-#ifdef __AVX512F__
-  const __m512 factor = _mm512_set1_ps(inv);
-  const __m512i low = _mm512_set1_epi32(-127), high = _mm512_set1_epi32(127);
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 mask = n - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
-    // The default rounding mode (MXCSR): to nearest, ties to even.
-    __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, v + k), factor));
-    r = _mm512_min_epi32(_mm512_max_epi32(r, low), high);
-    _mm512_mask_cvtepi32_storeu_epi8(q + k, mask, r);
-  }
-#else
-  for (int64_t k = 0; k < n; ++k) q[k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(v[k] * inv))));
-#endif
-}
-
-// Quantizes rows [0, m) of x (row stride ld; times inv_smooth when given) into s.a (zero padded to kRows x
-// depth) and s.scale; rows r < two_pass also into s.a2 / s.scale2 (the residual). Rounds half to even.
-void Quantize(const float* x, int64_t ld, int64_t m, int64_t in, const float* inv_smooth, int64_t depth,
-              int64_t two_pass, Scratch& s) {
-  s.a.resize(kRows * depth);
-  if (depth > in || m < kRows) std::fill(s.a.begin(), s.a.end(), 0);
-  if (two_pass > 0) s.a2.assign(kRows * depth, 0);
-  s.values.resize(in + 16);
-  float* v = s.values.data();
-  for (int64_t r = 0; r < m; ++r) {
-    const float amax = Load(x + r * ld, inv_smooth, in, v);
-    s.scale[r] = amax > 0.0f ? amax / 127.0f : 1.0f;
-    int8_t* q = s.a.data() + r * depth;
-    Round(v, in, amax > 0.0f ? 127.0f / amax : 1.0f, q);
-    if (r < two_pass) {
-      const float scale = s.scale[r];
-      float amax2 = 0.0f;
-      for (int64_t k = 0; k < in; ++k) {
-        v[k] -= static_cast<float>(q[k]) * scale;
-        amax2 = std::max(amax2, std::fabs(v[k]));
-      }
-      s.scale2[r] = amax2 > 0.0f ? amax2 / 127.0f : 1.0f;
-      Round(v, in, amax2 > 0.0f ? 127.0f / amax2 : 1.0f, s.a2.data() + r * depth);
-    }
-  }
-}
 
 // The sums of one row against both weight passes, for 16 outputs: acc[c] (Q) + acc[16 + c] / 254 (R).
 inline float Combined(const int32_t* acc, int64_t c) {
@@ -221,7 +243,7 @@ inline float Combined(const int32_t* acc, int64_t c) {
 
 // y[r][c] = sums · (sx[r] · ws[c]) (+ the residual rows' sums · (sx2[r] · ws[c]) for r < two_pass) + b[c], for the
 // block's rows [0, rows) and its outputs [c0, c0 + count) (ws, b and y start at output c0; y has row stride ld).
-void DequantizeBlock(const BlockSums& sums, const BlockSums& sums2, int64_t rows, int64_t two_pass, const float* sx,
+void DequantizeBlock(const Sums& sums, const Sums& sums2, int64_t rows, int64_t two_pass, const float* sx,
                      const float* sx2, int64_t c0, int64_t count, const float* ws, const float* b, float* y,
                      int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -239,32 +261,246 @@ void DequantizeBlock(const BlockSums& sums, const BlockSums& sums2, int64_t rows
   }
 }
 
-// One linear layer on a block of m <= kRows rows: quantize, then per block of 16 outputs and 32 rows: the int8
-// products against both weight passes (and the two-pass rows' residuals), dequantized while the sums are in cache.
+// One linear layer on a block of m <= kRows rows: quantize, then per block of 16 outputs: the int8 products of
+// all 32 rows against both weight passes (and the two-pass rows' residuals), dequantized while the sums are in
+// cache.
 void Apply(const Linear& w, const float* x, int64_t ld_x, int64_t m, int64_t two_pass, int64_t col_begin,
-           int64_t col_end, bool amx, Scratch& s, float* out, int64_t ld_out) {
+           int64_t col_end, Scratch& s, float* out, int64_t ld_out) {
   Quantize(x, ld_x, m, w.in, w.inv_smooth, w.depth, two_pass, s);
   for (int64_t j = col_begin / kWidth; j * kWidth < col_end; ++j) {
     const int64_t c0 = std::max(col_begin - j * kWidth, int64_t{0});
     const int64_t count = std::min(col_end - j * kWidth, kWidth) - c0;
     const int64_t o = j * kWidth + c0;  // the first output channel of this block
-    for (int64_t r0 = 0; r0 < m; r0 += 32) {
-      const int64_t rows = std::min<int64_t>(32, m - r0), rows2 = std::max<int64_t>(0, std::min(rows, two_pass - r0));
-#ifdef SCE_JAX_AMX
-      if (amx) {
-        BlockAmx(s.a.data() + r0 * w.depth, w, j, s.sums);
-        if (rows2 > 0) BlockAmx(s.a2.data() + r0 * w.depth, w, j, s.sums2);
-      }
-#endif
-      if (!amx) {
-        BlockPortable(s.a.data() + r0 * w.depth, w, j, rows, s.sums);
-        if (rows2 > 0) BlockPortable(s.a2.data() + r0 * w.depth, w, j, rows2, s.sums2);
-      }
-      DequantizeBlock(s.sums, s.sums2, rows, rows2, s.scale + r0, s.scale2 + r0, c0, count, w.scale + o, w.bias + o,
-                      out + r0 * ld_out + (o - col_begin), ld_out);
+    BlockAmx(s.a.data(), w, j, s.sums);
+    if (two_pass > 0) BlockAmx(s.a2.data(), w, j, s.sums2);
+    DequantizeBlock(s.sums, s.sums2, m, two_pass, s.scale, s.scale2, c0, count, w.scale + o, w.bias + o,
+                    out + (o - col_begin), ld_out);
+  }
+}
+
+// Tile state is per thread: configured for each block of work and released after it.
+template <typename Fn>
+void WithTiles(Fn&& fn) {
+  ConfigureTiles();
+  fn();
+  _tile_release();
+}
+
+bool ProductsReady() { return AmxReady(); }
+
+#else  // the "pairs" layout
+
+inline int32_t Pair(const int16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int64_t kGroupRows = 8, kStepBlocks = 2;  // 16 int32 accumulators of 16 lanes: 8 rows x 32 outputs
+
+// out (+)= the int32 sums as float32 (added to what is there after the first chunk).
+inline void Store(float* out, __m512i acc, bool add) {
+  __m512 value = _mm512_cvtepi32_ps(acc);
+  if (add) value = _mm512_add_ps(value, _mm512_loadu_ps(out));
+  _mm512_storeu_ps(out, value);
+}
+
+// acc + the pairwise products of x and w (vpdpwssd). In assembly: GCC 12 copies the accumulators of the intrinsic
+// (_mm512_dpwssd_epi32) from register to register at every step of the loop below.
+inline __m512i Dp(__m512i acc, __m512i x, __m512i w) {
+  __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+  return acc;
+}
+
+// sums[r0 + r][16 n + c] for rows r < 8 of `a` against output blocks n < N (w: block 0's pairs, `stride` int16s
+// apart): int32 over kChunkPairs pairs at a time, then float32.
+template <int N>
+void PairsGroup(const int16_t* a, int64_t lda, const int16_t* w, int64_t stride, int64_t pairs, Sums& sums, int64_t r0) {
+  for (int64_t k0 = 0; k0 < pairs; k0 += kChunkPairs) {
+    const int64_t k1 = std::min(pairs, k0 + kChunkPairs);
+    __m512i p0 = _mm512_setzero_si512(), p1 = p0, p2 = p0, p3 = p0, p4 = p0, p5 = p0, p6 = p0, p7 = p0;
+    __m512i q0 = p0, q1 = p0, q2 = p0, q3 = p0, q4 = p0, q5 = p0, q6 = p0, q7 = p0;
+    for (int64_t k = k0; k < k1; ++k) {
+      const __m512i w0 = _mm512_loadu_si512(w + k * 2 * kWidth);
+      const __m512i w1 = N == 2 ? _mm512_loadu_si512(w + stride + k * 2 * kWidth) : w0;
+      const int16_t* ak = a + 2 * k;
+#define SCE_JAX_ROW(r)                                               \
+  {                                                                  \
+    const __m512i x = _mm512_set1_epi32(Pair(ak + r * lda));         \
+    p##r = Dp(p##r, x, w0);                                          \
+    if constexpr (N == 2) q##r = Dp(q##r, x, w1);                    \
+  }
+      SCE_JAX_ROW(0) SCE_JAX_ROW(1) SCE_JAX_ROW(2) SCE_JAX_ROW(3)
+      SCE_JAX_ROW(4) SCE_JAX_ROW(5) SCE_JAX_ROW(6) SCE_JAX_ROW(7)
+#undef SCE_JAX_ROW
+    }
+    const bool add = k0 > 0;
+    const __m512i ps[kGroupRows] = {p0, p1, p2, p3, p4, p5, p6, p7}, qs[kGroupRows] = {q0, q1, q2, q3, q4, q5, q6, q7};
+    for (int r = 0; r < kGroupRows; ++r) {
+      Store(&sums.v[r0 + r][0], ps[r], add);
+      if constexpr (N == 2) Store(&sums.v[r0 + r][kWidth], qs[r], add);
     }
   }
 }
+#elif defined(__AVX2__)
+constexpr int64_t kGroupRows = 4, kStepBlocks = 1;  // 8 int32 accumulators of 8 lanes: 4 rows x 16 outputs
+
+// acc + the sums of pairwise products of x and w (vpmaddwd, vpaddd; the addition in assembly for the same reason
+// as Dp above: GCC 12 otherwise copies every accumulator once per step).
+inline __m256i Dp(__m256i acc, __m256i x, __m256i w) {
+  const __m256i product = _mm256_madd_epi16(x, w);
+  __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(product));
+  return acc;
+}
+
+// As above with vpmaddwd + vpaddd (one block of 16 outputs: two registers per row).
+template <int N>
+void PairsGroup(const int16_t* a, int64_t lda, const int16_t* w, int64_t, int64_t pairs, Sums& sums, int64_t r0) {
+  static_assert(N == 1, "one block of 16 outputs at a time");
+  for (int64_t k0 = 0; k0 < pairs; k0 += kChunkPairs) {
+    const int64_t k1 = std::min(pairs, k0 + kChunkPairs);
+    __m256i p0 = _mm256_setzero_si256(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
+    for (int64_t k = k0; k < k1; ++k) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 2 * kWidth));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 2 * kWidth + kWidth));
+      const int16_t* ak = a + 2 * k;
+#define SCE_JAX_ROW(r)                                       \
+  {                                                          \
+    const __m256i x = _mm256_set1_epi32(Pair(ak + r * lda)); \
+    p##r = Dp(p##r, x, w0);                                  \
+    q##r = Dp(q##r, x, w1);                                  \
+  }
+      SCE_JAX_ROW(0) SCE_JAX_ROW(1) SCE_JAX_ROW(2) SCE_JAX_ROW(3)
+#undef SCE_JAX_ROW
+    }
+    const __m256i ps[kGroupRows] = {p0, p1, p2, p3}, qs[kGroupRows] = {q0, q1, q2, q3};
+    for (int r = 0; r < kGroupRows; ++r)
+      for (int h = 0; h < 2; ++h) {
+        float* out = &sums.v[r0 + r][h * 8];
+        __m256 value = _mm256_cvtepi32_ps(h == 0 ? ps[r] : qs[r]);
+        if (k0 > 0) value = _mm256_add_ps(value, _mm256_loadu_ps(out));
+        _mm256_storeu_ps(out, value);
+      }
+  }
+}
+#elif defined(__SSE2__)
+constexpr int64_t kGroupRows = 2, kStepBlocks = 1;  // 8 int32 accumulators of 4 lanes: 2 rows x 16 outputs
+
+// As above with the baseline x86-64 instructions (pmaddwd, paddd: SSE2).
+template <int N>
+void PairsGroup(const int16_t* a, int64_t lda, const int16_t* w, int64_t, int64_t pairs, Sums& sums, int64_t r0) {
+  static_assert(N == 1, "one block of 16 outputs at a time");
+  for (int64_t k0 = 0; k0 < pairs; k0 += kChunkPairs) {
+    const int64_t k1 = std::min(pairs, k0 + kChunkPairs);
+    __m128i acc[kGroupRows][4];
+    for (auto& row : acc)
+      for (auto& v : row) v = _mm_setzero_si128();
+    for (int64_t k = k0; k < k1; ++k) {
+      const __m128i* wk = reinterpret_cast<const __m128i*>(w + k * 2 * kWidth);
+      const __m128i w0 = _mm_loadu_si128(wk), w1 = _mm_loadu_si128(wk + 1), w2 = _mm_loadu_si128(wk + 2),
+                    w3 = _mm_loadu_si128(wk + 3);
+      for (int r = 0; r < kGroupRows; ++r) {
+        const __m128i x = _mm_set1_epi32(Pair(a + r * lda + 2 * k));
+        acc[r][0] = _mm_add_epi32(acc[r][0], _mm_madd_epi16(x, w0));
+        acc[r][1] = _mm_add_epi32(acc[r][1], _mm_madd_epi16(x, w1));
+        acc[r][2] = _mm_add_epi32(acc[r][2], _mm_madd_epi16(x, w2));
+        acc[r][3] = _mm_add_epi32(acc[r][3], _mm_madd_epi16(x, w3));
+      }
+    }
+    for (int r = 0; r < kGroupRows; ++r)
+      for (int h = 0; h < 4; ++h) {
+        float* out = &sums.v[r0 + r][h * 4];
+        __m128 value = _mm_cvtepi32_ps(acc[r][h]);
+        if (k0 > 0) value = _mm_add_ps(value, _mm_loadu_ps(out));
+        _mm_storeu_ps(out, value);
+      }
+  }
+}
+#else
+constexpr int64_t kGroupRows = 1, kStepBlocks = 1;
+
+// As above in plain loops (other architectures: what their compiler makes of them).
+template <int N>
+void PairsGroup(const int16_t* a, int64_t lda, const int16_t* w, int64_t, int64_t pairs, Sums& sums, int64_t r0) {
+  static_assert(N == 1, "one block of 16 outputs at a time");
+  for (int64_t k0 = 0; k0 < pairs; k0 += kChunkPairs) {
+    const int64_t k1 = std::min(pairs, k0 + kChunkPairs);
+    int32_t acc[kWidth] = {};
+    for (int64_t k = k0; k < k1; ++k) {
+      const int32_t x0 = a[2 * k], x1 = a[2 * k + 1];
+      const int16_t* wk = w + k * 2 * kWidth;
+      for (int64_t c = 0; c < kWidth; ++c) acc[c] += x0 * wk[2 * c] + x1 * wk[2 * c + 1];
+    }
+    float* out = sums.v[r0];
+    for (int64_t c = 0; c < kWidth; ++c) out[c] = (k0 > 0 ? out[c] : 0.0f) + static_cast<float>(acc[c]);
+  }
+}
+#endif
+
+// sums[r][16 n + c] = row r of `a` (rows [0, rows) and the rest of their group) against the weights of output
+// block j + n, n < nb.
+void BlockPairs(const int16_t* a, const Linear& w, int64_t j, int64_t nb, int64_t rows, Sums& sums) {
+  const int64_t pairs = w.depth / 2, stride = pairs * 2 * kWidth;
+  const int16_t* wj = reinterpret_cast<const int16_t*>(w.packed) + j * stride;
+  for (int64_t r0 = 0; r0 < rows; r0 += kGroupRows) {
+    if (nb == 2) {
+      if constexpr (kStepBlocks >= 2) PairsGroup<2>(a + r0 * w.depth, w.depth, wj, stride, pairs, sums, r0);
+    } else {
+      PairsGroup<1>(a + r0 * w.depth, w.depth, wj, stride, pairs, sums, r0);
+    }
+  }
+}
+
+// y[r][c] = sums[r][off + c] / 254 · (sx[r] · ws[c]) (+ the residual rows' sums the same way with sx2, for
+// r < two_pass) + b[c], for rows [0, rows) and `count` outputs (ws, b and y start at the first of them).
+void DequantizeBlock(const Sums& sums, const Sums& sums2, int64_t off, int64_t rows, int64_t two_pass,
+                     const float* sx, const float* sx2, int64_t count, const float* ws, const float* b, float* y,
+                     int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* acc = &sums.v[r][off];
+    const float f = sx[r] * kResidualStep;
+    float* yr = y + r * ld;
+    if (r < two_pass) {
+      const float* acc2 = &sums2.v[r][off];
+      const float f2 = sx2[r] * kResidualStep;
+#pragma omp simd
+      for (int64_t c = 0; c < count; ++c) yr[c] = acc[c] * (f * ws[c]) + acc2[c] * (f2 * ws[c]) + b[c];
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < count; ++c) yr[c] = acc[c] * (f * ws[c]) + b[c];
+    }
+  }
+}
+
+// One linear layer on a block of m <= kRows rows: quantize, then per step of kStepBlocks blocks of 16 outputs:
+// the products of the rows (and the two-pass rows' residuals), dequantized while the sums are in cache.
+void Apply(const Linear& w, const float* x, int64_t ld_x, int64_t m, int64_t two_pass, int64_t col_begin,
+           int64_t col_end, Scratch& s, float* out, int64_t ld_out) {
+  Quantize(x, ld_x, m, w.in, w.inv_smooth, w.depth, two_pass, s);
+  const int64_t last = (col_end + kWidth - 1) / kWidth;
+  for (int64_t j = col_begin / kWidth; j < last; j += kStepBlocks) {
+    const int64_t nb = std::min(kStepBlocks, last - j);
+    BlockPairs(s.a.data(), w, j, nb, m, s.sums);
+    if (two_pass > 0) BlockPairs(s.a2.data(), w, j, nb, two_pass, s.sums2);
+    for (int64_t n = 0; n < nb; ++n) {
+      const int64_t c0 = std::max(col_begin - (j + n) * kWidth, int64_t{0});
+      const int64_t count = std::min(col_end - (j + n) * kWidth, kWidth) - c0;
+      const int64_t o = (j + n) * kWidth + c0;  // the first output channel of this block
+      DequantizeBlock(s.sums, s.sums2, n * kWidth + c0, m, two_pass, s.scale, s.scale2, count, w.scale + o,
+                      w.bias + o, out + (o - col_begin), ld_out);
+    }
+  }
+}
+
+template <typename Fn>
+void WithTiles(Fn&& fn) {
+  fn();
+}
+
+bool ProductsReady() { return true; }
+
+#endif  // SCE_JAX_AMX
 
 // In place: row = LayerNorm(row) · gamma + beta.
 void LayerNorm(float* row, int64_t n, const float* gamma, const float* beta, float eps) {
@@ -304,36 +540,30 @@ void Activate(float* u, int64_t n, int64_t activation) {
   }
 }
 
-// Tile state is per thread: configured for each block of work and released after it.
-template <typename Fn>
-void WithTiles(bool amx, Fn&& fn) {
-#ifdef SCE_JAX_AMX
-  if (amx) ConfigureTiles();
-#endif
-  fn();
-#ifdef SCE_JAX_AMX
-  if (amx) _tile_release();
-#endif
-}
-
 ffi::Error PackedLinear(ffi::Buffer<ffi::S8> packed, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                         const float* inv_smooth, int64_t in, const char* name, Linear& out) {
   const auto pd = packed.dimensions();
   const int64_t o = scale.dimensions().size() == 1 ? scale.dimensions()[0] : -1;
-  const int64_t depth = (in + kDepth - 1) / kDepth * kDepth;
-  if (pd.size() != 3 || o <= 0 || pd[0] != 2 * ((o + kWidth - 1) / kWidth) || pd[1] != depth / kDepth || pd[2] != kTile ||
-      bias.dimensions().size() != 1 || bias.dimensions()[0] != o)
+  const int64_t depth = (in + kDepth - 1) / kDepth * kDepth, blocks = (o + kWidth - 1) / kWidth;
+#ifdef SCE_JAX_AMX
+  const bool layout = pd.size() == 3 && pd[0] == 2 * blocks && pd[1] == depth / kDepth && pd[2] == kTile;
+#else
+  const bool layout = pd.size() == 3 && pd[0] == blocks && pd[1] == depth / kDepth && pd[2] == 2 * kWidth * 2;
+#endif
+  if (!layout || o <= 0 || bias.dimensions().size() != 1 || bias.dimensions()[0] != o)
     return ffi::Error::InvalidArgument(std::string("sce_jax int8: inconsistent shapes of ") + name);
   out = Linear{packed.typed_data(), scale.typed_data(), bias.typed_data(), inv_smooth, in, o, depth};
   return ffi::Error::Success();
 }
 
-bool UseAmx(int64_t portable) { return portable == 0 && AmxReady(); }
+ffi::Error NotReady() {
+  return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                    "sce_jax int8: this process may not use AMX tiles (Linux did not grant them)");
+}
 
 ffi::Error LinearRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> packed,
                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> inv_smooth,
-                     ffi::ResultBuffer<ffi::F32> y, int64_t float_rows, int64_t col_begin, int64_t col_end,
-                     int64_t portable) {
+                     ffi::ResultBuffer<ffi::F32> y, int64_t float_rows, int64_t col_begin, int64_t col_end) {
   const auto xd = x.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || inv_smooth.dimensions().size() != 1 || inv_smooth.dimensions()[0] != xd[1])
     return ffi::Error::InvalidArgument("sce_jax_int8_linear: wrong ranks or smoothing size");
@@ -342,7 +572,7 @@ ffi::Error LinearRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const int64_t tokens = xd[0];
   if (col_begin < 0 || col_begin >= col_end || col_end > w.out || yd[0] != tokens || yd[1] != col_end - col_begin)
     return ffi::Error::InvalidArgument("sce_jax_int8_linear: output columns do not match");
-  const bool amx = UseAmx(portable);
+  if (!ProductsReady()) return NotReady();
   const float* in = x.typed_data();
   float* out = y->typed_data();
   const int64_t width = col_end - col_begin;
@@ -350,7 +580,7 @@ ffi::Error LinearRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     thread_local Scratch s;
     const int64_t r0 = block * kRows, m = std::min(kRows, tokens - r0);
     const int64_t two_pass = std::max<int64_t>(0, std::min(m, float_rows - r0));
-    WithTiles(amx, [&] { Apply(w, in + r0 * w.in, w.in, m, two_pass, col_begin, col_end, amx, s, out + r0 * width, width); });
+    WithTiles([&] { Apply(w, in + r0 * w.in, w.in, m, two_pass, col_begin, col_end, s, out + r0 * width, width); });
   });
   return ffi::Error::Success();
 }
@@ -362,8 +592,7 @@ ffi::Error TailRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> inv_smooth1,
                    ffi::Buffer<ffi::S8> w2, ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2,
                    ffi::Buffer<ffi::F32> inv_smooth2, ffi::Buffer<ffi::F32> gamma2, ffi::Buffer<ffi::F32> beta2,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t float_rows, float eps, int64_t activation,
-                   int64_t portable) {
+                   ffi::ResultBuffer<ffi::F32> y, int64_t float_rows, float eps, int64_t activation) {
   const auto xd = x.dimensions();
   if (xd.size() != 2 || attended.dimensions().size() != 2 || attended.dimensions()[0] != xd[0] ||
       attended.dimensions()[1] != xd[1] || y->dimensions().size() != 2 || y->dimensions()[0] != xd[0] ||
@@ -383,7 +612,7 @@ ffi::Error TailRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       return ffi::Error::InvalidArgument("sce_jax_int8_layer_tail: layer norm sizes");
   if (lo.out != hidden || l2.out != hidden || activation < kGelu || activation > kRelu)
     return ffi::Error::InvalidArgument("sce_jax_int8_layer_tail: output sizes or activation");
-  const bool amx = UseAmx(portable);
+  if (!ProductsReady()) return NotReady();
   const int64_t inter = l1.out;
   sce_jax::ParallelFor(pool, (tokens + kRows - 1) / kRows, [&](int64_t block) {
     thread_local Scratch s;
@@ -395,16 +624,16 @@ ffi::Error TailRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     float* h = s.hidden.data();
     float* out = y->typed_data() + r0 * hidden;
     const float* residual = x.typed_data() + r0 * hidden;
-    WithTiles(amx, [&] {
-      Apply(lo, attended.typed_data() + r0 * hidden, hidden, m, two_pass, 0, hidden, amx, s, x1, hidden);
+    WithTiles([&] {
+      Apply(lo, attended.typed_data() + r0 * hidden, hidden, m, two_pass, 0, hidden, s, x1, hidden);
       for (int64_t r = 0; r < m; ++r) {
         float* row = x1 + r * hidden;
         for (int64_t i = 0; i < hidden; ++i) row[i] += residual[r * hidden + i];
         LayerNorm(row, hidden, gamma1.typed_data(), beta1.typed_data(), eps);
       }
-      Apply(l1, x1, hidden, m, two_pass, 0, inter, amx, s, h, inter);
+      Apply(l1, x1, hidden, m, two_pass, 0, inter, s, h, inter);
       for (int64_t r = 0; r < m; ++r) Activate(h + r * inter, inter, activation);
-      Apply(l2, h, inter, m, two_pass, 0, hidden, amx, s, out, hidden);
+      Apply(l2, h, inter, m, two_pass, 0, hidden, s, out, hidden);
       for (int64_t r = 0; r < m; ++r) {
         float* row = out + r * hidden;
         for (int64_t i = 0; i < hidden; ++i) row[i] += x1[r * hidden + i];
@@ -417,22 +646,34 @@ ffi::Error TailRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 
 }  // namespace
 
-// 1 when the int8 products run on AMX tiles here (built with them, and Linux grants them), else 0.
-extern "C" int SceJaxInt8Amx() { return AmxReady() ? 1 : 0; }
+// The packed weights' layout this build reads: 1 "tiles" (AMX), 2 "pairs" (int16 pairs; every other build).
+extern "C" int SceJaxInt8Layout() { return kLayout; }
+
+// The instruction set this library was compiled for (the build variant's name in sce_jax.kernels.cpu_library).
+extern "C" const char* SceJaxCpuKernelsIsa() {
+#if defined(SCE_JAX_AMX)
+  return "amx";
+#elif defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return "avx512_vnni";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SceJaxInt8Linear, LinearRun,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [T, I]
-                                  .Arg<ffi::Buffer<ffi::S8>>()   // packed weights [2 O/16, I/64, 1024]
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // packed weights (the build's layout)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // weight scales [O]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias [O]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // 1 / smoothing [I]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [T, col_end - col_begin]
                                   .Attr<int64_t>("float_rows")
                                   .Attr<int64_t>("col_begin")
-                                  .Attr<int64_t>("col_end")
-                                  .Attr<int64_t>("portable"));
+                                  .Attr<int64_t>("col_end"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SceJaxInt8LayerTail, TailRun,
                               ffi::Ffi::Bind()
@@ -458,5 +699,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SceJaxInt8LayerTail, TailRun,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [T, F]
                                   .Attr<int64_t>("float_rows")
                                   .Attr<float>("eps")
-                                  .Attr<int64_t>("activation")
-                                  .Attr<int64_t>("portable"));
+                                  .Attr<int64_t>("activation"));

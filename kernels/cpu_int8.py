@@ -1,5 +1,5 @@
-"""The int8 model's linear layers on CPU as fused C++ kernels (XLA FFI custom calls; source cpu_int8.cc, built into
-one library with the attention kernel by kernels/cpu_attention.py).
+"""The int8 model's linear layers on CPU as fused C++ kernels (XLA FFI custom calls; source cpu_int8.cc, built at
+install with the attention kernel into one library per instruction set: kernels/cpu_library.py).
 
 Two ops, each over the model's flat token matrix in blocks of 32 tokens that stay in cache from the input to the
 output (XLA's version of the same writes and re-reads every intermediate: int32 sums, dequantized values, the
@@ -11,47 +11,51 @@ activation, the layer-norm statistics):
   x1 = LN(x + dq(q(attended) Wo) + bo); out = LN(x1 + dq(q(act(dq(q(x1 · inv_smooth) W1) + b1)) W2) + b2).
 
 q is symmetric int8 per token (scale = max|row| / 127, round half to even), W int8 in two passes per output channel
-(W ≈ scale · (Q + R / 254), `sce_jax.quant.quantize_kernel`), the products exact int32 sums against Q and R,
-combined in float32 (sum_Q + sum_R / 254). The first `float_rows` rows (the [CLS] and
-query tokens) are quantized in two passes (the row, then the residual x - q·scale with a scale of its own; both
-products summed): about 15 bits for the few rows every score reads directly. `reference_linear` and
-`reference_layer_tail` are the numpy statement of the same arithmetic.
+(W ≈ scale · (Q + R / 254), `sce_jax.quant.quantize_kernel`), the products exact integer sums x·Q + x·R / 254,
+combined in float32. The first `float_rows` rows (the [CLS] and query tokens) are quantized in two passes (the
+row, then the residual x - q·scale with a scale of its own; both products summed): about 15 bits for the few rows
+every score reads directly. `reference_linear` and `reference_layer_tail` are the numpy statement of the same
+arithmetic, every variant's oracle.
 
-The int8 products use AMX tiles (Sapphire Rapids and later) when the library was built with them and Linux grants
-them (`amx()`); otherwise plain loops compute the same sums (`portable=True` forces those, for tests). The model
-uses these kernels only where `amx()` holds: without AMX, XLA's int8 dot (YNNPACK, VNNI/AVX2) is faster than the
-plain loops. Weights are packed for the tiles once, at load (`pack_kernel`).
+How a variant multiplies (`cpu_library.INT8_LAYOUTS`), with the weights packed for it once, at load
+(`pack_kernel`):
+- `amx`: AMX tiles, int8 x int8, Q and R as two int8 passes (layout "tiles", `pack_tiles`).
+- `avx512_vnni`, `avx2`, `generic`: Q and R as one int16 weight 254·Q + R (|.| <= 32385, the same ~15 bits), times
+  the int8 activations widened to int16: one product instead of two (layout "pairs", `pack_pairs`): vpdpwssd,
+  vpmaddwd, or plain loops; the int32 sums run over at most 512 inputs before they are added up in float32.
 """
 
 from __future__ import annotations
 
-import functools
 from math import erf
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sce_jax.kernels import cpu_attention
+from sce_jax.kernels import cpu_library
 
 # The C++ kernel's activation codes, by the config's `hidden_act`.
 ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "relu": 2}
-_DEPTH, _WIDTH = 64, 16  # inputs per tile row, output channels per tile
+_DEPTH, _WIDTH = 64, 16  # tiles: inputs per tile row, output channels per tile
+RESIDUAL_STEPS = 254  # R's unit in Q's steps (sce_jax.quant.RESIDUAL_STEPS)
 
 
-def available() -> tuple[bool, str]:
-    """(True, "") when the kernels are built and registered here (see `cpu_attention.available`)."""
-    return cpu_attention.available()
+def available(variant: str | None = None) -> tuple[bool, str]:
+    """(True, "") when the kernels of `variant` (default: the selected one) run here (`cpu_library.available`)."""
+    return cpu_library.available(variant)
 
 
-@functools.cache
-def amx() -> bool:
-    """Whether the int8 products run on AMX tiles in this process (built for them, granted by Linux)."""
-    return available()[0] and bool(cpu_attention._library.SceJaxInt8Amx())
+def packed_shape(in_features: int, out_features: int, variant: str) -> tuple[int, int, int]:
+    """The shape of `pack_kernel`'s int8 output for an [in, out] kernel in `variant`'s layout."""
+    blocks = -(-out_features // _WIDTH)
+    if cpu_library.INT8_LAYOUTS[variant] == "tiles":
+        return 2 * blocks, -(-in_features // _DEPTH), 1024
+    return blocks, -(-in_features // 2), 4 * _WIDTH
 
 
 def pack_tiles(q_IxO) -> np.ndarray:
-    """int8 weights [I, O] in the tiles' layout: [ceil(O/16), ceil(I/64), 1024] int8, zero padded; tile (n, k)
+    """int8 weights [I, O] in the AMX tiles' layout: [ceil(O/16), ceil(I/64), 1024] int8, zero padded; tile (n, k)
     holds W[64k + 4i + j, 16n + c] at byte 64i + 4c + j."""
     q_IxO = np.asarray(q_IxO, np.int8)
     inputs, outputs = q_IxO.shape
@@ -62,43 +66,56 @@ def pack_tiles(q_IxO) -> np.ndarray:
     return np.ascontiguousarray(tiles.transpose(3, 0, 1, 4, 2)).reshape(width // _WIDTH, depth // _DEPTH, 1024)
 
 
-def pack_kernel(q_IxO, r_IxO) -> np.ndarray:
-    """A two-pass int8 kernel (W ≈ scale · (q + r / 254), `sce_jax.quant.quantize_kernel`) in the kernels'
-    layout: [2 · ceil(O/16), ceil(I/64), 1024] int8, q's tiles of each block of 16 outputs (`pack_tiles`) followed
-    by r's."""
+def pack_pairs(q_IxO, r_IxO) -> np.ndarray:
+    """A two-pass int8 kernel as one int16 weight w = 254·q + r, in pairs of inputs: [ceil(O/16), ceil(I/2), 64]
+    int8 (the bytes of [ceil(O/16), ceil(I/2), 16, 2] int16, little-endian, zero padded): block n, pair k holds
+    w[2k + t, 16n + c] at int16 2c + t."""
+    w_IxO = np.asarray(q_IxO, np.int16) * np.int16(RESIDUAL_STEPS) + np.asarray(r_IxO, np.int16)
+    inputs, outputs = w_IxO.shape
+    depth, width = -(-inputs // 2) * 2, -(-outputs // _WIDTH) * _WIDTH
+    padded = np.zeros((depth, width), "<i2")
+    padded[:inputs, :outputs] = w_IxO
+    pairs = padded.reshape(depth // 2, 2, width // _WIDTH, _WIDTH).transpose(2, 0, 3, 1)  # (n, k, c, t)
+    return np.ascontiguousarray(pairs).view(np.int8).reshape(width // _WIDTH, depth // 2, 4 * _WIDTH)
+
+
+def pack_kernel(q_IxO, r_IxO, variant: str) -> np.ndarray:
+    """A two-pass int8 kernel (W ≈ scale · (q + r / 254), `sce_jax.quant.quantize_kernel`) in `variant`'s layout
+    (`packed_shape`). "tiles": [2 · ceil(O/16), ceil(I/64), 1024], q's tiles of each block of 16 outputs
+    (`pack_tiles`) followed by r's; "pairs": `pack_pairs`."""
+    if cpu_library.INT8_LAYOUTS[variant] == "pairs":
+        return pack_pairs(q_IxO, r_IxO)
     q, r = pack_tiles(q_IxO), pack_tiles(r_IxO)
     return np.stack([q, r], axis=1).reshape(2 * q.shape[0], *q.shape[1:])
 
 
-def _require() -> None:
-    ok, why = available()
-    if not ok:
-        raise cpu_attention.KernelUnavailable(why)
-
-
 def int8_linear(x_TxI, packed, scale_O, bias_O, inv_smooth_I, *, float_rows: int = 0, columns=None,
-                portable: bool = False) -> jax.Array:
+                variant: str | None = None) -> jax.Array:
     """dq(q(x · inv_smooth) W) + b for output channels `columns` = (start, stop) (default all): float32 [T, stop -
-    start]. The first `float_rows` rows are quantized in two passes."""
-    _require()
+    start]. The first `float_rows` rows are quantized in two passes. `packed`: `pack_kernel` for `variant`
+    (default: the selected one)."""
+    variant = cpu_library.require(variant)
     start, stop = columns or (0, scale_O.shape[0])
-    call = jax.ffi.ffi_call("sce_jax_int8_linear", jax.ShapeDtypeStruct((x_TxI.shape[0], stop - start), jnp.float32))
+    out = jax.ShapeDtypeStruct((x_TxI.shape[0], stop - start), jnp.float32)
+    call = jax.ffi.ffi_call(cpu_library.target(variant, "int8_linear"), out)
     return call(x_TxI.astype(jnp.float32), packed, scale_O, bias_O, inv_smooth_I, float_rows=np.int64(float_rows),
-                col_begin=np.int64(start), col_end=np.int64(stop), portable=np.int64(portable))
+                col_begin=np.int64(start), col_end=np.int64(stop))
 
 
 def int8_layer_tail(x_TxF, attended_TxF, weights: dict, *, float_rows: int, eps: float, activation: str,
-                    portable: bool = False) -> jax.Array:
+                    variant: str | None = None) -> jax.Array:
     """A layer's attention output projection, residual and layer norm, then its feed-forward block with residual
     and layer norm, in int8: float32 [T, F]. `weights`: {attention_output, intermediate, output: (packed, scale,
-    bias, inv_smooth)}, attention_norm / output_norm: (scale, bias)}."""
-    _require()
-    call = jax.ffi.ffi_call("sce_jax_int8_layer_tail", jax.ShapeDtypeStruct(x_TxF.shape, jnp.float32))
+    bias, inv_smooth)}, attention_norm / output_norm: (scale, bias)}, packed for `variant` (default: the selected
+    one)."""
+    variant = cpu_library.require(variant)
+    out = jax.ShapeDtypeStruct(x_TxF.shape, jnp.float32)
+    call = jax.ffi.ffi_call(cpu_library.target(variant, "int8_layer_tail"), out)
     linears = [weights[k] for k in ("attention_output", "intermediate", "output")]
     (g1, beta1), (g2, beta2) = weights["attention_norm"], weights["output_norm"]
     return call(x_TxF.astype(jnp.float32), attended_TxF.astype(jnp.float32), *linears[0], g1, beta1, *linears[1],
                 *linears[2], g2, beta2, float_rows=np.int64(float_rows), eps=np.float32(eps),
-                activation=np.int64(ACTIVATIONS[activation]), portable=np.int64(portable))
+                activation=np.int64(ACTIVATIONS[activation]))
 
 
 # The numpy reference: the same quantization in float32, the int8 products as exact integer sums, the rest in

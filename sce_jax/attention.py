@@ -465,9 +465,11 @@ def cpu_layer_attention(
     layout: TokenLayout,
     *,
     cls_only: bool = False,
+    variant: str | None = None,
 ) -> jax.Array:
     """One layer's attention over the flat token matrix by the C++ CPU kernel (kernels/cpu_attention.py):
-    [tokens, H, K] in the layout's order, or [D·C, H, K] for the [CLS] rows with `cls_only`.
+    [tokens, H, K] in the layout's order, or [D·C, H, K] for the [CLS] rows with `cls_only`. `variant`: the
+    kernels' build (`sce_jax.kernels.cpu_library`; default: the selected one).
 
     Queries come from plane 0 of `q_TxPxHxK`, keys and values from the last two planes of `kv_TxPxHxK` (pass the
     QKV projection [tokens, 3, H, K] as both). Gradients go through the XLA path (`sparse_attention`,
@@ -493,7 +495,8 @@ def cpu_layer_attention(
     @jax.custom_vjp
     def attend(q_src, kv_src):
         out = kernel.cpu_attention(
-            q_src, kv_src, doc_slot_DxLd, doc_query_D, query_mask_QxLq, window=config.attention_window_size, flags=flags
+            q_src, kv_src, doc_slot_DxLd, doc_query_D, query_mask_QxLq, window=config.attention_window_size, flags=flags,
+            variant=variant,
         )
         return out.astype(q_src.dtype)
 

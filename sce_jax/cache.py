@@ -1,4 +1,4 @@
-"""Where sce_jax caches what it builds once: the C++ kernel, text-store indexes, docpair arrays, JSONL indexes."""
+"""Where sce_jax caches what it builds once: text-store indexes, docpair arrays, JSONL indexes."""
 
 from __future__ import annotations
 

@@ -30,8 +30,10 @@ from sce_jax.batch import (
 from sce_jax.checkpoint import load_params, read_model_config, resolve_model_dir
 from sce_jax.config import SparseCrossEncoderConfig
 from sce_jax.errors import InputError, SettingsError
+from sce_jax.kernels import cpu_library
 from sce_jax.model import SparseCrossEncoderModel
-from sce_jax.quant import dequantize_params, int8_kernel_choice, quantize_params, with_packed_kernels
+from sce_jax.quant import (dequantize_params, fused_int8_variant, int8_kernel_choice, log_int8_path, quantize_params,
+                           with_packed_kernels)
 from sce_jax.runs import rank_by_score
 from sce_jax.tokenization import QueryDocTokenizer, check_lengths
 
@@ -56,15 +58,21 @@ def build_model(
         impl = resolve_attention_impl(attention_impl)
     except RuntimeError as error:  # e.g. attention_impl='cpu' where the C++ kernel cannot be built
         raise SettingsError("attention_impl", str(error)) from None
-    if dtype == "int8":
-        params = with_packed_kernels(quantize_params(params, config))
-    else:
-        params = dequantize_params(params)
+    # The C++ kernels' build, chosen once here and kept by the model (`sce_jax.kernels.cpu_library`).
+    cpu_kernels = cpu_library.selected() if impl == "cpu" else None
+    int8_kernel = fused_int8_variant(impl, config.hidden_act) if dtype == "int8" else None
     abstract = nnx.eval_shape(
         lambda: SparseCrossEncoderModel(
-            config, rngs=nnx.Rngs(0), dtype=DTYPES[dtype], attention_impl=impl, interpret=interpret
+            config, rngs=nnx.Rngs(0), dtype=DTYPES[dtype], attention_impl=impl, interpret=interpret,
+            cpu_kernels=cpu_kernels, int8_kernel=int8_kernel,
         )
     )
+    if dtype == "int8":
+        # The model keeps the kernels' build only beside the C++ attention (patterns it covers).
+        params = with_packed_kernels(quantize_params(params, config), abstract.int8_kernel)
+        log_int8_path(abstract.int8_kernel)
+    else:
+        params = dequantize_params(params)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state)
@@ -81,6 +89,8 @@ def check_compute_settings(dtype: str, attention_impl: str, devices: int | None 
         )
     if dtype == "int8":
         int8_kernel_choice()
+    if attention_impl in ("auto", "cpu"):
+        cpu_library.selected()  # an InputError for a bad $SCE_JAX_CPU_KERNELS
     if devices is not None:
         local = len(jax.local_devices())
         if not isinstance(devices, int) or isinstance(devices, bool) or not 1 <= devices <= local:

@@ -21,7 +21,7 @@ from sce_jax.attention import (
 )
 from sce_jax.batch import Batch
 from sce_jax.config import SparseCrossEncoderConfig
-from sce_jax.quant import ACTIVATION_FLOOR, Int8Linear, use_fused_kernels
+from sce_jax.quant import ACTIVATION_FLOOR, Int8Linear
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -95,14 +95,19 @@ class Layer(nnx.Module):
     document tokens; the [CLS] and query rows, which every score reads directly and which are few, and everything
     else compute in float32 (`sce_jax.quant`)."""
 
-    def __init__(self, config: SparseCrossEncoderConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: SparseCrossEncoderConfig, *, dtype, rngs: nnx.Rngs, cpu_kernels: str | None = None,
+                 int8_kernel: str | None = None):
         hidden = config.hidden_size
         int8 = _is_int8(dtype)
         dtype = jnp.float32 if int8 else dtype
         dense = dict(dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
         norm = dict(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        linear = (lambda i, o: Int8Linear(i, o)) if int8 else (lambda i, o: nnx.Linear(i, o, **dense))
+        linear = (lambda i, o: Int8Linear(i, o, int8_kernel)) if int8 else (lambda i, o: nnx.Linear(i, o, **dense))
         self.config = config
+        # The C++ kernels' build for attention (None: the selected one) and for the int8 linears
+        # (`sce_jax.quant.fused_int8_variant`; None: XLA's int8 layers).
+        self.cpu_kernels = cpu_kernels
+        self.int8_kernel = int8_kernel if int8 else None
         # Query, key and value in one matmul.
         self.qkv = linear(hidden, 3 * hidden)
         self.attention_output = linear(hidden, hidden)
@@ -114,11 +119,11 @@ class Layer(nnx.Module):
     def __call__(self, x_TxF, layout: TokenLayout, masks, *, impl, interpret, dropout_rngs):
         cfg = self.config
         float_rows = layout.query_end  # the [CLS] and query rows, quantized in two passes (int8 model only)
-        fused = self._fused(impl)
+        fused = self._fused()
         qkv_TxO = self.qkv.fused(x_TxF, float_rows) if fused else _linear(self.qkv, x_TxF, float_rows)
         qkv_Tx3xHxK = qkv_TxO.reshape(x_TxF.shape[0], 3, cfg.num_attention_heads, cfg.head_dim)
         if impl == "cpu":
-            attended_TxHxK = cpu_layer_attention(qkv_Tx3xHxK, qkv_Tx3xHxK, *masks, cfg, layout)
+            attended_TxHxK = cpu_layer_attention(qkv_Tx3xHxK, qkv_Tx3xHxK, *masks, cfg, layout, variant=self.cpu_kernels)
         else:
             q, k, v = (layout.split(qkv_Tx3xHxK[:, i]) for i in range(3))
             attended_TxHxK = layout.join(sparse_attention(q, k, v, *masks, cfg, impl=impl, interpret=interpret))
@@ -135,7 +140,7 @@ class Layer(nnx.Module):
         num_cls = layout.sizes[0]
         cls_TxF = x_TxF[:num_cls]
         heads = (cfg.num_attention_heads, cfg.head_dim)
-        if fused := self._fused(impl):
+        if fused := self._fused():
             kv_TxO = self.qkv.fused(x_TxF, layout.query_end, columns=(hidden, 3 * hidden))
             q_cls_NxF = self.qkv.fused(cls_TxF, num_cls, columns=(0, hidden))
         else:
@@ -144,7 +149,8 @@ class Layer(nnx.Module):
         kv_Tx2xHxK = kv_TxO.reshape(x_TxF.shape[0], 2, *heads)
         q_cls_Nx1xHxK = q_cls_NxF.reshape(num_cls, 1, *heads)
         if impl == "cpu":
-            attended = cpu_layer_attention(q_cls_Nx1xHxK, kv_Tx2xHxK, *masks, cfg, layout, cls_only=True)
+            attended = cpu_layer_attention(q_cls_Nx1xHxK, kv_Tx2xHxK, *masks, cfg, layout, cls_only=True,
+                                           variant=self.cpu_kernels)
         else:
             k, v = (layout.split(kv_Tx2xHxK[:, i]) for i in range(2))
             attended = pattern_cls_attention(q_cls_Nx1xHxK.reshape(k.cls.shape), k, v, *masks, cfg)
@@ -152,9 +158,9 @@ class Layer(nnx.Module):
             return self._fused_tail(cls_TxF, attended.reshape(cls_TxF.shape), num_cls)
         return self._feed_forward(cls_TxF, attended.reshape(cls_TxF.shape), dropout_rngs, num_cls)
 
-    def _fused(self, impl: str) -> bool:
-        """Whether this int8 layer runs through the fused C++ kernels (`sce_jax.quant.use_fused_kernels`)."""
-        return isinstance(self.qkv, Int8Linear) and use_fused_kernels(impl, self.config.hidden_act)
+    def _fused(self) -> bool:
+        """Whether this int8 layer runs through the fused C++ kernels (chosen at load: `int8_kernel`)."""
+        return self.int8_kernel is not None
 
     def _fused_tail(self, x_TxF, attended_TxF, float_rows: int) -> jax.Array:
         """Output projection, residual, layer norm and the feed-forward block in one C++ call (int8, inference)."""
@@ -164,7 +170,8 @@ class Layer(nnx.Module):
                  for name, norm in (("attention_norm", self.attention_norm), ("output_norm", self.output_norm))}
         weights = {name: getattr(self, name).weights() for name in ("attention_output", "intermediate", "output")}
         return cpu_int8.int8_layer_tail(x_TxF, attended_TxF, {**weights, **norms}, float_rows=float_rows,
-                                        eps=self.config.layer_norm_eps, activation=self.config.hidden_act)
+                                        eps=self.config.layer_norm_eps, activation=self.config.hidden_act,
+                                        variant=self.int8_kernel)
 
     def _feed_forward(self, x_TxF, attended_TxF, dropout_rngs, float_rows: int):
         """Attention output projection, then the feed-forward block, each with residual and layer norm; on CPU in
@@ -207,16 +214,24 @@ class SparseCrossEncoderModel(nnx.Module):
         dtype=jnp.float32,
         attention_impl: str = "xla",
         interpret: bool = False,
+        cpu_kernels: str | None = None,
+        int8_kernel: str | None = None,
     ):
         self.config = config
         # Patterns the C++ CPU kernel does not cover run the XLA path.
         self.attention_impl = "xla" if attention_impl == "cpu" and not supports_cpu_kernel(config) else attention_impl
+        # The build of the C++ kernels (`sce_jax.kernels.cpu_library`) that runs the attention (None: the selected
+        # one), and with dtype int8 the one that runs the linears (only beside the C++ attention), or None for XLA's
+        # int8 layers (`sce_jax.quant.fused_int8_variant`): chosen at load.
+        self.cpu_kernels = cpu_kernels if self.attention_impl == "cpu" else None
+        self.int8_kernel = int8_kernel if _is_int8(dtype) and self.attention_impl == "cpu" else None
         self.interpret = interpret
         # int8: the layers' linears are int8 (`sce_jax.quant`), everything else float32.
         float_dtype = jnp.float32 if _is_int8(dtype) else dtype
         dense = dict(dtype=float_dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.embeddings = Embeddings(config, dtype=float_dtype, rngs=rngs)
-        self.layers = nnx.List([Layer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.layers = nnx.List([Layer(config, dtype=dtype, rngs=rngs, cpu_kernels=self.cpu_kernels,
+                                      int8_kernel=self.int8_kernel) for _ in range(config.num_hidden_layers)])
         self.pooler = nnx.Linear(config.hidden_size, config.hidden_size, **dense)
         self.classifier = nnx.Linear(config.hidden_size, 1, **dense)
 

@@ -6,12 +6,11 @@ weight rounded, r what that rounding leaves, in steps of 1/254 of q's; about 15 
 model is built or stored that way by `convert_torch_checkpoint.py --quantize int8`. Each call quantizes its
 input per token (one scale per row, the row's max |x| / 127), multiplies int8 by int8 into exact int32 sums
 against q and r, and scales them back to float32: y = (acc_q + acc_r / 254) · (x_scale ⊗ w_scale) + bias.
-One pass of weights left the scores of near-tied long documents visibly reordered (docs/int8.md); the second
-doubles the int8 products (37% of the one-pass fused kernels' time in a profile on passages). Two
-implementations compute this: on CPUs with AMX tiles, next to the C++ attention kernel, fused C++ kernels
+Two implementations compute this: fused C++ kernels next to the C++ attention kernel
 (`sce_jax.kernels.cpu_int8`: the QKV projection, and everything after attention in one pass per block of 32
-tokens), elsewhere XLA (`int8_linear`: `jax.lax.dot_general` with `preferred_element_type=int32`, which XLA's
-CPU backend runs in YNNPACK); `use_fused_kernels` picks, `$SCE_JAX_INT8_KERNEL` (auto, cpu, xla) overrides.
+tokens; one build per instruction set: AMX tiles, AVX-512 VNNI, AVX2, plain loops), and XLA (`int8_linear`:
+`jax.lax.dot_general` with `preferred_element_type=int32`, which XLA's CPU backend runs in YNNPACK).
+`fused_int8_variant` picks, once, when the model is built; `$SCE_JAX_INT8_KERNEL` (auto, cpu, xla) overrides.
 
 BERT's layer-norm outputs (the inputs of QKV and of the feed-forward) have a few outlier channels (MiniLM-L6:
 channel 99 reaches ~28 where most stay below ~2), which would set every token's scale and crush the other
@@ -32,6 +31,8 @@ choices.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import jax
@@ -52,6 +53,7 @@ SMOOTHED_LINEARS = ("qkv", "intermediate")
 SMOOTH_ALPHA = 0.65
 
 _CONTRACT_LAST_FIRST = (((1,), (0,)), ((), ()))
+logger = logging.getLogger("sce_jax.quant")
 
 
 # The second weight pass's unit, in steps of the first: r = round((w / scale - q) · 254), |w / scale - q| <= 1/2.
@@ -144,20 +146,22 @@ class Int8Linear(nnx.Module):
     per-token int8 activations.
 
     `float_rows`: the input's first rows are quantized in two passes (`int8_linear`; the model passes the count of
-    its [CLS] and query rows). `packed` holds the weights in the layout of the C++ kernels' AMX tiles
-    (`sce_jax.kernels.cpu_int8.pack_kernel`, made at load by `with_packed_kernels`, never stored); `fused`
-    runs the layer through them. Built with placeholder weights; the model builder replaces them with
-    `quantize_kernel`'s output.
+    its [CLS] and query rows). `variant`: the build of the fused C++ kernels that runs the layer
+    (`fused_int8_variant`), or None for XLA's; `packed` holds the weights in that build's layout
+    (`sce_jax.kernels.cpu_int8.pack_kernel`, made at load by `with_packed_kernels`, never stored; empty for
+    None), and `fused` runs the layer through them. Built with placeholder weights; the model builder replaces
+    them with `quantize_kernel`'s output.
     """
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, variant: str | None = None):
         self.kernel = nnx.Param(jnp.zeros((in_features, out_features), jnp.int8))
         self.residual = nnx.Param(jnp.zeros((in_features, out_features), jnp.int8))
         self.scale = nnx.Param(jnp.ones((out_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
         # Per input channel: the input is divided by it (SmoothQuant); ones where not smoothed.
         self.smooth = nnx.Param(jnp.ones((in_features,), jnp.float32))
-        self.packed = nnx.Param(jnp.zeros(packed_shape(in_features, out_features), jnp.int8))
+        self.variant = variant
+        self.packed = nnx.Param(jnp.zeros(packed_shape(in_features, out_features, variant), jnp.int8))
 
     def __call__(self, x_TxI: jax.Array, float_rows: int = 0) -> jax.Array:
         return self.columns(x_TxI, 0, self.kernel.shape[1], float_rows)
@@ -184,7 +188,7 @@ class Int8Linear(nnx.Module):
         from sce_jax.kernels import cpu_int8
 
         return cpu_int8.int8_linear(x_TxI, self.packed[...], self.scale[...], self.bias[...], 1 / self.smooth[...],
-                                    float_rows=float_rows, columns=columns)
+                                    float_rows=float_rows, columns=columns, variant=self.variant)
 
     def weights(self) -> tuple:
         """(packed, scale, bias, 1 / smooth) for `sce_jax.kernels.cpu_int8.int8_layer_tail`."""
@@ -206,22 +210,56 @@ def int8_kernel_choice() -> str:
     return choice
 
 
-def use_fused_kernels(impl: str, hidden_act: str) -> bool:
-    """Whether the int8 layers run through the fused C++ kernels (`sce_jax.kernels.cpu_int8`): with the CPU
-    attention kernel (`impl == "cpu"`), an activation they implement, and `$SCE_JAX_INT8_KERNEL` = "auto" (the
-    default: where the CPU has AMX tiles, on which they beat XLA's int8 dot; elsewhere XLA's is faster than
-    their plain loops), "cpu" (always: the plain loops without AMX) or "xla" (never)."""
-    from sce_jax.kernels import cpu_int8
+# The builds of the C++ kernels whose fused int8 layers beat XLA's int8 layers and float32 (docs/int8.md): `auto`
+# takes them; with the `generic` build (plain loops) XLA's int8 dot runs instead.
+FAST_INT8_VARIANTS = ("amx", "avx512_vnni", "avx2")
+
+
+def fused_int8_variant(impl: str, hidden_act: str) -> str | None:
+    """Which build of the fused C++ int8 kernels (`sce_jax.kernels.cpu_library` variant) runs the int8 layers of
+    a model with attention `impl` and activation `hidden_act`, or None for XLA's int8 layers. The kernels need the
+    CPU attention kernel (`impl == "cpu"`) and an activation they implement; then `$SCE_JAX_INT8_KERNEL` decides:
+    "auto" (the default) takes them with a build in `FAST_INT8_VARIANTS`, "cpu" with any build, "xla" never."""
+    from sce_jax.kernels import cpu_int8, cpu_library
 
     choice = int8_kernel_choice()
     if choice == "xla" or impl != "cpu" or hidden_act not in cpu_int8.ACTIVATIONS:
-        return False
-    return choice == "cpu" or cpu_int8.amx()
+        return None
+    variant = cpu_library.selected()
+    if variant is None or (choice == "auto" and variant not in FAST_INT8_VARIANTS):
+        return None
+    return variant
 
 
-def packed_shape(in_features: int, out_features: int) -> tuple[int, int, int]:
-    """The shape of `sce_jax.kernels.cpu_int8.pack_kernel`'s output for an [in, out] kernel."""
-    return 2 * -(-out_features // 16), -(-in_features // 64), 1024
+def int8_path(variant: str | None) -> str:
+    """One line saying which implementation runs the int8 layers (`fused_int8_variant`'s answer), and where it is
+    slower than float32 on this CPU, that it is."""
+    from sce_jax.kernels import cpu_library
+
+    if variant in FAST_INT8_VARIANTS:
+        return f"int8 layers: fused C++ kernels, {variant} build"
+    slower = "slower than float32 on this CPU (docs/int8.md): --dtype float32 scores faster"
+    if variant is not None:
+        return f"int8 layers: fused C++ kernels, {variant} build (plain loops): {slower}"
+    if jax.default_backend() != "cpu" or "amx_int8" in cpu_library.cpu_features():
+        return "int8 layers: XLA's int8 dot"
+    return f"int8 layers: XLA's int8 dot, {slower}"
+
+
+@functools.cache
+def log_int8_path(variant: str | None) -> None:
+    """`int8_path` at INFO, once per process and answer."""
+    logger.info("%s", int8_path(variant))
+
+
+def packed_shape(in_features: int, out_features: int, variant: str | None) -> tuple[int, ...]:
+    """The shape of `sce_jax.kernels.cpu_int8.pack_kernel`'s output for an [in, out] kernel and `variant`; (0,)
+    without one (XLA's int8 layers read the unpacked weights)."""
+    if variant is None:
+        return (0,)
+    from sce_jax.kernels import cpu_int8
+
+    return cpu_int8.packed_shape(in_features, out_features, variant)
 
 
 def dequantized_kernel(linear: dict) -> np.ndarray:
@@ -332,16 +370,19 @@ def dequantize_params(params: dict) -> dict:
     return {**params, "layers": layers}
 
 
-def with_packed_kernels(params: dict) -> dict:
-    """Quantized parameters plus each int8 linear's `packed` kernel (the C++ kernels' tile layout,
-    `sce_jax.kernels.cpu_int8.pack_kernel`): made at load, never stored."""
-    from sce_jax.kernels.cpu_int8 import pack_kernel
+def with_packed_kernels(params: dict, variant: str | None) -> dict:
+    """Quantized parameters plus each int8 linear's `packed` kernel in the layout of the C++ kernels' `variant`
+    (`sce_jax.kernels.cpu_int8.pack_kernel`; empty for None): made at load, never stored."""
+    from sce_jax.kernels import cpu_int8
 
     layers = {}
     for i, layer in params["layers"].items():
         layer = dict(layer)
         for name in QUANTIZED_LINEARS:
-            layer[name] = {**layer[name], "packed": pack_kernel(layer[name]["kernel"], layer[name]["residual"])}
+            linear = layer[name]
+            packed = (np.zeros((0,), np.int8) if variant is None
+                      else cpu_int8.pack_kernel(linear["kernel"], linear["residual"], variant))
+            layer[name] = {**linear, "packed": packed}
         layers[i] = layer
     return {**params, "layers": layers}
 

