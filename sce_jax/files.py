@@ -105,6 +105,13 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _install(handler) -> dict:
+    """`handler` for SIGINT and SIGTERM, except where one is ignored (a background job's SIGINT); the handlers
+    it replaced."""
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(signum) is not signal.SIG_IGN}
+
+
 class DeferredSignals:
     """SIGINT and SIGTERM noted, not acted on, inside `deferred_signals()`; `check` raises for the first."""
 
@@ -130,7 +137,7 @@ def deferred_signals() -> Iterator[DeferredSignals]:
     if not _in_main_thread():
         yield deferred
         return
-    previous = {signum: signal.signal(signum, deferred.note) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = _install(deferred.note)
     try:
         yield deferred
     finally:
@@ -154,7 +161,7 @@ def interrupts_exit_at_once(cleanup: Callable[[], None] | None = None) -> Iterat
         os.write(2, b"interrupted\n")
         os._exit(128 + signum)
 
-    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = _install(handle)
     try:
         yield
     finally:

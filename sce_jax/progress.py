@@ -97,9 +97,9 @@ class ProgressFile:
                              f"continue it, or delete {path} to start over")
 
     @classmethod
-    def read(cls, path: Path) -> ProgressFile | None:
-        """The file's consistent records (see the module's docstring); None if the file is missing. A header
-        that does not check is an InputError."""
+    def read(cls, path: Path, *, records: bool = True) -> ProgressFile | None:
+        """The file's consistent records (see the module's docstring; none read with `records=False`: the
+        header alone); None if the file is missing. A header that does not check is an InputError."""
         _check_file(path)
         try:
             f = open(path, "rb")
@@ -110,7 +110,8 @@ class ProgressFile:
         with f:  # streamed: one window's payload in memory at a time
             header = _read_header(f, path)
             progress = cls(path, header["settings"], header["first_window"], {}, f.tell())
-            progress._read_records(f)
+            if records:
+                progress._read_records(f)
         return progress
 
     def _read_records(self, f) -> None:

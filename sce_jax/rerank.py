@@ -353,7 +353,7 @@ def settings_fingerprint(config: RerankConfig, num_processes: int, process_id: i
 
 def _refuse_changed_settings(progress_file: Path, settings: dict) -> None:
     """Before the heavy reading: `--resume` with settings (all but the run's content) that differ is an error."""
-    saved = ProgressFile.read(progress_file)
+    saved = ProgressFile.read(progress_file, records=False)
     if saved is None:
         return
     then = {**saved.settings}
@@ -374,7 +374,9 @@ def lock_path(output: str, num_processes: int, process_id: int) -> Path:
     """The lock a process holds while it runs: process 0 (or the only one) writes the output and locks it
     (`OUTPUT.lock`, so two runs on one output exclude each other whatever their process counts); each other
     process locks its own progress file."""
-    return Path(f"{output}.lock") if process_id == 0 else Path(f"{progress_path(output, num_processes, process_id)}.lock")
+    if process_id == 0:
+        return Path(f"{output}.lock")
+    return Path(f"{progress_path(output, num_processes, process_id)}.lock")
 
 
 def initialize_processes(config: RerankConfig) -> tuple[int, int]:

@@ -5,19 +5,20 @@ name (`.json`/`.jsonl` among the suffixes), JSON lines of `{"docno"|"doc_id"|"qi
 `TextStore.open` builds, in one streaming pass, an index of the file: the 64-bit FNV-1a hash of every id, sorted,
 with the byte offset, length and line number of its line. The index is cached (beside the file when its
 directory is writable, else under `$SCE_JAX_CACHE_DIR` or `~/.cache/sce_jax`), keyed by the file's canonical
-path, size and modification time, written atomically and checked (a checksum over its arrays) when loaded; its arrays
-are memory-mapped. A lookup hashes the id, finds its line(s) by binary search, reads the line and checks the id,
+path, size and modification time, written atomically and checked (a checksum over its arrays) when loaded; its
+arrays are memory-mapped. A lookup hashes the id, finds its line(s) by binary search, reads the line and checks the id,
 so only the texts asked for are read and decoded.
 
 The indexing pass validates every line (an id, a tab, then the text; JSON objects with a string text), leaves
-out a UTF-8 BOM at the start of a line (the file's, or one that concatenated files carried along), reports non-UTF-8 bytes and lone surrogates as file:line, and rejects a second, different text for one
-id (a repeated identical line is fine; the first is used).
+out a UTF-8 BOM at the start of a line (the file's, or one that concatenated files carried along), reports
+non-UTF-8 bytes and lone surrogates as file:line, and rejects a second, different text for one id (a repeated
+identical line is fine; the first is used).
 
 `.gz` collections are decompressed once into the cache (same key, and checked at every use like an index: its
 size and content fingerprint) and the decompressed copy is indexed: random access into gzip data is not
 possible, and one copy costs disk, not memory. Temporary files of a killed process are removed by the next one
-(`sce_jax.files`). A JSON list (`[...]`, not JSON lines)
-cannot be indexed by line and is read into memory (such files are small in practice).
+(`sce_jax.files`). A JSON list (`[...]`, not JSON lines) cannot be indexed by line and is read into memory (such
+files are small in practice).
 """
 
 from __future__ import annotations

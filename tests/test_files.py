@@ -1,7 +1,6 @@
 """sce_jax.files: atomic writes that an interrupt or a full disk leaves clean, locks naming their holder,
 temporaries of dead writers removed, content fingerprints; sce_jax.errors: Ctrl-C while a command starts."""
 
-import fcntl
 import os
 import signal
 import subprocess
