@@ -457,7 +457,8 @@ def rerank(config: RerankConfig) -> int:
     """Re-rank, write the run, and evaluate if there are qrels; returns the exit status."""
     config = check_paths(config)
     measures = parse_measures(config.measures)
-    num_processes, process_id = initialize_processes(config)
+    with interrupts_exit_at_once():  # starting JAX's backend writes nothing (see _rerank_locked)
+        num_processes, process_id = initialize_processes(config)
     lock = lock_path(config.output, num_processes, process_id)
     with exclusive_lock(lock, f"--output {config.output}"):  # a second run on this output stops here
         progress_file = progress_path(config.output, num_processes, process_id)
