@@ -10,8 +10,12 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 ):
     __path__.append(_root)
 
-from sce_jax.config import SparseCrossEncoderConfig
-from sce_jax.encoder import SparseCrossEncoder
+from sce_jax.errors import guard_startup as _guard_startup
+
+_guard_startup()  # Ctrl-C while a command imports jax: one line, exit 130 (sce_jax.errors)
+
+from sce_jax.config import SparseCrossEncoderConfig  # noqa: E402
+from sce_jax.encoder import SparseCrossEncoder  # noqa: E402
 
 __all__ = ["SparseCrossEncoder", "SparseCrossEncoderConfig"]
 __version__ = "0.1.0"

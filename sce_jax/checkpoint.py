@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,15 @@ import numpy as np
 
 from sce_jax.config import SparseCrossEncoderConfig
 from sce_jax.errors import InputError, one_line, user_path
-from sce_jax.quant import QUANTIZATION_FILE, SCHEME, is_quantized, quantized_target
+from sce_jax.files import (
+    current_umask,
+    deferred_signals,
+    is_write_error,
+    locked_temporary,
+    remove_stale_temporaries,
+    write_error,
+)
+from sce_jax.quant import QUANTIZATION_FILE, SCHEME, int8_params_problem, is_quantized, quantized_target
 from sce_jax.tokenization import TOKENIZER_FILES
 from sce_jax.weights import CheckpointError, hf_to_params, param_shapes, read_hf_state_dict
 
@@ -44,18 +51,6 @@ def copy_tokenizer_files(source: str | Path, destination: str | Path) -> None:
     for name in TOKENIZER_FILES:
         if (Path(source) / name).exists():
             shutil.copyfile(Path(source) / name, Path(destination) / name)  # new files: modes from the umask
-
-
-def current_umask() -> int:
-    """The process's umask: from /proc/self/status on Linux (no change, so safe beside threads that create
-    files), else by setting and restoring it."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
@@ -85,34 +80,57 @@ def staged_directory(path: str | Path) -> Iterator[Path]:
 
     A failure leaves neither a partial `path` nor a stray staging directory (nor parents it created); an
     existing non-empty `path` is never touched. The directory gets the mode the umask gives (mkdtemp's is 0700).
+    SIGINT/SIGTERM wait for the block to finish its write (Orbax writes from background threads), then remove
+    the staging directory and raise `Interrupted` saying so; a full disk is one InputError line. The staging
+    directory (`.NAME.XXXXXXXX.partial`) is locked while in use, so a later run removes one that a killed process
+    left (`files.remove_stale_temporaries`).
     """
     path = check_output_dir(path)
-    created = []
-    for parent in reversed(path.parents):
-        if not parent.exists():
-            created.append(parent)
+    created = [parent for parent in reversed(path.parents) if not parent.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        remove_stale_temporaries(path)
+        fd, staging = locked_temporary(path, directory=True)
     except OSError as e:
         _remove_created(created)
         raise InputError(f"cannot create {path}: {e.strerror or e}") from None
     try:
-        os.chmod(staging, 0o777 & ~current_umask())
-        yield staging
-        if path.exists():
-            path.rmdir()
-        os.replace(staging, path)
-    except BaseException:
+        with deferred_signals() as signals:
+            os.chmod(staging, 0o777 & ~current_umask())
+            yield staging
+            signals.check(f"{path} was not written (its partial directory was removed)")
+            if path.exists():
+                path.rmdir()
+            os.replace(staging, path)
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_created(created)
+        if is_write_error(error):
+            raise InputError(f"{write_error(path, error)} (nothing was left behind)") from None
         raise
+    finally:
+        os.close(fd)
 
 
 def _remove_created(directories: list[Path]) -> None:
     for directory in reversed(directories):  # deepest first
         with contextlib.suppress(OSError):
             directory.rmdir()
+
+
+@contextlib.contextmanager
+def _quiet_orbax_errors() -> Iterator[None]:
+    """Orbax logs each failure of its background writer threads with a traceback (through absl) before raising
+    it: those logs are dropped here; the error itself still reaches the caller."""
+    import logging
+
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 def save_model_dir(path: str | Path, config: SparseCrossEncoderConfig, params: dict, tokenizer_dir: str | Path) -> Path:
@@ -124,7 +142,7 @@ def save_model_dir(path: str | Path, config: SparseCrossEncoderConfig, params: d
         copy_tokenizer_files(tokenizer_dir, staging)
         if is_quantized(params):
             (staging / QUANTIZATION_FILE).write_text(json.dumps(SCHEME, indent=2) + "\n")
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _quiet_orbax_errors(), ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, jax.tree.map(np.asarray, params))
     return user_path(path)
 
@@ -189,6 +207,20 @@ def _check_scheme(path: Path) -> None:
                               f"{SCHEME['weights']!r}; convert the float32 model again with --quantize int8")
 
 
+def _check_int8_marker(directory: Path, stored) -> None:
+    """A one-line CheckpointError where quantization.json and the stored weights disagree (int8 weights without the
+    file, or float32 weights with it), rather than a list of tensors whose shapes differ."""
+    marker = directory / QUANTIZATION_FILE
+    names = _names_and_shapes(stored)
+    int8 = any(name.endswith(".residual") for name in names)
+    if int8 and not marker.exists():
+        raise CheckpointError(f"{directory / PARAMS_DIR} holds int8 weights, but {marker}, which marks an int8 "
+                              "directory, is missing: restore it, or convert the model again")
+    if marker.exists() and names and not int8:
+        raise CheckpointError(f"{marker} marks an int8 directory, but {directory / PARAMS_DIR} holds float32 "
+                              "weights: remove the file, or convert the model again")
+
+
 def _restore_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:
     import orbax.checkpoint as ocp
 
@@ -201,8 +233,15 @@ def _restore_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:
         if where.exists():
             _verify_item(where)
             with ocp.StandardCheckpointer() as checkpointer:
-                _check_stored_shapes(checkpointer.metadata(where).item_metadata, target, where)
-                return checkpointer.restore(where, target)
+                stored = checkpointer.metadata(where).item_metadata
+                _check_int8_marker(directory, stored)
+                _check_stored_shapes(stored, target, where)
+                params = checkpointer.restore(where, target)
+            problem = int8_params_problem(params) if is_quantized(params) else None
+            if problem:
+                raise CheckpointError(f"{where}: {problem}; the int8 weights are damaged: convert the float32 model "
+                                      "again with --quantize int8")
+            return params
         with ocp.CheckpointManager(directory / CHECKPOINTS_DIR) as manager:
             step = manager.latest_step()
             if step is None:

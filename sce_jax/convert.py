@@ -27,6 +27,7 @@ from sce_jax.checkpoint import (
 )
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pattern
 from sce_jax.errors import InputError, run_cli
+from sce_jax.files import interrupts_exit_at_once
 from sce_jax.quant import dequantize_params, quantize_params
 from sce_jax.weights import (
     extend_position_embeddings,
@@ -164,18 +165,22 @@ def config_overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.export:
-        config = export_hf(args.source, args.output)
-    else:
-        config = convert(
-            args.source,
-            args.output,
-            config_overrides=config_overrides_from_args(args),
-            extend_positions=args.extend_positions,
-            trained_positions=args.trained_positions,
-            add_untrained_head=args.add_untrained_head,
-            quantize=args.quantize,
-        )
+    # Nothing is written until the output's staging directory exists, and that defers signals until its write
+    # is done (then removes it): until then an interrupt ends the process at once, rather than being raised
+    # inside JAX or Orbax code that cannot always stop cleanly.
+    with interrupts_exit_at_once():
+        if args.export:
+            config = export_hf(args.source, args.output)
+        else:
+            config = convert(
+                args.source,
+                args.output,
+                config_overrides=config_overrides_from_args(args),
+                extend_positions=args.extend_positions,
+                trained_positions=args.trained_positions,
+                add_untrained_head=args.add_untrained_head,
+                quantize=args.quantize,
+            )
     pattern = "full attention" if config.is_full_attention else f"window {config.attention_window_size}"
     head = "; its classifier is UNTRAINED (random)" if args.add_untrained_head else ""
     print(f"wrote {args.output} ({config.num_hidden_layers} layers, {config.max_position_embeddings} positions, "

@@ -29,7 +29,8 @@ from sce_jax.batch import (
 )
 from sce_jax.checkpoint import load_params, read_model_config, resolve_model_dir
 from sce_jax.config import SparseCrossEncoderConfig
-from sce_jax.errors import InputError, SettingsError
+from sce_jax.errors import InputError, NonFiniteScoresError, SettingsError
+from sce_jax.frames import frame_queries
 from sce_jax.kernels import cpu_library
 from sce_jax.model import SparseCrossEncoderModel
 from sce_jax.quant import (dequantize_params, fused_int8_variant, int8_kernel_choice, log_int8_path, quantize_params,
@@ -95,6 +96,22 @@ def check_compute_settings(dtype: str, attention_impl: str, devices: int | None 
         local = len(jax.local_devices())
         if not isinstance(devices, int) or isinstance(devices, bool) or not 1 <= devices <= local:
             raise SettingsError("devices", f"devices={devices!r}, but there are {local} local devices")
+
+
+def check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise SettingsError("batch_size", f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def check_texts(name: str, texts) -> None:
+    """A TypeError unless `texts` is a sequence (list, tuple, array) of strings: a string where a list belongs
+    would otherwise be scored character by character."""
+    if isinstance(texts, (str, bytes)) or not hasattr(texts, "__len__") or not hasattr(texts, "__getitem__"):
+        raise TypeError(f"{name} must be a list of strings, got {type(texts).__name__}" +
+                        (f" {texts[:40]!r}" if isinstance(texts, (str, bytes)) else ""))
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(text).__name__}")
 
 
 def maxp_chunk_starts(length: int, size: int) -> range:
@@ -202,7 +219,10 @@ class SparseCrossEncoder:
         return cls(model, tokenizer, source=str(path_or_hub_id), devices=devices)
 
     def score(self, query: str, docs: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        """float32 logits of `docs` for `query`, in input order."""
+        """float32 logits of `docs` (a list of strings) for `query`, in input order."""
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a string, got {type(query).__name__}")
+        check_texts("docs", docs)
         return self.score_pairs([query], docs, [0] * len(docs), batch_size=batch_size, progress=progress)
 
     def score_pairs(
@@ -236,6 +256,11 @@ class SparseCrossEncoder:
     ) -> WindowScores:
         """`score_pairs`, also counting truncated documents; `on_step` is called after every step (it may raise to
         stop after the batch in flight)."""
+        check_texts("queries", queries)
+        check_texts("docs", docs)
+        check_batch_size(batch_size)
+        if not len(docs):
+            return WindowScores(np.zeros(0, np.float32), 0)
         query_tokens = self.tokenizer.encode_queries(queries)
         doc_query = np.asarray(doc_query, np.int64)
         pieces = self.tokenizer.encode_docs([query_tokens[q] for q in doc_query], docs, truncate=False)
@@ -267,16 +292,12 @@ class SparseCrossEncoder:
         """Re-rank a PyTerrier-style frame (`qid`, `query`, `docno`, `text`, one row per document).
 
         Returns its rows with `score` (float32 logits) and `rank` (from 0, as PyTerrier numbers them), sorted by
-        query (in order of first appearance) and descending score; equal scores keep their input order.
+        query (in order of first appearance) and descending score; equal scores keep their input order. A qid
+        whose rows carry different query texts, or a row without qid, docno, query or text, is a ValueError.
         """
-        missing = [c for c in ("qid", "query", "docno", "text") if c not in frame]
-        if missing:
-            raise ValueError(f"frame lacks column(s) {', '.join(missing)}")
-        no_text = frame[frame[["query", "text"]].isna().any(axis=1)]
-        if len(no_text):
-            raise ValueError(f"rows without query or text, e.g. qid {no_text.qid.iloc[0]} docno {no_text.docno.iloc[0]}")
-        doc_query, _ = pd.factorize(frame["qid"])
-        queries = frame.drop_duplicates("qid")["query"].tolist()
+        doc_query, queries = frame_queries(frame)
+        if frame.empty:
+            return frame.assign(score=pd.Series(dtype=np.float32), rank=pd.Series(dtype=np.int64))
         scores = self.score_pairs(
             queries, frame["text"].tolist(), doc_query, batch_size=batch_size, max_p=max_p, progress=progress
         )
@@ -306,6 +327,7 @@ class SparseCrossEncoder:
         differences of a few float32 ulp, measured up to ~2e-6 relative); with several devices, each device scores whole batches, so
         scores are bit-identical for any device count.
         """
+        check_batch_size(batch_size)
         num_docs = len(doc_tokens)
         scores = np.zeros(num_docs, np.float32)
         if num_docs == 0:
@@ -357,7 +379,16 @@ class SparseCrossEncoder:
             if on_step is not None:
                 on_step()
         bar.close()
+        self._check_finite(scores)
         return scores
+
+    def _check_finite(self, scores: np.ndarray) -> None:
+        """NonFiniteScoresError (an InputError: exit 2 from the commands) naming the model, if any score is NaN or
+        infinite: such scores are never written or returned."""
+        bad = int(np.count_nonzero(~np.isfinite(scores)))
+        if bad:
+            raise NonFiniteScoresError(f"model {self.source!r} gave non-finite scores (NaN or infinity) for {bad} of "
+                                       f"{len(scores)} documents: its weights are probably damaged")
 
     # --- sentence-transformers-style API (`sentence_transformers.CrossEncoder.predict` / `.rank`) ---------------
 
@@ -387,8 +418,9 @@ class SparseCrossEncoder:
         """
         if prompt_name is not None or prompt is not None:
             raise ValueError("prompts are not supported: sparse cross-encoders take the query as it is")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        check_batch_size(batch_size)
+        if isinstance(inputs, (str, bytes)):
+            raise TypeError(f"inputs must be a list of (query, document) pairs, got a string {inputs[:40]!r}")
         single = isinstance(inputs, (list, tuple)) and len(inputs) > 0 and isinstance(inputs[0], str)
         pairs = [inputs] if single else list(inputs)
         for i, pair in enumerate(pairs):
@@ -430,6 +462,7 @@ class SparseCrossEncoder:
         Returns `[{"corpus_id": i, "score": float, "text"?: documents[i]}, ...]` by descending score (equal
         scores keep input order), the first `top_k` if given; `text` only with `return_documents`.
         """
+        check_texts("documents", documents)
         scores = self.predict([(query, doc) for doc in documents], prompt_name=prompt_name, prompt=prompt,
                               batch_size=batch_size, show_progress_bar=show_progress_bar,
                               activation_fn=activation_fn, apply_softmax=apply_softmax, max_p=max_p)

@@ -7,9 +7,11 @@ traceback. `--debug` or `SCE_JAX_DEBUG=1` lets the exception through, traceback 
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,19 @@ EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 
 class InputError(ValueError):
     """Bad user input (file contents, ids, options): the CLI prints the message and exits with code 2."""
+
+
+class NonFiniteScoresError(InputError):
+    """A model produced NaN or infinite scores (e.g. corrupt weights): nothing is written or returned."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a command; `detail` says what was cleaned up (one line)."""
+
+    def __init__(self, signum: int, detail: str = ""):
+        super().__init__(detail)
+        self.signum = signum
+        self.detail = detail
 
 
 class SettingsError(InputError):
@@ -58,20 +73,68 @@ def debug_enabled(argv: list[str] | None = None) -> bool:
 
 
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
-    """Run a command's `main(argv)`; InputError -> one line + 2, Ctrl-C -> one line + 130.
+    """Run a command's `main(argv)`; InputError -> one line + 2, Ctrl-C -> one line + 130 (an `Interrupted`:
+    one line saying what was cleaned up, and 128 + its signal).
 
     `--debug` is removed from argv here (so every command accepts it) and lets tracebacks through.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    _end_startup_guard()
     debug = debug_enabled(argv)
     argv = [arg for arg in argv if arg != "--debug"]
     if debug:
         return main(argv) or 0
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _redeliver_interrupts
     try:
         return main(argv) or 0
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_SIGINT
+    except KeyboardInterrupt as error:
+        signum = getattr(error, "signum", signal.SIGINT)
+        detail = getattr(error, "detail", "")
+        print(f"stopped ({signal.Signals(signum).name}): {detail}" if detail else "interrupted", file=sys.stderr)
+        return 128 + signum
+    finally:
+        sys.unraisablehook = previous_hook
+
+
+def _redeliver_interrupts(unraisable) -> None:
+    """An interrupt raised where Python can only print and drop it (a garbage-collector callback, such as JAX's,
+    or a finalizer) is delivered again, so that Ctrl-C or SIGTERM is never lost; anything else is reported as
+    usual."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        # From another thread, a little later: the main thread has left the callback by then (tripped here, the
+        # handler would run, and raise, inside this hook).
+        signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
+        threading.Timer(0.05, _thread.interrupt_main, (signum,)).start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+# Ctrl-C while a command is still importing (jax and the rest take seconds): one line and 130, not a traceback
+# from inside whichever module was loading. `sce_jax/__init__.py` installs this handler when the process was
+# started as one of the commands; `run_cli` puts Python's own handler back before the command starts.
+COMMAND_NAMES = ("sce-jax-rerank", "sce-jax-train", "sce-jax-convert", "sce-jax-serve", "convert_torch_checkpoint.py")
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    os.write(2, b"interrupted\n")
+    os._exit(EXIT_SIGINT)
+
+
+def guard_startup() -> None:
+    """Ctrl-C before `run_cli` runs exits 130 with one line (only in a process started as an sce_jax command:
+    `python -m sce_jax.X`, whose package import runs while argv[0] is "-m", or a console script)."""
+    started_as_command = sys.argv[:1] == ["-m"] or Path(sys.argv[0] if sys.argv else "").name in COMMAND_NAMES
+    if started_as_command and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        try:
+            signal.signal(signal.SIGINT, _interrupted_while_starting)
+        except ValueError:  # not the main thread
+            pass
+
+
+def _end_startup_guard() -> None:
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

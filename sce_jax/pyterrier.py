@@ -16,7 +16,8 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(f"sce_jax.pyterrier needs PyTerrier: pip install 'sce-jax[pyterrier]' ({error})") from error
 
-from sce_jax.encoder import SparseCrossEncoder
+from sce_jax.encoder import SparseCrossEncoder, check_batch_size
+from sce_jax.frames import frame_queries
 
 
 class SparseCrossEncoderReRanker(pt.Transformer):
@@ -46,8 +47,7 @@ class SparseCrossEncoderReRanker(pt.Transformer):
             self.encoder = model_or_path
         else:
             self.encoder = SparseCrossEncoder.load(model_or_path, **load_kwargs)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        check_batch_size(batch_size)
         self.text_field = text_field
         self.batch_size = batch_size
         self.verbose = verbose
@@ -58,15 +58,10 @@ class SparseCrossEncoderReRanker(pt.Transformer):
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         pt.validate.result_frame(inp, extra_columns=["query", self.text_field], context=self)
-        missing = inp[inp[["query", self.text_field]].isna().any(axis=1)]
-        if len(missing):
-            raise ValueError(f"{len(missing)} rows without query or {self.text_field!r}, e.g. qid "
-                             f"{missing.qid.iloc[0]} docno {missing.docno.iloc[0]}")
+        doc_query, queries = frame_queries(inp, self.text_field)
         out = inp.drop(columns=["score", "rank"], errors="ignore").reset_index(drop=True)
         if out.empty:
             return out.assign(score=pd.Series(dtype="float32"), rank=pd.Series(dtype="int64"))
-        doc_query, _ = pd.factorize(out["qid"])
-        queries = out.drop_duplicates("qid")["query"].tolist()
         out["score"] = self.encoder.score_pairs(queries, out[self.text_field].tolist(), doc_query,
                                                 batch_size=self.batch_size, max_p=self.max_p,
                                                 progress=self.verbose)

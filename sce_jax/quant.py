@@ -274,6 +274,20 @@ def is_quantized(params: dict) -> bool:
     return any("scale" in layer[QUANTIZED_LINEARS[0]] for layer in params["layers"].values())
 
 
+def int8_params_problem(params: dict) -> str | None:
+    """What is wrong with stored int8 parameters, or None: every weight scale and smoothing factor must be finite
+    and positive (a NaN scale would silently act as 0, a zero or negative one flip or erase a channel)."""
+    for i, layer in sorted(params["layers"].items(), key=lambda item: int(item[0])):
+        for name in QUANTIZED_LINEARS:
+            for field in ("scale", "smooth"):
+                values = np.asarray(layer[name][field], np.float32)
+                bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+                if bad.size:
+                    return (f"layers.{i}.{name}.{field} has {bad.size} values that are not finite and positive "
+                            f"(e.g. {values[bad[0]]} at index {bad[0]})")
+    return None
+
+
 def smoothing_factors(amax_x_I, kernel_IxO, alpha: float = SMOOTH_ALPHA) -> np.ndarray:
     """SmoothQuant's per-input-channel s = max|x|^α / max|w|^(1-α) (1 where a channel is all zero)."""
     amax_x_I = np.asarray(amax_x_I, np.float64)

@@ -22,12 +22,18 @@ import numpy as np
 
 from sce_jax import irds
 from sce_jax.cli_config import add_dataclass_flags, resolve_dataclass
-from sce_jax.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, SettingsError, run_cli, user_path
+from sce_jax.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, SettingsError, run_cli, user_path
 from sce_jax.evaluation import DEFAULT_MEASURES, evaluate, format_results, parse_measures, read_qrels, write_results
-from sce_jax.progress import ProgressFile
+from sce_jax.files import (
+    atomic_write,
+    content_fingerprint,
+    exclusive_lock,
+    interrupts_exit_at_once,
+    remove_stale_temporaries,
+)
+from sce_jax.progress import ProgressFile, settings_difference
 from sce_jax.runs import (
     CompactRun,
-    atomic_write,
     check_readable,
     compact_from_frame,
     format_score,
@@ -182,6 +188,11 @@ def check_paths(config: RerankConfig) -> RerankConfig:
     for name, what in (("queries", "queries file"), ("docs", "documents file"), ("qrels", "qrels file")):
         if getattr(config, name) is not None:
             check_readable(Path(getattr(config, name)), what)
+    for name in ("queries", "docs"):  # indexed, then read line by line at their offsets
+        value = getattr(config, name)
+        if value is not None and not Path(value).is_file():
+            raise InputError(f"--{name} {value} is not a regular file (a pipe?): its lines are looked up by offset, "
+                             "so save it to a file first")
     inputs = {f"--{_flag(name)}": Path(getattr(config, name)) for name in ("run", "queries", "docs", "qrels")
               if getattr(config, name) is not None and Path(getattr(config, name)).exists()}
     _check_writable_target(Path(config.output), "--output", inputs)
@@ -197,15 +208,17 @@ def eval_output_path(config: RerankConfig) -> str:
 # --- input ---------------------------------------------------------------------------------------------------
 
 
-def load_input(config: RerankConfig) -> tuple[CompactRun, RunTexts, str | None]:
-    """The run to re-rank (depth-cut while read), its texts (checked to exist) and its ir_datasets id, if any."""
+def load_input(config: RerankConfig) -> tuple[CompactRun, RunTexts, str | None, str | None]:
+    """The run to re-rank (depth-cut while read), its texts (checked to exist), its ir_datasets id, if any, and
+    the run file's content hash (blake2b, computed while it is read; None for an ir_datasets run)."""
     depth = config.depth or None
     path = Path(config.run)
-    if path.is_file():
+    digest = hashlib.blake2b(digest_size=16)
+    if path.exists():
         if is_json_run(path):
-            run = compact_from_frame(read_json_run(path), depth)
+            run = compact_from_frame(read_json_run(path, digest), depth)
         else:
-            run = read_trec_run_compact(path, depth)
+            run = read_trec_run_compact(path, depth, digest)
         dataset_id = config.dataset
         texts_missing = run.query_texts is None or None in run.query_texts or run.doc_texts is None or any(
             t is None for t in run.doc_texts)
@@ -217,13 +230,14 @@ def load_input(config: RerankConfig) -> tuple[CompactRun, RunTexts, str | None]:
             raise irds.UnknownDatasetError(f"run {config.run!r} is neither a file nor a known ir_datasets id")
         dataset_id = config.dataset or config.run
         run = irds.dataset_run_compact(config.run, depth)
+        digest = None
     if dataset_id is not None:
         irds.load_dataset(dataset_id)
     if not len(run):
         raise InputError(f"{config.run}: the run is empty")
     texts = RunTexts(run, source=config.run, queries_file=config.queries, docs_file=config.docs,
                      dataset_id=dataset_id)
-    return run, texts, dataset_id
+    return run, texts, dataset_id, None if digest is None else digest.hexdigest()
 
 
 def load_qrels(config: RerankConfig, dataset_id: str | None):
@@ -300,7 +314,10 @@ def window_payload(run: CompactRun, bounds: np.ndarray, first: int, end: int, sc
 # --- progress, fingerprints, processes -------------------------------------------------------------------------
 
 
-def _file_fingerprint(path: str | None):
+def _file_fingerprint(path: str | None, *, content: bool = True):
+    """A file's path and content fingerprint (`files.content_fingerprint`; with `content=False` its size only, for
+    the run, whose content hash is taken while it is read); a directory's files' names, sizes and modification
+    times (a model); anything else (a hub or ir_datasets id) as it is."""
     if path is None:
         return None
     p = Path(path)
@@ -314,24 +331,52 @@ def _file_fingerprint(path: str | None):
                 stat = (Path(root) / name).stat()
                 digest.update(f"{os.path.relpath(Path(root) / name, p)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
         return {"path": str(p.resolve()), "files": digest.hexdigest()}
-    stat = p.stat()
-    return {"path": str(p.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if not content or not p.is_file():  # a pipe's content is hashed while it is read
+        return {"path": str(p.resolve()), "size": p.stat().st_size}
+    return {"path": str(p.resolve()), **content_fingerprint(p)}
 
 
-def settings_fingerprint(config: RerankConfig, num_processes: int, process_id: int) -> dict:
-    """What decides the output's bytes, by flag name (`--resume` requires it unchanged)."""
+def settings_fingerprint(config: RerankConfig, num_processes: int, process_id: int,
+                         run_content: str | None = None) -> dict:
+    """What decides the output's bytes, by flag name (`--resume` requires it unchanged). The run file's content
+    hash (`run_content`, from `load_input`) is added once the run has been read."""
     settings = {f"--{_flag(name)}": getattr(config, name) for name in SCORE_SETTINGS}
     for name in ("model", "run", "queries", "docs"):
-        settings[f"--{name}"] = _file_fingerprint(getattr(config, name))
+        settings[f"--{name}"] = _file_fingerprint(getattr(config, name), content=name != "run")
+    if run_content is not None and isinstance(settings["--run"], dict):
+        settings["--run"]["blake2b"] = run_content
     settings["--dataset"] = config.dataset
     settings["--num-processes"] = num_processes
     settings["--process-id"] = process_id
     return settings
 
 
+def _refuse_changed_settings(progress_file: Path, settings: dict) -> None:
+    """Before the heavy reading: `--resume` with settings (all but the run's content) that differ is an error."""
+    saved = ProgressFile.read(progress_file, records=False)
+    if saved is None:
+        return
+    then = {**saved.settings}
+    if isinstance(then.get("--run"), dict):
+        then["--run"] = {k: v for k, v in then["--run"].items() if k != "blake2b"}
+    difference = settings_difference(then, settings)
+    if difference:
+        raise InputError(f"--resume: {difference}; run with the interrupted run's settings, or delete {progress_file} "
+                         "to start over")
+
+
 def progress_path(output: str, num_processes: int, process_id: int) -> Path:
     name = f"{output}.progress" if num_processes == 1 else f"{output}.progress.{process_id}-of-{num_processes}"
     return Path(name)
+
+
+def lock_path(output: str, num_processes: int, process_id: int) -> Path:
+    """The lock a process holds while it runs: process 0 (or the only one) writes the output and locks it
+    (`OUTPUT.lock`, so two runs on one output exclude each other whatever their process counts); each other
+    process locks its own progress file."""
+    if process_id == 0:
+        return Path(f"{output}.lock")
+    return Path(f"{progress_path(output, num_processes, process_id)}.lock")
 
 
 def initialize_processes(config: RerankConfig) -> tuple[int, int]:
@@ -412,22 +457,23 @@ def rerank(config: RerankConfig) -> int:
     """Re-rank, write the run, and evaluate if there are qrels; returns the exit status."""
     config = check_paths(config)
     measures = parse_measures(config.measures)
-    num_processes, process_id = initialize_processes(config)
-    progress_file = progress_path(config.output, num_processes, process_id)
-    ProgressFile.check_absent_or_resuming(progress_file, config.resume)
-    settings = settings_fingerprint(config, num_processes, process_id)
-    if config.resume:  # refuse early, before the heavy reading and the model
-        saved = ProgressFile.read(progress_file)
-        if saved is not None:
-            from sce_jax.progress import settings_difference
+    with interrupts_exit_at_once():  # starting JAX's backend writes nothing (see _rerank_locked)
+        num_processes, process_id = initialize_processes(config)
+    lock = lock_path(config.output, num_processes, process_id)
+    with exclusive_lock(lock, f"--output {config.output}"):  # a second run on this output stops here
+        progress_file = progress_path(config.output, num_processes, process_id)
+        for path in [progress_file] + ([config.output, eval_output_path(config)] if process_id == 0 else []):
+            remove_stale_temporaries(path)
+        ProgressFile.check_absent_or_resuming(progress_file, config.resume)
+        if config.resume:  # refuse early, before the heavy reading and the model
+            _refuse_changed_settings(progress_file, settings_fingerprint(config, num_processes, process_id))
+        return _rerank_locked(config, measures, num_processes, process_id, progress_file, lock)
 
-            difference = settings_difference(saved.settings, settings)
-            if difference:
-                raise InputError(f"--resume: {difference}; run with the interrupted run's settings, or delete "
-                                 f"{progress_file} to start over")
 
+def _rerank_locked(config, measures, num_processes: int, process_id: int, progress_file: Path, lock: Path) -> int:
     started = time.perf_counter()
-    run, texts, dataset_id = load_input(config)
+    run, texts, dataset_id, run_content = load_input(config)
+    settings = settings_fingerprint(config, num_processes, process_id, run_content)
     qrels = load_qrels(config, dataset_id)
     bounds = run.query_bounds()
     windows = plan_windows(bounds, config.window)
@@ -438,24 +484,30 @@ def rerank(config: RerankConfig) -> int:
                 f"; process {process_id} of {num_processes} takes windows {mine.start}..{mine.stop - 1}"
                 if num_processes > 1 else "")
 
-    encoder = load_encoder(config)
-    progress = ProgressFile.open(progress_file, settings, resume=config.resume)
+    # Loading writes nothing, and an interrupt raised inside JAX's C++ callbacks could abort the process: an
+    # interrupt here ends the process at once.
+    with interrupts_exit_at_once(cleanup=lambda: lock.unlink(missing_ok=True)):
+        encoder = load_encoder(config)
+    progress = ProgressFile.open(progress_file, settings, mine.start, resume=config.resume)
     try:
+        if len(progress.done) > len(mine):
+            raise InputError(f"{progress_file} holds {len(progress.done)} windows, but this process's share has "
+                             f"{len(mine)}; delete it to start over")
         code = _score_windows(config, encoder, run, texts, bounds, windows, mine, progress)
+    except BaseException:
+        _discard_if_empty(progress)
+        raise
     finally:
         progress.close()
         texts.close()
-    if code:
+    if code:  # stopped by a signal
+        _discard_if_empty(progress)
         return code
     logger.info("%d distinct batch shapes were compiled", len(encoder.compiled_shapes))
 
     _barrier("sce_jax_rerank_scored", num_processes)
     if process_id == 0:
-        parts = [progress] + [ProgressFile.read(progress_path(config.output, num_processes, p))
-                              for p in range(1, num_processes)]
-        truncated = _write_output(config.output, windows, parts)
-        for part in parts:
-            part.path.unlink()
+        truncated = _write_output(config, windows, progress, num_processes)
         logger.info("wrote %s", config.output)
         if truncated and not config.max_p:
             logger.warning("%d of %d documents were longer than the max length (%d tokens with their query) and were "
@@ -465,6 +517,14 @@ def rerank(config: RerankConfig) -> int:
             _evaluate(config, run, qrels, measures)
     _barrier("sce_jax_rerank_written", num_processes)
     return 0
+
+
+def _discard_if_empty(progress: ProgressFile) -> None:
+    """A progress file this run started and saved nothing to is removed: a failed or stopped first window
+    leaves nothing behind."""
+    progress.close()
+    if progress.created and not progress.done:
+        progress.path.unlink(missing_ok=True)
 
 
 def _score_windows(config, encoder, run, texts, bounds, windows, mine, progress: ProgressFile) -> int:
@@ -508,21 +568,41 @@ def _score_windows(config, encoder, run, texts, bounds, windows, mine, progress:
     except _Stop:
         bar.close()
         name = "SIGINT" if signals.received == signal.SIGINT else "SIGTERM"
-        print(f"stopped ({name}): {queries_done} of {queries_total} queries are saved in {progress.path}; run the "
-              "same command with --resume to continue", file=sys.stderr)
+        if progress.created and not progress.done:
+            print(f"stopped ({name}) before any query was saved; nothing was written", file=sys.stderr)
+        else:
+            print(f"stopped ({name}): {queries_done} of {queries_total} queries are saved in {progress.path}; run "
+                  "the same command with --resume to continue", file=sys.stderr)
         return EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
     bar.close()
     return 0
 
 
-def _write_output(output: str, windows, parts: list[ProgressFile]) -> int:
-    """The output from every window's saved lines, in window order, written atomically; returns truncated docs."""
+def _write_output(config: RerankConfig, windows, progress: ProgressFile, num_processes: int) -> int:
+    """The output from every process's saved windows, in window order, written atomically; then the progress
+    files are removed. Returns the count of truncated documents. Fails (the progress kept) on a full disk."""
+    parts = [progress] + [ProgressFile.read(progress_path(config.output, num_processes, p))
+                          for p in range(1, num_processes)]
+    resume = f"the scored windows are kept in {progress.path}: run the same command with --resume to write it"
+    try:
+        truncated = _assemble(config.output, windows, parts)
+    except Interrupted as error:
+        raise Interrupted(error.signum, f"{error.detail}; {resume}") from None
+    except InputError as error:
+        raise InputError(f"{error}; {resume}") from None
+    for part in parts:
+        part.path.unlink()
+    return truncated
+
+
+def _assemble(output: str, windows, parts: list[ProgressFile | None]) -> int:
     truncated = 0
     with atomic_write(output, "wb") as f:
         for k in range(len(windows)):
             part = next((p for p in parts if p is not None and k in p.done), None)
             if part is None:
-                raise RuntimeError(f"window {k} is missing from the progress files")
+                raise InputError(f"window {k} is in none of the progress files "
+                                 f"({', '.join(str(p.path) for p in parts if p is not None)})")
             f.write(part.payload(k))
             truncated += int(part.done[k][2].get("truncated", 0))
     return truncated

@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from sce_jax.errors import InputError, located, user_path  # noqa: F401  (re-exported: older imports)
+from sce_jax.files import atomic_write  # noqa: F401  (re-exported: older imports)
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +35,6 @@ JSON_TEXT_FIELDS = ("query", "text")
 
 GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 BOM = "\ufeff"
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def open_text(path: str | os.PathLike) -> IO[str]:
@@ -107,48 +101,6 @@ def check_text(value: str, path, where, field: str) -> str:
     return value
 
 
-def _write_through(path: Path) -> Path:
-    """Where writing `path` should go: a symlink's target (so the link is kept), otherwise `path` itself."""
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Write a file all at once: into a temporary file beside it, renamed over `path` only on success.
-
-    mode "w" (UTF-8 text, `\\n` line ends) or "wb". A name ending in `.gz` is written gzip-compressed (with a
-    zero timestamp, so equal contents give equal bytes). A symlink is written through: its target is replaced,
-    the link kept. The file gets the usual mode for new files (0666 less the umask). A failure (an exception
-    inside the block) removes the temporary file and leaves any existing `path` as it was.
-    """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    target = _write_through(path)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as raw:
-            stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if path.name.endswith(".gz") else raw
-            with contextlib.ExitStack() as stack:
-                if stream is not raw:
-                    stack.enter_context(stream)
-                if mode == "w":
-                    text = io.TextIOWrapper(stream, encoding="utf-8", newline="\n", write_through=False)
-                    yield text
-                    text.flush()
-                    text.detach()
-                else:
-                    yield stream
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-
-
 def _number(value, kind: type, path, where, field: str) -> float:
     """A rank (kind int: integers only, so TREC `3.5` and JSON `1.7` are errors) or a score (kind float)."""
     try:
@@ -183,10 +135,13 @@ def _trec_fields(fields: list, path, line_no: int) -> tuple:
             _number(fields[4], float, path, line_no, "score"))
 
 
-def json_records(path) -> Iterator[tuple[str | int, object]]:
-    """(where, record) for a JSON list, a single JSON object, or JSON lines (BOM stripped, `.gz` allowed)."""
+def json_records(path, digest=None) -> Iterator[tuple[str | int, object]]:
+    """(where, record) for a JSON list, a single JSON object, or JSON lines (BOM stripped, `.gz` allowed).
+    `digest` (a hashlib object), if given, is updated with the file's (decompressed) bytes."""
     with open_binary(path) as f, gzip_errors(path):
         data = f.read()
+    if digest is not None:
+        digest.update(data)
     try:
         content = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -241,13 +196,13 @@ def _json_number(record: dict, field: str, kind: type, path, where) -> float:
     return _number(value, kind, path, where, field)
 
 
-def read_json_run(path: str | os.PathLike) -> pd.DataFrame:
+def read_json_run(path: str | os.PathLike, digest=None) -> pd.DataFrame:
     """Read the original's JSON run format: a JSON list or JSON lines (`.gz` allowed) of records with
     `qid` (or `query_id`), `docno` (or `doc_id`), and optionally `query`, `text`, `rank`, `score`.
 
-    Ids are strings, or integers (taken as their decimal text); ranks are integers."""
+    Ids are strings, or integers (taken as their decimal text); ranks are integers. `digest`: see `json_records`."""
     columns = {name: [] for name in ("qid", "docno", "rank", "score", *JSON_TEXT_FIELDS)}
-    for where, record in json_records(path):
+    for where, record in json_records(path, digest):
         if not isinstance(record, dict):
             raise located(path, where, f"expected a JSON object, got {type(record).__name__}")
         for field, names in JSON_FIELD_ALIASES.items():
@@ -554,13 +509,17 @@ def _in_first_stage_order(q, rank_key, score_key, line) -> bool:
     return bool(((q[1:] > q[:-1]) | (same_q & within)).all())
 
 
-def read_trec_run_compact(path: str | os.PathLike, depth: int | None) -> CompactRun:
+def read_trec_run_compact(path: str | os.PathLike, depth: int | None, digest=None) -> CompactRun:
     """A TREC run (`.gz` allowed) read in blocks into a `CompactRun`, cut to `depth` as it is read.
 
     Blocks go through pandas' C parser; a block it cannot parse cleanly is read line by line, which names the
-    file and line of the first bad line (or accepts what the C parser is strict about)."""
+    file and line of the first bad line (or accepts what the C parser is strict about). `digest` (a hashlib
+    object), if given, is updated with the file's bytes (after a BOM) as they are read: a content fingerprint at no
+    extra pass."""
     cut = DepthCut(depth)
     for first_line, block in _blocks(path):
+        if digest is not None:
+            digest.update(block)
         try:
             block.decode("utf-8")
         except UnicodeDecodeError as error:

@@ -4,38 +4,42 @@ A collection is a TSV file (`id<TAB>text[<TAB>more...]`, further fields join the
 name (`.json`/`.jsonl` among the suffixes), JSON lines of `{"docno"|"doc_id"|"qid"|"query_id": ..., "text": ...}`.
 `TextStore.open` builds, in one streaming pass, an index of the file: the 64-bit FNV-1a hash of every id, sorted,
 with the byte offset, length and line number of its line. The index is cached (beside the file when its
-directory is writable, else under `$SCE_JAX_CACHE_DIR` or `~/.cache/sce_jax`), keyed by the file's absolute path,
-size and modification time, written atomically and checked (a checksum over its arrays) when loaded; its arrays
-are memory-mapped. A lookup hashes the id, finds its line(s) by binary search, reads the line and checks the id,
+directory is writable, else under `$SCE_JAX_CACHE_DIR` or `~/.cache/sce_jax`), keyed by the file's canonical
+path, size and modification time, written atomically and checked (a checksum over its arrays) when loaded; its
+arrays are memory-mapped. A lookup hashes the id, finds its line(s) by binary search, reads the line and checks the id,
 so only the texts asked for are read and decoded.
 
-The indexing pass validates every line (an id, a tab, then the text; JSON objects with a string text), strips a
-UTF-8 BOM, reports non-UTF-8 bytes and lone surrogates as file:line, and rejects a second, different text for one
-id (a repeated identical line is fine; the first is used).
+The indexing pass validates every line (an id, a tab, then the text; JSON objects with a string text), leaves
+out a UTF-8 BOM at the start of a line (the file's, or one that concatenated files carried along), reports
+non-UTF-8 bytes and lone surrogates as file:line, and rejects a second, different text for one id (a repeated
+identical line is fine; the first is used).
 
-`.gz` collections are decompressed once into the cache (same key) and the decompressed copy is indexed: random
-access into gzip data is not possible, and one copy costs disk, not memory. A JSON list (`[...]`, not JSON lines)
-cannot be indexed by line and is read into memory (such files are small in practice).
+`.gz` collections are decompressed once into the cache (same key, and checked at every use like an index: its
+size and content fingerprint) and the decompressed copy is indexed: random access into gzip data is not
+possible, and one copy costs disk, not memory. Temporary files of a killed process are removed by the next one
+(`sce_jax.files`). A JSON list (`[...]`, not JSON lines) cannot be indexed by line and is read into memory (such
+files are small in practice).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from sce_jax.cache import cache_dir
-from sce_jax.errors import InputError, located, user_path
+from sce_jax.cache import CACHE_ENV, cache_dir
+from sce_jax.errors import InputError, Interrupted, located, user_path
+from sce_jax.files import atomic_write, content_fingerprint, remove_stale_temporaries
 from sce_jax.memory import join_freeing, release_free_memory
-from sce_jax.runs import GZIP_ERRORS, atomic_write, check_readable, check_text, decode_line, json_records
+from sce_jax.runs import GZIP_ERRORS, check_readable, check_text, decode_line, json_records
 
-INDEX_MAGIC = b"SCEJAX-TEXTSTORE-2\n"
+INDEX_MAGIC = b"SCEJAX-TEXTSTORE-3\n"
 # Bytes per read in the indexing pass (whole lines: a chunk ends at its last newline).
 CHUNK_BYTES = 32 << 20
 _VERIFY_BYTES = 8 << 20  # bytes per read when an index's checksum is verified
@@ -85,8 +89,10 @@ def is_json_collection(path: str | os.PathLike) -> bool:
 
 
 def _source_key(path: Path) -> dict:
+    """What a cached index or decompressed copy is made from: the file's canonical path (`/x/../x/a` and a
+    symlink to it are one file), size and modification time."""
     stat = path.stat()
-    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"path": os.path.realpath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _cache_name(key: dict, suffix: str) -> str:
@@ -97,35 +103,49 @@ def _cache_name(key: dict, suffix: str) -> str:
 def _index_locations(source: Path, key: dict) -> list[Path]:
     """Where an index may be: beside the file (if its directory is writable), then in the cache."""
     places = []
+    source = Path(key["path"])
     if os.access(source.parent, os.W_OK):
         places.append(source.parent / f".{source.name}.sce_jax-index")
     places.append(cache_dir() / "textstore" / _cache_name(key, ".index"))
     return places
 
 
-def _gunzipped_copy(path: Path, kind: str) -> Path:
-    """A decompressed copy of a `.gz` collection in the cache (made once; same key as an index)."""
+def _gunzipped_copy(path: Path) -> Path:
+    """A decompressed copy of a `.gz` collection in the cache, made once. Its record (`NAME.json` beside it:
+    the source's key, the copy's size and content fingerprint) is checked at every use, like an index: a copy
+    that is incomplete or changed, or of another version of the source, is made again. Ctrl-C, SIGTERM or a
+    full disk while it is made leave no partial copy (and say so); a cache that cannot be written is one line."""
     key = _source_key(path)
     copy = cache_dir() / "textstore" / _cache_name(key, ".txt")
-    if copy.is_file():
+    record = copy.with_name(copy.name + ".json")
+    if _copy_matches(copy, record, key):
         return copy
-    copy.parent.mkdir(parents=True, exist_ok=True)
-    import gzip
-
-    fd, tmp_name = tempfile.mkstemp(dir=copy.parent, prefix=f".{copy.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as out, gzip.open(path, "rb") as f:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(copy)
+        with atomic_write(copy, "wb") as out, gzip.open(path, "rb") as f:
             shutil.copyfileobj(f, out, 16 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_name, copy)
-    except GZIP_ERRORS as error:
-        os.unlink(tmp_name)
+        with atomic_write(record, "w") as out:
+            json.dump({**key, "copy": content_fingerprint(copy)}, out)
+    except GZIP_ERRORS as error:  # before OSError: BadGzipFile is one
         raise InputError(f"{path}: not a valid gzip file (corrupt or truncated): {error}") from None
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
+    except Interrupted as error:
+        raise Interrupted(error.signum, f"{path} was being decompressed into the cache; the partial copy was "
+                          "removed") from None
+    except (OSError, InputError) as error:
+        reason = f"{error.strerror}: {error.filename}" if isinstance(error, OSError) else str(error)
+        raise InputError(f"{path}: cannot decompress it into the cache ({reason}); set {CACHE_ENV} to a writable "
+                         "directory with room for it") from None
     return copy
+
+
+def _copy_matches(copy: Path, record: Path, key: dict) -> bool:
+    try:
+        saved = json.loads(record.read_text())
+        return all(saved.get(name) == value for name, value in key.items()) and \
+            saved.get("copy") == content_fingerprint(copy)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class _Index:
@@ -199,7 +219,10 @@ class TextStore:
         """The store of the collection at `path`, building (or reusing) its cached index."""
         path = user_path(path)
         check_readable(path, f"{kind} file")
-        data = _gunzipped_copy(path, kind) if path.name.endswith(".gz") else path
+        if not path.is_file():
+            raise InputError(f"{path}: not a regular file (a pipe?); a {kind} file is indexed and its lines read by "
+                             "offset, so save it to a file first")
+        data = _gunzipped_copy(path) if path.name.endswith(".gz") else path
         if is_json_collection(path) and _starts_with_bracket(data):
             return cls(path, kind, texts=_read_json_list(path, data))
         key = {**_source_key(data), "format": "json" if is_json_collection(path) else "tsv"}
@@ -210,9 +233,10 @@ class TextStore:
                 return cls(path, kind, data=data, index=index)
         index = _build_index(path, data, key["format"])
         for place in places:
+            remove_stale_temporaries(place)
             try:
                 index.save(place, key)
-            except OSError:
+            except (OSError, InputError):  # not writable, or full: the next place, or the index in memory
                 continue
             loaded = _Index.load(place, key)
             if loaded is not None:
@@ -296,8 +320,6 @@ class TextStore:
 
     def _parse(self, raw: bytes, line_no: int) -> tuple[str, str]:
         line = decode_line(raw, self.path, line_no).rstrip("\r\n")
-        if line.startswith("\ufeff"):
-            line = line[1:]
         if self._json:
             return _json_line(json.loads(line), self.path, line_no)
         text_id, _, text = line.partition("\t")
@@ -339,9 +361,6 @@ def _build_index(path: Path, data: Path, fmt: str) -> _Index:
     line_base = 0
     position = 0
     with open(data, "rb") as f:
-        first = f.read(3)
-        position = 3 if first == b"\xef\xbb\xbf" else 0
-        f.seek(position)
         carry = b""
         while True:
             block = f.read(CHUNK_BYTES)
@@ -414,12 +433,19 @@ def _drop_repeats(path, data, fmt, hashes, offsets, lengths, lines) -> np.ndarra
 
 
 def _line_spans(chunk: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The chunk as uint8, its lines' starts and ends (ends exclusive of the newline and a `\\r` before it)."""
+    """The chunk as uint8, its lines' starts and ends (ends exclusive of the newline and a `\\r` before it).
+
+    A UTF-8 BOM at the start of a line is left out of it: a file starts with one, and files concatenated into
+    one collection carry theirs to the start of a line. Lookups read lines from the stored start, so the id is
+    the same at indexing and lookup."""
     buffer = np.frombuffer(chunk, np.uint8)
     newlines = np.flatnonzero(buffer == 10)
     ends = newlines if chunk.endswith(b"\n") else np.concatenate([newlines, [len(chunk)]])
     starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
     ends = ends.astype(np.int64)
+    if len(buffer) >= 3:
+        at = [buffer[np.minimum(starts + k, len(buffer) - 1)] for k in range(3)]
+        starts += 3 * ((ends - starts >= 3) & (at[0] == 0xEF) & (at[1] == 0xBB) & (at[2] == 0xBF))
     cr = (ends > starts) & (buffer[np.maximum(ends - 1, 0)] == 13)
     return buffer, starts, ends - cr
 

@@ -134,6 +134,70 @@ def tiny_sparse_dir(tmp_path_factory, minilm_dir):
     return _save_hf_model(model, minilm_dir, tmp_path_factory.mktemp("tiny_sparse") / "hf")
 
 
+@pytest.fixture(scope="session")
+def nan_model_dir(tmp_path_factory, tiny_sparse_dir):
+    """`tiny_sparse_dir` whose classifier bias is NaN: every score it gives is NaN (damaged weights)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    directory = tmp_path_factory.mktemp("nan_model") / "hf"
+    shutil.copytree(tiny_sparse_dir, directory)
+    weights = load_file(str(directory / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("classifier.bias"))
+    weights[name] = np.full_like(weights[name], np.nan)
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+class SmallFileSystems:
+    """Real small file systems for full-disk tests (no mocks): `mount(kib)` mounts a tmpfs of that size and returns
+    its path; `fill(directory)` fills its file system to the last byte (a file `filler` there)."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.mounted = []
+
+    def mount(self, kib: int):
+        import subprocess
+
+        directory = self.tmp_path / f"tmpfs{len(self.mounted)}"
+        directory.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(directory)], check=True)
+        self.mounted.append(directory)
+        return directory
+
+    @staticmethod
+    def fill(directory) -> None:
+        import errno
+
+        with open(os.path.join(directory, "filler"), "wb", buffering=0) as f:
+            for size in (1 << 20, 4096, 1):
+                try:
+                    while True:
+                        f.write(b"\0" * size)
+                except OSError as error:
+                    if error.errno != errno.ENOSPC:
+                        raise
+
+    def unmount_all(self) -> None:
+        import subprocess
+
+        for directory in self.mounted:
+            subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """`SmallFileSystems` (root only: it mounts tmpfs file systems; CI runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    systems = SmallFileSystems(tmp_path)
+    yield systems
+    systems.unmount_all()
+
+
 LOCAL_DATASET_ID = "sce-jax-test/tiny"
 
 

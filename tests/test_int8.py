@@ -433,6 +433,58 @@ def test_an_int8_directory_of_an_earlier_scheme_is_named_not_misread(tiny_sparse
     assert not (tmp_path / "x.run").exists()
 
 
+@pytest.fixture(scope="module")
+def int8_dir(tiny_sparse_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "int8"
+    assert convert_main([str(tiny_sparse_dir), str(out), "--quantize", "int8"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("field, value, index", [("scale", np.nan, 3), ("scale", 0.0, 0), ("smooth", -1.0, 5),
+                                                  ("smooth", np.inf, 1)])
+def test_damaged_int8_scales_are_refused_at_load_naming_file_and_tensor(int8_dir, tmp_path, field, value, index):
+    """A NaN scale would act as 0 (finite scores, wrong); 0 or a negative one erases or flips a channel."""
+    from sce_jax.checkpoint import save_model_dir
+    from sce_jax.errors import run_cli
+    from sce_jax.rerank import main
+    from sce_jax.weights import CheckpointError
+
+    config, params, _ = load_model_dir(int8_dir)
+    linear = params["layers"][sorted(params["layers"])[1]]["intermediate"]
+    linear[field] = np.array(linear[field])
+    linear[field][index] = value
+    damaged = save_model_dir(tmp_path / "damaged", config, params, int8_dir)
+    pattern = (rf"{damaged / 'params'}: layers\.1\.intermediate\.{field} has 1 values that are not finite and "
+               rf"positive \(e\.g\. {value} at index {index}\).*convert the float32 model again")
+    with pytest.raises(CheckpointError, match=pattern):
+        load_model_dir(damaged)
+    if field == "scale" and np.isnan(value):  # read as float32 (dequantized), it gave NaN scores, exit 0
+        for dtype in ("int8", "float32"):
+            assert run_cli(main, ["--model", str(damaged), "--run", str(EXAMPLE_RUN), "--output",
+                                  str(tmp_path / "x.run"), "--dtype", dtype, "--max-length", "64"]) == 2
+        assert not (tmp_path / "x.run").exists()
+
+
+def test_quantization_file_and_stored_weights_must_agree(tiny_sparse_dir, int8_dir, tmp_path):
+    """int8 weights without quantization.json, or float32 ones with it: the file named, not "N tensors differ"."""
+    import shutil
+
+    from sce_jax.weights import CheckpointError
+
+    int8, float32 = tmp_path / "int8", tmp_path / "float32"
+    shutil.copytree(int8_dir, int8)
+    assert convert_main([str(tiny_sparse_dir), str(float32)]) == 0
+    shutil.copy(int8 / quant.QUANTIZATION_FILE, float32 / quant.QUANTIZATION_FILE)
+    (int8 / quant.QUANTIZATION_FILE).unlink()
+    with pytest.raises(CheckpointError, match=rf"^{int8 / 'params'} holds int8 weights, but "
+                                              rf"{int8 / quant.QUANTIZATION_FILE}, which marks an int8 directory, "
+                                              "is missing"):
+        load_model_dir(int8)
+    with pytest.raises(CheckpointError, match=rf"^{float32 / quant.QUANTIZATION_FILE} marks an int8 directory, but "
+                                              rf"{float32 / 'params'} holds float32 weights"):
+        load_model_dir(float32)
+
+
 def test_dtype_int8_through_the_cli(tiny_sparse_dir, tmp_path):
     from sce_jax.rerank import main
     from sce_jax.runs import read_json_run

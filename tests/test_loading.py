@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -353,6 +354,41 @@ def test_missing_parent_directories_are_created_and_removed_on_failure(tiny_hf_d
     assert convert("--export", broken, tmp_path / "c" / "d" / "out") == 2
     one_error_line(capsys)
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_full_disk_while_converting_is_one_line_and_leaves_nothing(tiny_hf_dir, converted, small_fs, capfd, export):
+    """Orbax's writer threads failed with 316 lines of tracebacks; safetensors with a traceback."""
+    disk = small_fs.mount(1500)  # the tokenizer files fit, the weights do not
+    assert convert(*(["--export", converted] if export else [tiny_hf_dir]), disk / "out") == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write {disk / 'out'}: No space left on device (nothing was left behind)"]
+    assert tree(disk) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_converting_leaves_no_staging_directory(tiny_hf_dir, tmp_path, signum):
+    """SIGTERM left a hidden staging directory; SIGINT during Orbax's write printed two tracebacks and left it."""
+    script = (
+        "import os, sys\n"
+        "from sce_jax import checkpoint\n"
+        "from sce_jax.convert import cli\n"
+        "copy = checkpoint.copy_tokenizer_files\n"
+        f"checkpoint.copy_tokenizer_files = lambda *a: (copy(*a), os.kill(os.getpid(), {int(signum)}))\n"
+        f"sys.argv = ['sce-jax-convert', {str(tiny_hf_dir)!r}, {str(tmp_path / 'out')!r}]\n"
+        "cli()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 128 + signum
+    name = signal.Signals(signum).name
+    assert done.stderr.strip().splitlines() == [f"stopped ({name}): {tmp_path / 'out'} was not written (its partial "
+                                                "directory was removed)"]
+    assert tree(tmp_path) == []
+    # A killed conversion's staging directory (its lock gone with it) is removed by the next conversion.
+    (tmp_path / ".out.abcd1234.partial" / "params").mkdir(parents=True)
+    assert convert(tiny_hf_dir, tmp_path / "out") == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 # --- 8. file modes follow the umask ----------------------------------------------------------------------------

@@ -105,3 +105,29 @@ def test_max_p_scores_long_documents_by_their_best_chunk(encoder):
     assert maxp["long"] == pytest.approx(maxp_score, rel=1e-5)
     assert truncated["long"] == pytest.approx(encoder.score(query, [long_doc])[0], rel=1e-5)
     assert maxp["short"] == pytest.approx(truncated["short"], rel=1e-5)
+
+
+def test_one_qid_with_two_query_texts_is_an_error_naming_it(encoder, results):
+    """Its rows would otherwise all be scored against the first row's query while the output shows their own."""
+    changed = results.assign(query=results["query"].where(results.docno != "d3", "stock market news"))
+    for rerank in (SparseCrossEncoderReRanker(encoder), lambda frame: encoder.rerank(frame, progress=False)):
+        with pytest.raises(ValueError, match="qid 'q1' has 2 different query texts \\('where do cats sit', "
+                                             "'stock market news'\\): each qid must have one query"):
+            rerank(changed)
+
+
+def test_a_missing_qid_or_docno_is_an_error_naming_the_column(encoder, results):
+    for column in ("qid", "docno"):
+        frame = results.assign(**{column: results[column].where(results.docno != "d6")})
+        for rerank in (SparseCrossEncoderReRanker(encoder), lambda frame: encoder.rerank(frame, progress=False)):
+            with pytest.raises(ValueError, match=f"column '{column}' is missing \\(NaN/None\\) in 1 rows, the first "
+                                                 "at position 5"):
+                rerank(frame)
+
+
+def test_non_finite_scores_are_an_error_naming_the_model(nan_model_dir, results):
+    from sce_jax.errors import NonFiniteScoresError
+
+    reranker = SparseCrossEncoderReRanker(nan_model_dir, max_length=MAX_LENGTH, max_query_length=MAX_QUERY_LENGTH)
+    with pytest.raises(NonFiniteScoresError, match=f"model '{nan_model_dir}' gave non-finite scores"):
+        reranker(results)

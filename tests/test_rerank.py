@@ -143,7 +143,7 @@ def test_trec_run_texts_from_the_dataset_its_name_gives(local_ir_dataset, tmp_pa
     dataset_id, directory = local_ir_dataset
     run_file = tmp_path / (dataset_id.replace("/", "-") + ".run")
     run_file.write_text((directory / "scoreddocs").read_text())
-    run, texts, inferred = load_input(RerankConfig(run=str(run_file), output="x", depth=2))
+    run, texts, inferred, _ = load_input(RerankConfig(run=str(run_file), output="x", depth=2))
     assert inferred == dataset_id
     frame = run.frame()
     assert list(zip(frame.qid, frame.docno)) == [("q1", "d3"), ("q1", "d1"), ("q2", "d4"), ("q2", "d3")]
@@ -333,3 +333,13 @@ def test_config_file_type_errors(tmp_path, line, message):
     config_file.write_text(line)
     with pytest.raises(InputError, match=message):
         load_config(str(config_file), {"run": "r", "output": "o"})
+
+
+def test_non_finite_scores_exit_2_naming_the_model_and_nothing_is_written(nan_model_dir, tmp_path, capsys):
+    output = tmp_path / "out.run"
+    assert _cli("--model", nan_model_dir, "--run", EXAMPLE_RUN, "--output", output, "--qrels", EXAMPLE_QRELS,
+                "--no-progress") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: model '{nan_model_dir}' gave non-finite scores (NaN or infinity) for ")
+    assert "Traceback" not in "\n".join(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, evaluation, progress or lock file

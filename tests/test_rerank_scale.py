@@ -161,9 +161,8 @@ def _die_at_append(monkeypatch, number: int, torn: bool):
         calls.append(window)
         if len(calls) == number:
             if torn:  # half a record reached the disk
-                record = json.dumps({"window": window, "bytes": len(payload), "blake2b": "0" * 32}).encode() + b"\n"
-                self._file.write((record + payload)[: len(record) + len(payload) // 2])
-                self._file.flush()
+                record = json.dumps({"window": window, "bytes": len(payload), "checksum": "0" * 32}).encode() + b"\n"
+                os.write(self._fd, (record + payload)[: len(record) + len(payload) // 2])
             raise _Died
         real(self, window, payload, **meta)
 
@@ -179,9 +178,12 @@ def test_resume_after_a_crash_is_byte_identical(cli, baseline, tmp_path, monkeyp
         cli(*_args(output))
     monkeypatch.setattr(ProgressFile, "append", real)
     progress = Path(f"{output}.progress")
-    assert not output.exists() and progress.exists()
-    assert len(ProgressFile.read(progress).done) == number - 1  # a torn record is dropped
-    assert cli(*_args(output)) == 2  # without --resume: refused
+    assert not output.exists()
+    if number == 1:  # failed before any window was saved: nothing is left behind
+        assert not progress.exists()
+    else:
+        assert len(ProgressFile.read(progress).done) == number - 1  # a torn record is dropped
+        assert cli(*_args(output)) == 2  # without --resume: refused
     assert cli(*_args(output, "--resume")) == 0
     assert output.read_bytes() == baseline
     assert not progress.exists()
@@ -203,9 +205,13 @@ def test_existing_progress_without_resume_names_the_flag(cli, tmp_path, monkeypa
     assert Path(f"{output}.progress").read_bytes() == before and not output.exists()
 
 
-@pytest.mark.parametrize("signum, at_check, code", [(signal.SIGINT, 2, 130), (signal.SIGTERM, 7, 143)])
+@pytest.mark.parametrize("signum, at_check, code, message", [
+    (signal.SIGINT, 2, 130, "stopped (SIGINT) before any query was saved; nothing was written"),
+    (signal.SIGINT, 5, 130, "run the same command with --resume to continue"),
+    (signal.SIGTERM, 7, 143, "run the same command with --resume to continue"),
+])
 def test_signals_stop_after_the_batch_and_resume(cli, baseline, tmp_path, monkeypatch, capsys, signum, at_check,
-                                                 code):
+                                                 code, message):
     output = tmp_path / "run.trec"
     checks = []
     real_check = rerank_module._Signals.check
@@ -219,8 +225,10 @@ def test_signals_stop_after_the_batch_and_resume(cli, baseline, tmp_path, monkey
     monkeypatch.setattr(rerank_module._Signals, "check", check)
     assert cli(*_args(output)) == code
     err = capsys.readouterr().err.strip().splitlines()
-    assert "run the same command with --resume to continue" in err[-1] and "Traceback" not in "".join(err)
+    assert message in err[-1] and "Traceback" not in "".join(err)
     assert not output.exists()
+    assert Path(f"{output}.progress").exists() == ("nothing was written" not in message)
+    assert not Path(f"{output}.lock").exists()
     monkeypatch.setattr(rerank_module._Signals, "check", real_check)
     assert cli(*_args(output, "--resume")) == 0
     assert output.read_bytes() == baseline
@@ -377,3 +385,197 @@ def test_truncated_documents_are_counted_and_max_p_suggested(cli, tmp_path, capl
     caplog.clear()
     assert cli(*_args(tmp_path / "out2.trec", "--max-p", run=run)) == 0
     assert "were truncated" not in caplog.text
+
+
+# --- one run per output, progress records in sequence, content fingerprints ------------------------------------
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_second_run_on_one_output_refuses_at_once_naming_the_first(cli, baseline, tmp_path, capsys, resume):
+    import fcntl
+
+    output = tmp_path / "run.trec"
+    lock = Path(f"{output}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)  # another process's lock (flock: per open file)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"pid 4242 on otherhost\n")
+    try:
+        assert cli(*_args(output, *(["--resume"] if resume else []))) == 2
+    finally:
+        os.close(fd)  # as when that process dies: its lock file stays, unlocked
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output {output} is in use by pid 4242 on otherhost (lock file {lock}); wait for it to "
+                   "finish, or stop it first"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.trec.lock"]  # nothing written
+    assert cli(*_args(output, *(["--resume"] if resume else []))) == 0  # a dead process's lock does not block
+    assert output.read_bytes() == baseline
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.trec"]
+
+
+def _records(path: Path) -> tuple[bytes, list[bytes]]:
+    """A progress file's header line and its records (each its JSON line and payload)."""
+    data = path.read_bytes()
+    header, _, rest = data.partition(b"\n")
+    records = []
+    while rest:
+        line, _, rest = rest.partition(b"\n")
+        size = json.loads(line)["bytes"]
+        records.append(line + b"\n" + rest[:size])
+        rest = rest[size:]
+    return header + b"\n", records
+
+
+def _three_windows_saved(cli, monkeypatch, output) -> Path:
+    real = _die_at_append(monkeypatch, 4, False)
+    with pytest.raises(_Died):
+        cli(*_args(output))
+    monkeypatch.setattr(ProgressFile, "append", real)
+    return Path(f"{output}.progress")
+
+
+@pytest.mark.parametrize("damage, warning", [
+    ("window 2 -> 0", "the record at byte {offset} (after 2 consistent windows) fails its checksum"),
+    ("record 2 repeated", "(after 2 consistent windows) is out of sequence (window 1 where window 2 belongs)"),
+    ("record 2 missing", "(after 1 consistent windows) is out of sequence (window 2 where window 1 belongs)"),
+    ("records 2 and 3 swapped", "(after 1 consistent windows) is out of sequence (window 2 where window 1 belongs)"),
+])
+def test_records_out_of_sequence_or_altered_are_scored_again(cli, baseline, tmp_path, monkeypatch, caplog, damage,
+                                                             warning):
+    """Changing a record's window number (or repeating, dropping, reordering records) once resumed with exit 0 into
+    a run that missed some queries and held others twice."""
+    output = tmp_path / "run.trec"
+    progress = _three_windows_saved(cli, monkeypatch, output)
+    header, records = _records(progress)
+    offset = len(header) + len(records[0]) + len(records[1])
+    if damage == "window 2 -> 0":
+        assert records[2].count(b'"window": 2') == 1
+        records[2] = records[2].replace(b'"window": 2', b'"window": 0')
+    elif damage == "record 2 repeated":
+        records.insert(2, records[1])
+    elif damage == "record 2 missing":
+        del records[1]
+    else:
+        records[1], records[2] = records[2], records[1]
+    progress.write_bytes(header + b"".join(records))
+    assert cli(*_args(output, "--resume")) == 0
+    assert warning.format(offset=offset) in caplog.text and "those windows will be scored again" in caplog.text
+    assert output.read_bytes() == baseline
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "truncated", "empty", "other format"])
+def test_a_damaged_progress_header_is_refused_not_started_over(cli, tmp_path, monkeypatch, capsys, damage):
+    output = tmp_path / "run.trec"
+    progress = _three_windows_saved(cli, monkeypatch, output)
+    header, records = _records(progress)
+    header = {"bit flip": header.replace(b'"--depth": 0', b'"--depth": 1'), "truncated": header[:40],
+              "empty": b"", "other format": b'{"format": "sce_jax-progress/1", "settings": {}}\n'}[damage]
+    progress.write_bytes(header + b"".join(records) if damage != "truncated" else header)
+    before = progress.read_bytes()
+    assert cli(*_args(output, "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    expected = ("was written by another version of sce_jax (sce_jax-progress/1" if damage == "other format" else
+                "its header is damaged")
+    assert err.startswith(f"error: {progress}") and expected in err and "delete it to start over" in err
+    assert progress.read_bytes() == before and not output.exists()
+
+
+def test_a_run_edited_at_the_same_size_with_its_mtime_restored_is_refused(cli, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run.jsonl"
+    run.write_bytes(EXAMPLE_RUN.read_bytes())
+    output = tmp_path / "run.trec"
+    real = _die_at_append(monkeypatch, 3, False)
+    with pytest.raises(_Died):
+        cli(*_args(output, run=run))
+    monkeypatch.setattr(ProgressFile, "append", real)
+    stat = run.stat()
+    data = run.read_bytes()
+    assert data.count(b"hornets") == 1
+    run.write_bytes(data.replace(b"hornets", b"beetles"))
+    os.utime(run, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert run.stat().st_size == stat.st_size and run.stat().st_mtime_ns == stat.st_mtime_ns
+    assert cli(*_args(output, "--resume", run=run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: --resume: --run {run}: its content differs from the interrupted run's; run with the "
+                   f"interrupted run's settings, or delete {output}.progress to start over")
+    run.write_bytes(data)  # the same content again (a new mtime) resumes
+    assert cli(*_args(output, "--resume", run=run)) == 0
+
+
+def test_a_progress_directory_or_read_only_and_a_pipe_as_docs_are_one_line(cli, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "run.trec"
+    Path(f"{output}.progress").mkdir()
+    assert cli(*_args(output, "--resume")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {output}.progress is not a regular file (a directory?); it should hold the progress of an "
+        "interrupted run: move it away to start over")
+    Path(f"{output}.progress").rmdir()
+    readonly = _three_windows_saved(cli, monkeypatch, output)
+    readonly.chmod(0o444)
+    access = os.access  # root may write anyway: make the check see what a user would
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: not (str(p) == str(readonly) and mode & os.W_OK)
+                        and access(p, mode, **kw))
+    assert cli(*_args(output, "--resume")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {readonly} cannot be read and written (a read-only file or file system?): --resume appends to it")
+    os.mkfifo(tmp_path / "docs.tsv")  # as --docs <(cat docs.tsv) gives
+    (tmp_path / "run.txt").write_text("1 Q0 a 1 2.0 x\n")
+    (tmp_path / "q.tsv").write_text("1\tq\n")
+    assert cli(*_args(tmp_path / "other.trec", "--docs", tmp_path / "docs.tsv", "--queries", tmp_path / "q.tsv",
+                      run=tmp_path / "run.txt")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --docs {tmp_path / 'docs.tsv'} is not a regular file (a pipe?): its lines are looked up by offset, "
+        "so save it to a file first")
+
+
+# --- a full disk: one line, exit 2, the saved windows kept and resumable --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide_run(encoder, tiny_sparse_dir, tmp_path_factory):
+    """A run whose every window's output (60 lines of long docnos) is larger than a page of a tmpfs (4 KiB), and
+    its uninterrupted output's bytes."""
+    directory = tmp_path_factory.mktemp("wide")
+    records = [{"qid": f"q{q}", "query": f"query {q}", "docno": f"d{q}-{i:02d}-" + "x" * 80,
+                "text": f"passage {i} about topic {q}", "rank": i + 1} for q in range(3) for i in range(60)]
+    run = directory / "run.jsonl"
+    run.write_text("".join(json.dumps(r) + "\n" for r in records))
+    original = rerank_module.load_encoder
+    rerank_module.load_encoder = lambda config: encoder
+    try:
+        assert run_cli(rerank_module.main, ["--model", str(tiny_sparse_dir),
+                                            *_args(directory / "out.trec", "--window", 60, run=run)]) == 0
+    finally:
+        rerank_module.load_encoder = original
+    return run, (directory / "out.trec").read_bytes()
+
+
+@pytest.mark.parametrize("when", ["saving window 1", "writing the output"])
+def test_a_full_disk_is_one_line_and_the_run_resumes(cli, wide_run, small_fs, monkeypatch, capsys, when):
+    run, expected = wide_run
+    disk = small_fs.mount(256)
+    output = disk / "run.trec"
+    if when == "saving window 1":
+        target, name = ProgressFile, "append"
+        real = ProgressFile.append
+        monkeypatch.setattr(target, name, lambda self, window, *a, **k: (
+            small_fs.fill(disk) if window == 1 else None, real(self, window, *a, **k))[1])
+    else:
+        target, name = rerank_module, "_assemble"
+        real = rerank_module._assemble
+        monkeypatch.setattr(target, name, lambda *a: (small_fs.fill(disk), real(*a))[1])
+    assert cli(*_args(output, "--window", 60, run=run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if not line.startswith("INFO")]) == 1, err
+    if when == "saving window 1":
+        assert err[-1] == (f"error: cannot write {output}.progress: No space left on device; the 1 windows saved "
+                           "before are kept: make room, then run the same command with --resume")
+        assert len(ProgressFile.read(Path(f"{output}.progress")).done) == 1
+    else:
+        assert err[-1] == (f"error: cannot write {output}: No space left on device; the scored windows are kept in "
+                           f"{output}.progress: run the same command with --resume to write it")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "run.trec.progress"]  # no partial file, no lock
+    monkeypatch.setattr(target, name, real)
+    (disk / "filler").unlink()
+    assert cli(*_args(output, "--window", 60, "--resume", run=run)) == 0
+    assert output.read_bytes() == expected
+    assert sorted(p.name for p in disk.iterdir()) == ["run.trec"]

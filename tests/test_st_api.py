@@ -64,3 +64,54 @@ def test_argument_names_and_order_follow_sentence_transformers():
     rank = list(inspect.signature(SparseCrossEncoder.rank).parameters)
     assert rank[:11] == ["self", "query", "documents", "top_k", "return_documents", "prompt_name", "prompt",
                          "batch_size", "show_progress_bar", "activation_fn", "apply_softmax"]
+
+
+def test_a_string_where_a_list_of_documents_belongs_is_a_type_error(encoder):
+    with pytest.raises(TypeError, match="docs must be a list of strings, got str 'honey'"):
+        encoder.score("how do bees make honey", "honey")
+    with pytest.raises(TypeError, match="documents must be a list of strings, got str 'abc'"):
+        encoder.rank("how do bees make honey", "abc")
+    with pytest.raises(TypeError, match="inputs must be a list of \\(query, document\\) pairs, got a string"):
+        encoder.predict("honey")
+    with pytest.raises(TypeError, match="docs must be a list of strings"):
+        encoder.score_pairs(["q"], "ab", [0, 0])
+    with pytest.raises(TypeError, match=r"docs\[1\] must be a string, got int"):
+        encoder.score("q", ["a", 7])
+    with pytest.raises(TypeError, match="query must be a string, got list"):
+        encoder.score(["q"], ["a"])
+
+
+def test_no_documents_give_an_empty_result(encoder):
+    import pandas as pd
+
+    for scores in (encoder.score("q", []), encoder.score_pairs(["q"], [], []), encoder.score_pairs([], [], [])):
+        assert scores.shape == (0,) and scores.dtype == np.float32
+    assert encoder.rank("q", []) == []
+    frame = pd.DataFrame({"qid": [], "query": [], "docno": [], "text": []})
+    ranked = encoder.rerank(frame)
+    assert len(ranked) == 0 and {"score", "rank"} <= set(ranked.columns)
+
+
+@pytest.mark.parametrize("batch_size", [0, -3, 2.5, "8", True])
+def test_a_batch_size_that_is_no_positive_integer_is_a_settings_error(encoder, batch_size):
+    from sce_jax.errors import SettingsError
+
+    for call in (lambda: encoder.score("q", ["a"], batch_size=batch_size),
+                 lambda: encoder.score("q", [], batch_size=batch_size),
+                 lambda: encoder.predict([("q", "a")], batch_size=batch_size),
+                 lambda: encoder.rank("q", ["a"], batch_size=batch_size)):
+        with pytest.raises(SettingsError, match="batch_size must be a positive integer") as error:
+            call()
+        assert error.value.setting == "batch_size"
+
+
+def test_non_finite_scores_are_an_error_naming_the_model_never_returned(nan_model_dir):
+    from sce_jax.errors import InputError, NonFiniteScoresError
+
+    model = SparseCrossEncoder.load(nan_model_dir, max_length=64, max_query_length=16)
+    message = rf"model '{nan_model_dir}' gave non-finite scores \(NaN or infinity\) for 3 of 3 documents"
+    for call in (lambda: model.score("q", DOCS[:3]), lambda: model.predict([("q", d) for d in DOCS[:3]]),
+                 lambda: model.rank("q", DOCS[:3]), lambda: model.score_pairs(["q"], DOCS[:3], [0, 0, 0], max_p=True)):
+        with pytest.raises(NonFiniteScoresError, match=message) as error:
+            call()
+        assert isinstance(error.value, InputError)  # exit status 2 from the commands

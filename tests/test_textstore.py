@@ -2,6 +2,7 @@
 
 import gzip
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,89 @@ def test_index_checksum_is_verified_in_blocks(tmp_path, monkeypatch):
         damaged[at] ^= 0x01  # one bit in one of the arrays
         index_path.write_bytes(bytes(damaged))
         assert textstore._Index.load(index_path, key) is None
+
+
+def test_a_damaged_decompressed_copy_is_made_again(tmp_path, cache):
+    lines = b"".join(b"d%d\ttext number %d\n" % (i, i) for i in range(1000))
+    path = _write(tmp_path / "c.tsv.gz", gzip.compress(lines))
+    TextStore.open(path).close()
+    copy, = (cache / "textstore").glob("*.txt")
+    copy.write_bytes(lines[:-100])  # truncated: once served cut texts (and lost the last ids)
+    with TextStore.open(path) as store:
+        assert store.get_many(["d999", "d5"]) == ["text number 999", "text number 5"]
+    assert copy.read_bytes() == lines
+    stat = copy.stat()
+    copy.write_bytes(lines.replace(b"text number 5\n", b"TEXT NUMBER 5\n"))  # same size, mtime restored
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with TextStore.open(path) as store:
+        assert store.get_many(["d5"]) == ["text number 5"]
+
+
+def test_interrupted_decompression_leaves_no_partial_copy(tmp_path, cache):
+    import subprocess
+    import sys
+
+    path = _write(tmp_path / "c.tsv.gz", gzip.compress(b"".join(b"d%d\tt\n" % i for i in range(100_000))))
+    script = (
+        "import os, shutil, signal, sys\n"
+        "from sce_jax import textstore\n"
+        "from sce_jax.errors import run_cli\n"
+        "def copy(source, target, size):\n"
+        "    target.write(source.read(1000))\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"  # SIGTERM while the copy is half made
+        "    shutil.copyfileobj(source, target, size)\n"
+        "textstore.shutil.copyfileobj = copy\n"
+        f"sys.exit(run_cli(lambda argv: textstore.TextStore.open({str(path)!r}).close(), []))\n"
+    )
+    env = {**os.environ, CACHE_ENV: str(cache), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines() == [f"stopped (SIGTERM): {path} was being decompressed into the cache; "
+                                                "the partial copy was removed"]
+    assert list((cache / "textstore").iterdir()) == []
+    # A killed process's partial copy (no writer holds it) is removed by the next one.
+    stale = cache / "textstore" / f".{textstore._cache_name(textstore._source_key(path), '.txt')}.abcd1234.tmp"
+    stale.write_bytes(b"d1\tpartial")
+    with TextStore.open(path) as store:
+        assert store.get_many(["d7"]) == ["t"]
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("problem", ["a file", "full"])
+def test_a_cache_that_cannot_take_the_copy_is_one_line(tmp_path, monkeypatch, problem, request):
+    path = _write(tmp_path / "c.tsv.gz", gzip.compress(b"x\ty\n" * 10_000))
+    if problem == "a file":
+        cache = _write(tmp_path / "cache-file", b"")
+        reason = "Not a directory"
+    else:
+        small_fs = request.getfixturevalue("small_fs")
+        cache = small_fs.mount(64)
+        small_fs.fill(cache)
+        reason = "No space left on device"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    with pytest.raises(InputError, match=rf"^{path}: cannot decompress it into the cache \(.*{reason}.*\); set "
+                                         rf"{CACHE_ENV} to a writable directory with room for it$"):
+        TextStore.open(path)
+    if problem == "full":
+        assert sorted(p.name for p in cache.rglob("*")) == ["filler", "textstore"]
+
+
+def test_a_bom_at_the_start_of_a_line_inside_a_collection(tmp_path):
+    """Concatenated files carry their BOMs to the starts of lines: those documents must stay findable."""
+    tsv = _write(tmp_path / "c.tsv", b"\xef\xbb\xbfa\tx\n\xef\xbb\xbfb\ty\nc\tz\xef\xbb\xbfz\n")
+    with TextStore.open(tsv) as store:
+        assert store.get_many(["a", "b", "c"]) == ["x", "y", "z\ufeffz"]  # a BOM inside a text stays
+    jsonl = _write(tmp_path / "c.jsonl", b'{"docno": "a", "text": "x"}\n\xef\xbb\xbf{"docno": "b", "text": "y"}\n')
+    with TextStore.open(jsonl) as store:
+        assert store.get_many(["b", "a"]) == ["y", "x"]
+
+
+def test_one_file_by_two_spellings_of_its_path_shares_one_index(tmp_path, monkeypatch):
+    path = _write(tmp_path / "c.tsv", b"a\tx\n")
+    builds = []
+    build = textstore._build_index
+    monkeypatch.setattr(textstore, "_build_index", lambda *a: builds.append(a) or build(*a))
+    for spelling in (path, tmp_path / ".." / tmp_path.name / "c.tsv", path, tmp_path / "." / "c.tsv"):
+        with TextStore.open(spelling) as store:
+            assert store.get_many(["a"]) == ["x"]
+    assert len(builds) == 1

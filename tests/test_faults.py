@@ -1,0 +1,181 @@
+"""Fault injection on real processes: `python -m sce_jax.rerank` and `python -m sce_jax.convert` killed (SIGKILL,
+SIGTERM) at random moments, then relaunched with the same command, end with the output of an uninterrupted run and
+nothing else left behind; two runs on one output; a disk too small for the output.
+
+Kill moments are drawn (seeded) over the length of an uninterrupted run, less its first third (mostly imports),
+so they fall in loading, compiling, scoring or writing; the assertions hold wherever they fall.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_RUN = REPO / "examples" / "run.jsonl"
+SEEDS = (0, 1)
+KILLS = [(signal.SIGKILL, seed) for seed in SEEDS] + [(signal.SIGTERM, seed) for seed in SEEDS]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("xla")  # compiled programs shared by every launch: shorter runs
+    return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "HF_HUB_OFFLINE": "1"}
+
+
+def _launch(module: str, args, env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    _, err = process.communicate(timeout=timeout)
+    return process.returncode, err
+
+
+def _timed(module: str, args, env) -> float:
+    started = time.monotonic()
+    code, err = _finish(_launch(module, args, env))
+    assert code == 0, err
+    return time.monotonic() - started
+
+
+def _kill_after(process: subprocess.Popen, delay: float, signum: int) -> tuple[int, str]:
+    try:
+        process.wait(delay)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signum)
+    return _finish(process)
+
+
+def _listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# --- re-ranking ---------------------------------------------------------------------------------------------------
+
+
+def _rerank_args(tiny_sparse_dir, output, *extra):
+    return ["--model", tiny_sparse_dir, "--run", EXAMPLE_RUN, "--output", output, "--max-length", 64,
+            "--max-query-length", 16, "--batch-size", 4, "--window", 10, "--depth", 0, "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def rerank_baseline(tiny_sparse_dir, env, tmp_path_factory):
+    """The uninterrupted run's bytes, and how long a run takes (with the compilation cache warm)."""
+    output = tmp_path_factory.mktemp("rerank_baseline") / "run.trec"
+    _timed("sce_jax.rerank", _rerank_args(tiny_sparse_dir, output), env)  # fills the compilation cache
+    seconds = _timed("sce_jax.rerank", _rerank_args(tiny_sparse_dir, output.with_name("again.trec")), env)
+    assert output.read_bytes() == output.with_name("again.trec").read_bytes()
+    return output.read_bytes(), seconds
+
+
+@pytest.mark.parametrize("signum, seed", KILLS)
+def test_rerank_killed_anywhere_then_relaunched_ends_as_an_uninterrupted_run(tiny_sparse_dir, env, rerank_baseline,
+                                                                          tmp_path, signum, seed):
+    expected, seconds = rerank_baseline
+    output = tmp_path / "run.trec"
+    command = _rerank_args(tiny_sparse_dir, output, "--resume")  # --resume also starts a run that has no progress
+    delay = random.Random(seed).uniform(0.3, 1.05) * seconds  # imports take the first third or so
+    code, err = _kill_after(_launch("sce_jax.rerank", command, env), delay, signum)
+    assert "Traceback" not in err, err
+    if signum == signal.SIGTERM and code > 0:  # stopped by its handlers (not during imports, which it dies in)
+        assert code in (143, 0) and len([line for line in err.splitlines() if not line.startswith("INFO")]) <= 1, err
+    code, err = _finish(_launch("sce_jax.rerank", command, env))
+    assert code == 0, f"killed after {delay:.1f} s: {err}"
+    assert output.read_bytes() == expected, f"killed after {delay:.1f} s"
+    assert _listing(tmp_path) == ["run.trec"], f"killed after {delay:.1f} s"
+
+
+def test_two_runs_on_one_output_the_second_refuses_naming_the_first(tiny_sparse_dir, env, rerank_baseline,
+                                                                     tmp_path):
+    """Two --resume processes on one output: one crashed, the other wrote a broken run (queries twice, progress
+    records spliced into run lines)."""
+    expected, _ = rerank_baseline
+    output = tmp_path / "run.trec"
+    lock = Path(f"{output}.lock")
+    first = _launch("sce_jax.rerank", _rerank_args(tiny_sparse_dir, output, "--resume"), env)
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().startswith("pid")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    code, err = _finish(_launch("sce_jax.rerank", _rerank_args(tiny_sparse_dir, output, "--resume"), env))
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (f"error: --output {output} is in use by pid {first.pid} on "
+                                            f"{os.uname().nodename} (lock file {lock}); wait for it to finish, or "
+                                            "stop it first")
+    code, err = _finish(first)
+    assert code == 0, err
+    assert output.read_bytes() == expected
+    assert _listing(tmp_path) == ["run.trec"]
+
+
+def test_rerank_on_a_full_disk_is_one_line(tiny_sparse_dir, env, small_fs):
+    disk = small_fs.mount(4)  # one page: the lock file takes it
+    code, err = _finish(_launch("sce_jax.rerank", _rerank_args(tiny_sparse_dir, disk / "run.trec"), env))
+    assert code == 2
+    lines = [line for line in err.splitlines() if not line.startswith("INFO")]
+    assert lines == [f"error: cannot write {disk / 'run.trec.progress'}: No space left on device"], err
+    assert _listing(disk) == []
+
+
+# --- conversion ---------------------------------------------------------------------------------------------------
+
+
+def _restored(directory: Path) -> dict:
+    from sce_jax.checkpoint import load_model_dir
+
+    import jax
+
+    _, params, _ = load_model_dir(directory)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _files(directory: Path) -> set[str]:
+    """The files under `directory`, Orbax's data files (named at random under `d/`, more or fewer of them as its
+    writer threads go) as one entry per folder."""
+    return {str(p.parent.relative_to(directory) / "*") if p.parent.name == "d" else str(p.relative_to(directory))
+            for p in directory.rglob("*") if p.is_file()}
+
+
+def _same_model(a: Path, b: Path) -> None:
+    """The same files and the same tensors, bit for bit."""
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert _files(a) == _files(b)
+    left, right = _restored(a), _restored(b)
+    assert left.keys() == right.keys()
+    for key in left:
+        np.testing.assert_array_equal(left[key], right[key])
+
+
+@pytest.fixture(scope="module")
+def convert_baseline(tiny_sparse_dir, env, tmp_path_factory):
+    output = tmp_path_factory.mktemp("convert_baseline") / "model"
+    seconds = _timed("sce_jax.convert", [tiny_sparse_dir, output], env)
+    return output, seconds
+
+
+@pytest.mark.parametrize("signum, seed", KILLS)
+def test_convert_killed_anywhere_then_relaunched_ends_as_an_uninterrupted_run(tiny_sparse_dir, env, convert_baseline,
+                                                                           tmp_path, signum, seed):
+    expected, seconds = convert_baseline
+    output = tmp_path / "model"
+    delay = random.Random(100 + seed).uniform(0.3, 1.05) * seconds
+    code, err = _kill_after(_launch("sce_jax.convert", [tiny_sparse_dir, output], env), delay, signum)
+    assert "Traceback" not in err, err
+    if signum == signal.SIGTERM and code > 0:
+        assert code == 143 and len(err.strip().splitlines()) == 1, err
+    if not output.exists():  # killed before it finished: the same command again
+        code, err = _finish(_launch("sce_jax.convert", [tiny_sparse_dir, output], env))
+        assert code == 0, f"killed after {delay:.1f} s: {err}"
+    assert _listing(tmp_path) == ["model"], f"killed after {delay:.1f} s"
+    _same_model(output, expected)
