@@ -523,6 +523,24 @@ def test_non_finite_scores_are_never_returned(stub_server):
     assert answer.status_code == 500 and "1 of 1 scores are not finite" in answer.json()["error"]
 
 
+@pytest.mark.parametrize("stub_server", [{"model_name": "broken-model"}], indirect=True)
+def test_the_encoders_own_finite_check_answers_without_the_local_path(stub_server):
+    """`score_tokens` raises NonFiniteScoresError naming the model's source (a local path): the answer names the
+    served model instead."""
+    from sce_jax.errors import NonFiniteScoresError
+
+    stub, server = stub_server
+
+    def broken(*args, **kwargs):
+        raise NonFiniteScoresError("model '/srv/secret/models/sce' gave non-finite scores (NaN or infinity) for 1 of 1")
+
+    stub.score_tokens = broken
+    answer = httpx.post(server.url + "/v2/rerank", json={"query": "q", "documents": ["a"]}, timeout=30)
+    assert answer.status_code == 500, answer.text
+    assert "/srv/secret" not in answer.text and "broken-model" in answer.json()["error"]
+    assert answer.json()["error_type"] == "Backend"
+
+
 def test_body_limit_holds_without_content_length(served):
     client, _ = served
 

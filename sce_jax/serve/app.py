@@ -11,7 +11,7 @@ import uuid
 
 import numpy as np
 
-from sce_jax.errors import one_line
+from sce_jax.errors import NonFiniteScoresError, one_line
 from sce_jax.serve.batcher import Batcher, Closed, QueueFull
 from sce_jax.serve.checks import (
     DRAIN_BYTES, ApiError, ServeSettings, check_documents, check_finite, ranked_order, sigmoid, validation_message,
@@ -216,6 +216,9 @@ def create_app(encoder, settings: ServeSettings, *, warmup: bool = True):
             scores = await first_of(asyncio.wrap_future(job.future), gone)
         except (ApiError, ClientGone):
             raise
+        except NonFiniteScoresError:  # its message names the model's local path: answer with the served name
+            raise ApiError(500, f"model {settings.model_name or '?'} gave non-finite scores (NaN or infinity): its "
+                           "weights are probably damaged", "Backend") from None
         except Exception as error:  # a scoring failure is logged with its traceback by the batcher
             if job is None:
                 logger.exception("tokenizing failed")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from sce_jax.errors import NonFiniteScoresError
 from sce_jax.serve.checks import ServeSettings
 from sce_jax.serve.tokens import Prepared
 
@@ -172,7 +173,10 @@ class Batcher:
             try:
                 scores = score_group(self.encoder, [job.prepared for job in group], self.settings.batch_size)
             except Exception as error:  # every request of the group gets the error (a 500)
-                logger.exception("scoring failed")
+                if isinstance(error, NonFiniteScoresError):
+                    logger.error("scoring failed: %s", error)
+                else:
+                    logger.exception("scoring failed")
                 for job in group:
                     job.future.set_exception(error)
             else:
