@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sce_jax.kernels.block_config import BlockConfig
+from sce_jax.kernels.block_config import BlockConfig, shipped_block_config
 from sce_jax.kernels.windowed_attention import windowed_attention
 from sce_jax import attention
 from sce_jax.batch import Batch
@@ -134,23 +134,31 @@ def test_kernel_matches_reference_and_xla(window, dtype):
 
 
 @pytest.mark.parametrize(
-    "config, window, head_dim, doc_lengths",
+    "config, window, head_dim, doc_lengths, dtype",
     [
-        (BlockConfig(block_q=32, block_k=16), 4, 64, (33, 17)),
-        (BlockConfig(block_q=16, block_k=32), 16, 32, (40, 5)),
-        (BlockConfig(), 7, 64, (19, 19)),  # default tiles, shrunk to the document length
+        (BlockConfig(block_q=32, block_k=16), 4, 64, (33, 17), jnp.float32),
+        (BlockConfig(block_q=16, block_k=32), 16, 32, (40, 5), jnp.float32),
+        (BlockConfig(), 7, 64, (19, 19), jnp.float32),  # tiles shrunk to the document length
+        # The shipped tiles (shipped_block_config), over several tiles of each side.
+        (None, 4, 32, (70, 33), jnp.float32),
+        (None, 7, 64, (40, 19), jnp.float32),
+        (None, 4, 32, (150, 70), jnp.bfloat16),
+        (None, 9, 64, (100, 37), jnp.bfloat16),
     ],
 )
-def test_kernel_tile_shapes_and_head_dim(config, window, head_dim, doc_lengths):
+def test_kernel_tile_shapes_and_head_dim(config, window, head_dim, doc_lengths, dtype):
     inputs, doc_query, doc_mask, global_mask, dout = make_inputs(
-        jnp.float32, head_dim=head_dim, heads=1, doc_lengths=doc_lengths, seed=1
+        dtype, head_dim=head_dim, heads=1, doc_lengths=doc_lengths, seed=1
     )
+    if config is None:
+        tiles = shipped_block_config(dtype, head_dim)
+        assert tiles.block_q < max(doc_lengths) and tiles.block_k < max(doc_lengths)
     expected, expected_grads = reference_and_grads(inputs, doc_query, doc_mask, global_mask, dout, window)
     kernel = lambda *a: windowed_attention(*a, window=window, config=config, interpret=True)
     out, grads = attention_and_grads(kernel, inputs, doc_query, doc_mask, global_mask, dout)
-    assert_close(out, expected, 1e-5)
+    assert_close(out, expected, TOLERANCE[dtype])
     for grad, expected_grad in zip(grads, expected_grads):
-        assert_close(grad, expected_grad, 1e-5)
+        assert_close(grad, expected_grad, TOLERANCE[dtype])
 
 
 def test_bad_shapes_and_tiles_are_rejected():
