@@ -67,10 +67,11 @@ def test_a_spilling_or_tensor_core_float32_kernel_fails_the_check(tmp_path):
 def test_dot_precisions_count_float32_dots_by_precision():
     hlo = """\
   %dot.1 = f32[8,384]{1,0} dot(f32[8,384]{1,0} %a, f32[384,384]{1,0} %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, operand_precision={highest,highest}
-  %dot.2 = f32[8,384]{1,0} dot(f32[8,384]{1,0} %a, f32[384,384]{1,0} %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
-  %dot.3 = bf16[8,384]{1,0} dot(bf16[8,384]{1,0} %a, bf16[384,384]{1,0} %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  dot_general.2 = f32[8,384]{1,0} dot(a.1, b.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  dot_general.3 = bf16[8,384]{1,0} dot(a.2, b.2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %gemm = (f32[8,384]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"precision_config":{"operand_precision":["HIGHEST","HIGHEST"],"algorithm":"ALG_UNSET"}}}
 """
-    assert gpu_compile.dot_precisions(hlo) == {"highest,highest": 1, "none": 1}
+    assert gpu_compile.dot_precisions(hlo) == {"HIGHEST,HIGHEST": 1, "none": 1, "gemm:HIGHEST,HIGHEST": 1}
 
 
 @pytest.mark.slow
