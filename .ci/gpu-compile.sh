@@ -14,9 +14,9 @@ rm -rf "$VENV"
 "$PY312" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # jax[cuda13-local]: the plugin without the CUDA runtime libraries (nothing runs on a GPU here); ptxas from the
-# nvidia-cuda-nvcc wheel, not whatever CUDA toolkit the machine has.
+# nvidia-cuda-nvcc wheel, not whatever CUDA toolkit the machine has; triton and jax-triton for attention_impl="triton".
 "$VENV/bin/python" -m pip install -q -c constraints/py312.txt -c constraints/gpu-compile.txt \
-    . 'jax[cuda13-local]' nvidia-cuda-nvcc
+    . 'jax[cuda13-local]' nvidia-cuda-nvcc triton jax-triton
 echo "gpu-compile: install took $((SECONDS - start)) s"
 # From the checkout's root: the driver imports sce_jax from the working tree (the same code as the install).
 "$VENV/bin/python" benchmarks/gpu_compile.py "$@"

@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import re
 import shutil
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -68,6 +70,10 @@ def default_cases(args) -> list[Case]:
                         first = window == args.windows[0] and length == args.lengths[0]
                         cases.append(Case("kernel", target, dtype, window=window, length=length, head_dim=head_dim,
                                           inspect_ir=first))
+        # The Triton forward kernel (attention_impl="triton") through jax_triton, where it is installed.
+        if importlib.util.find_spec("jax_triton") is not None:
+            for dtype in args.dtypes:
+                cases.append(Case("kernel", target, dtype, impl="triton", length=max(args.lengths)))
         # The whole model (MiniLM-L6's shapes) with the kernel and, float32, with the XLA path that "auto" picks on
         # GPU; the data-parallel training step with the kernel.
         for dtype in args.dtypes:
@@ -111,6 +117,12 @@ def set_up_environment(dump_dir: Path) -> None:
     os.environ["TF_CPP_VMODULE"] = "subprocess_compilation=3"
     flags = ["--xla_gpu_ptx_compiler_extra_flags=-v", f"--xla_dump_to={dump_dir}"]
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+    # Triton and jaxlib's Triton call (attention_impl="triton") look for ptxas on PATH: the same pinned one that
+    # XLA finds first, not whatever else is installed (ptxas 13.0 rejects the PTX 9.4 Triton 3.9 writes).
+    ptxas = Path(sysconfig.get_paths()["purelib"]) / "nvidia/cu13/bin/ptxas"
+    if ptxas.is_file():
+        os.environ["PATH"] = os.pathsep.join([str(ptxas.parent), os.environ.get("PATH", "")])
+        os.environ.setdefault("TRITON_PTXAS_PATH", str(ptxas))
 
 
 @contextlib.contextmanager
@@ -201,6 +213,7 @@ def kernel_function(case: Case):
     import jax
     import jax.numpy as jnp
 
+    from sce_jax.attention import doc_attention
     from sce_jax.kernels.windowed_attention import windowed_attention
 
     dtype = jnp.dtype(case.dtype)
@@ -211,6 +224,8 @@ def kernel_function(case: Case):
     args += [jax.ShapeDtypeStruct((docs, case.length), bool), jax.ShapeDtypeStruct((docs, GLOBAL_KEYS), bool)]
 
     def loss(*a):
+        if case.impl == "triton":  # the Triton forward, the XLA path's backward
+            return doc_attention(*a, window=case.window, impl="triton").astype(jnp.float32).sum()
         return windowed_attention(*a, window=case.window).astype(jnp.float32).sum()
 
     return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), args
@@ -345,6 +360,8 @@ def check_case(case: Case, lowered, compiled, log: str, dump_dir: Path, limits: 
         kernels.setdefault(kernel, {})["tensor_core_ops"] = ops
     if case.inspect_ir and case.dtype == "bfloat16" and not any(k.get("tensor_core_ops") for k in kernels.values()):
         problems.append("no tensor-core instruction found in the bfloat16 kernels' IR (is the IR check blind?)")
+    if case.impl == "triton":
+        kernels["triton_forward"] = _triton_statistics(case)
     if case.impl == "pallas" and not kernels:
         problems.append("no attention kernel in the compiled module")
     for kernel, info in kernels.items():
@@ -370,6 +387,16 @@ def check_case(case: Case, lowered, compiled, log: str, dump_dir: Path, limits: 
             if re.search(r"tf32", compiled.as_text(), re.IGNORECASE):
                 problems.append("the compiled float32 module mentions TF32")
     return {**result, "problems": problems}
+
+
+def _triton_statistics(case: Case) -> dict:
+    """jax_triton compiles the Triton kernel itself (XLA's log has no ptxas statistics for it): the same kernel
+    and settings compiled for the case's architecture with Triton, then ptxas -v (benchmarks/triton_forward.py)."""
+    import triton_forward
+
+    arch = int(re.search(r"major: (\d+)", TARGETS[case.target].read_text())[1]) * 10
+    return triton_forward.compile_for(arch, case.dtype, case.window, L=case.length, G=GLOBAL_KEYS,
+                                      H=HEADS[case.head_dim], K=case.head_dim)
 
 
 def target_limits(text: str) -> dict:

@@ -4,11 +4,9 @@ sm_80 without a GPU and with how many registers and spills, and whether it can b
 
     python benchmarks/triton_forward.py --interpret     # Triton's interpreter on CPU vs a float64 numpy reference
     python benchmarks/triton_forward.py --compile       # Triton -> PTX for sm_90 and sm_80, then ptxas -v
-    python benchmarks/triton_forward.py --jax           # through jax_triton.triton_call, compiled by XLA for sm_90
+                                                        # ($TRITON_PTXAS_PATH, else ptxas on PATH)
 
-Same contract as `windowed_attention`'s forward (docs/architecture.md): row i of a document attends in one float32
-softmax to document keys j with |i - j| <= window and doc_mask[j], and to the valid global keys; writes the output
-and the row's log-sum-exp. Needs `pip install triton` (and `jax-triton` for --jax, Python >= 3.12).
+The kernel is `sce_jax.kernels.triton_attention` (attention_impl="triton"). Needs `pip install triton`.
 """
 
 from __future__ import annotations
@@ -28,71 +26,11 @@ if "--interpret" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
-MASK_VALUE = tl.constexpr(-0.7 * float(np.finfo(np.float32).max))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
-
-
-@triton.jit
-def doc_attention_forward(q_ptr, k_ptr, v_ptr, kg_ptr, vg_ptr, doc_mask_ptr, global_mask_ptr, out_ptr, lse_ptr,
-                          L: tl.constexpr, G: tl.constexpr, H: tl.constexpr, scale: tl.constexpr,
-                          window: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_G: tl.constexpr, HEAD: tl.constexpr, PRECISION: tl.constexpr):
-    """One program: BLOCK_Q rows of one head of one document. q, k, v, out: [D, L, H, HEAD]; kg, vg: [D, G, H,
-    HEAD]; doc_mask [D, L] and global_mask [D, G] int32; lse [D, H, L] float32. window < 0: full attention."""
-    qb, h, d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    dims = tl.arange(0, HEAD)
-    doc_base = d * L * H * HEAD + h * HEAD
-    q = tl.load(q_ptr + doc_base + rows[:, None] * (H * HEAD) + dims[None, :], mask=rows[:, None] < L, other=0.0)
-
-    # The global keys ([CLS], query) open the online softmax; rows with no visible key keep l == 0.
-    g = tl.arange(0, BLOCK_G)
-    global_base = d * G * H * HEAD + h * HEAD
-    global_offsets = global_base + g[:, None] * (H * HEAD) + dims[None, :]
-    kg = tl.load(kg_ptr + global_offsets, mask=g[:, None] < G, other=0.0)
-    vg = tl.load(vg_ptr + global_offsets, mask=g[:, None] < G, other=0.0)
-    global_visible = (tl.load(global_mask_ptr + d * G + g, mask=g < G, other=0) > 0)[None, :]
-    s = tl.where(global_visible, tl.dot(q, tl.trans(kg), input_precision=PRECISION) * scale, MASK_VALUE)
-    m = tl.max(s, 1)
-    p = tl.where(global_visible, tl.exp(s - m[:, None]), 0.0)
-    l = tl.sum(p, 1)
-    acc = tl.dot(p.to(vg.dtype), vg, input_precision=PRECISION)
-
-    # The document key tiles the band [first row - window, last row + window] reaches.
-    if window < 0:
-        lo, hi = 0, L
-    else:
-        lo = tl.maximum(qb * BLOCK_Q - window, 0) // BLOCK_K * BLOCK_K
-        hi = tl.minimum(qb * BLOCK_Q + BLOCK_Q + window, L)
-    for start in range(lo, hi, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        key_offsets = doc_base + cols[:, None] * (H * HEAD) + dims[None, :]
-        k = tl.load(k_ptr + key_offsets, mask=cols[:, None] < L, other=0.0)
-        v = tl.load(v_ptr + key_offsets, mask=cols[:, None] < L, other=0.0)
-        visible = (tl.load(doc_mask_ptr + d * L + cols, mask=cols < L, other=0) > 0)[None, :]
-        if window >= 0:
-            visible = visible & (tl.abs(rows[:, None] - cols[None, :]) <= window)
-        s_tile = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, MASK_VALUE)
-        m_new = tl.maximum(m, tl.max(s_tile, 1))
-        p_tile = tl.where(visible, tl.exp(s_tile - m_new[:, None]), 0.0)
-        rescale = tl.exp(m - m_new)
-        acc = acc * rescale[:, None] + tl.dot(p_tile.to(v.dtype), v, input_precision=PRECISION)
-        l = l * rescale + tl.sum(p_tile, 1)
-        m = m_new
-    seen = l > 0
-    out = acc / tl.where(seen, l, 1.0)[:, None]
-    tl.store(out_ptr + doc_base + rows[:, None] * (H * HEAD) + dims[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=rows[:, None] < L)
-    tl.store(lse_ptr + (d * H + h) * L + rows, tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), 0.0), mask=rows < L)
-
-
-def constants(L: int, G: int, H: int, K: int, window: int | None, block_q: int, block_k: int, dtype: str) -> dict:
-    """The kernel's compile-time parameters (head size and global keys padded to powers of two >= 16)."""
-    return dict(L=L, G=G, H=H, scale=1.0 / math.sqrt(K), window=-1 if window is None else window, BLOCK_Q=block_q,
-                BLOCK_K=block_k, BLOCK_G=max(16, triton.next_power_of_2(G)), HEAD=max(16, triton.next_power_of_2(K)),
-                PRECISION="ieee" if dtype == "float32" else "tf32")
+from sce_jax.kernels.triton_attention import doc_attention_forward, kernel_settings  # noqa: E402
 
 
 # --- checks -----------------------------------------------------------------------------------------------------
@@ -135,27 +73,26 @@ def run_interpreted(window, block_q=32, block_k=16) -> float:
     D, L, H, K = q.shape
     out = torch.zeros(q.shape)
     lse = torch.zeros((D, H, L))
-    grid = (triton.cdiv(L, block_q), H, D)
-    doc_attention_forward[grid](*(torch.from_numpy(a) for a in arrays), out, lse,
-                                **constants(L, kg.shape[1], H, K, window, block_q, block_k, "float32"))
+    settings = {**kernel_settings(L, kg.shape[1], H, K, window, np.float32), "BLOCK_Q": block_q, "BLOCK_K": block_k}
+    doc_attention_forward[(triton.cdiv(L, block_q), H, D)](*(torch.from_numpy(a) for a in arrays), out, lse,
+                                                           **settings)
     expected_out, expected_lse = reference(*(a.astype(np.float64) for a in arrays), window)
     return max(float(np.abs(out.numpy() - expected_out).max()), float(np.abs(lse.numpy() - expected_lse).max()))
 
 
-def compile_for(arch: int, dtype: str, window, L=4096, G=33, H=12, K=32, block_q=32, block_k=16, num_warps=4,
-                num_stages=2) -> dict:
-    """Triton -> PTX for `sm_{arch}` (no GPU needed), then the pinned ptxas's statistics."""
+def compile_for(arch: int, dtype: str, window, L=4096, G=33, H=12, K=32) -> dict:
+    """Triton -> PTX for `sm_{arch}` (no GPU needed) at the shipped tiles, then ptxas's statistics."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     pointer = {"float32": "*fp32", "bfloat16": "*bf16"}[dtype]
     signature = {name: pointer for name in ("q_ptr", "k_ptr", "v_ptr", "kg_ptr", "vg_ptr")}
     signature.update(doc_mask_ptr="*i32", global_mask_ptr="*i32", out_ptr=pointer, lse_ptr="*fp32")
-    consts = constants(L, G, H, K, window, block_q, block_k, dtype)
+    consts = kernel_settings(L, G, H, K, window, dtype)
+    options = {name: consts.pop(name) for name in ("num_warps", "num_stages")}
     signature.update({name: "constexpr" for name in consts})
     source = ASTSource(doc_attention_forward, signature, constexprs=consts)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     stats = ptxas_statistics(ptx, arch)
     stats.update(shared_memory=compiled.metadata.shared, tensor_core_ops=sorted(set(
@@ -164,7 +101,7 @@ def compile_for(arch: int, dtype: str, window, L=4096, G=33, H=12, K=32, block_q
 
 
 def ptxas_statistics(ptx: str, arch: int) -> dict:
-    ptxas = os.environ.get("PTXAS") or shutil.which("ptxas") or triton.knobs.nvidia.ptxas.path
+    ptxas = os.environ.get("TRITON_PTXAS_PATH") or shutil.which("ptxas")
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "kernel.ptx")
         open(path, "w").write(ptx)
@@ -193,7 +130,7 @@ def main(argv=None) -> int:
         for arch in (90, 80):
             for dtype in ("float32", "bfloat16"):
                 for head in (32, 64):
-                    stats = compile_for(arch, dtype, 4, K=head, **({"block_q": 64, "block_k": 32} if dtype == "bfloat16" else {}))
+                    stats = compile_for(arch, dtype, 4, K=head)
                     failed |= stats["spill_stores"] > 0 or (dtype == "float32" and bool(stats["tensor_core_ops"]))
                     print(f"sm_{arch} {dtype} K={head}: {stats}")
     return 1 if failed else 0

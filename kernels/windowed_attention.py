@@ -316,7 +316,8 @@ def _backward(static: _Static, residuals, dout):
     block_q, block_k = static.config.block_q, static.config.block_k
     n_query_blocks = Lp // block_q
     # delta_i = sum_k out_ik * dout_ik: the softmax Jacobian's row term, an elementwise pass XLA fuses.
-    delta_DxHxLp = jnp.einsum("dlhk,dlhk->dhl", out.astype(jnp.float32), dout.astype(jnp.float32))
+    delta_DxHxLp = jnp.einsum("dlhk,dlhk->dhl", out.astype(jnp.float32), dout.astype(jnp.float32),
+                              precision=_FULL_FLOAT32)
     part_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, Gp, Kp), lambda d, h, i: (d, h, i, 0, 0))
     part_shape = _out_struct(q, (D, H, n_query_blocks, Gp, Kp), jnp.float32)
     dq, dkg_parts, dvg_parts = pl.pallas_call(

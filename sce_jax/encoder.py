@@ -313,7 +313,8 @@ class SparseCrossEncoder:
         if too_long.size:
             raise ValueError(f"documents {too_long[:5].tolist()} exceed max_length {max_length} with their query")
         cfg = self.config
-        packed = cfg.query_is_shared and cfg.attention_window_size is not None and self.model.attention_impl != "pallas"
+        packed = (cfg.query_is_shared and cfg.attention_window_size is not None
+                  and self.model.attention_impl not in ("pallas", "triton"))
         rows: list[Row] = pack_documents(
             lengths, doc_query, length_buckets(max_length, step=16), max_slots=PACKED_SLOTS if packed else 1
         )

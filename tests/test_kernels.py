@@ -239,8 +239,9 @@ def test_auto_dispatch(monkeypatch):
     assert attention.resolve_attention_impl("pallas") == "pallas"
     monkeypatch.setattr(attention, "PALLAS_VALIDATED_ON_GPU", True)
     assert attention.resolve_attention_impl("auto") == "pallas"
+    assert attention.resolve_attention_impl("triton") == "triton"  # explicit only, like "pallas"
     with pytest.raises(ValueError, match="unknown attention_impl"):
-        attention.resolve_attention_impl("triton")
+        attention.resolve_attention_impl("mosaic")
 
 
 def test_model_with_kernel_matches_xla_path():
@@ -326,3 +327,50 @@ def test_kernel_is_sharded_over_documents():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded ok" in result.stdout
+
+
+_TRITON_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np, torch
+    sys.path.insert(0, "tests")
+    from test_kernels import make_inputs, reference_attention
+    import jax.numpy as jnp
+    from sce_jax.kernels.triton_attention import doc_attention_forward, kernel_settings
+
+    for window in (1, 4, 16, None):
+        for head_dim, lengths in ((32, (70, 33, 11, 0)), (24, (40, 9))):
+            (q, k, v, cls_k, cls_v, query_k, query_v), doc_query, doc_mask, global_mask, dout = make_inputs(
+                jnp.float32, head_dim=head_dim, doc_lengths=lengths, seed=3)
+            kg = np.concatenate([cls_k, query_k[doc_query]], axis=1)
+            vg = np.concatenate([cls_v, query_v[doc_query]], axis=1)
+            D, L, H, K = q.shape
+            settings = kernel_settings(L, kg.shape[1], H, K, window, np.float32)
+            pad = lambda x: np.pad(np.asarray(x, np.float32), ((0, 0), (0, 0), (0, 0), (0, settings["HEAD"] - K)))
+            args = [torch.from_numpy(pad(x)) for x in (q, k, v, kg, vg)]
+            args += [torch.from_numpy(doc_mask.astype(np.int32)), torch.from_numpy(global_mask.astype(np.int32))]
+            out, lse = torch.zeros(args[0].shape), torch.zeros((D, H, L))
+            grid = (-(-L // settings["BLOCK_Q"]), H, D)
+            doc_attention_forward[grid](*args, out, lse, **settings)
+            expected, _ = reference_attention(*(np.asarray(x, np.float64) for x in (q, k, v, kg, vg)), doc_mask,
+                                              global_mask, window, np.zeros(q.shape))
+            np.testing.assert_allclose(out.numpy()[..., :K], expected, atol=1e-5, rtol=1e-5)
+            if lengths[-1] == 0:  # a document with no visible key: zeros
+                assert not out.numpy()[-1].any()
+    print("triton ok")
+    """
+)
+
+
+def test_triton_forward_kernel_in_the_interpreter():
+    """The Triton forward kernel (attention_impl="triton" on GPU) in Triton's interpreter on CPU, against the
+    float64 reference: windows 1, 4, 16 and full, several documents per query, padding, an empty document, a head
+    size padded to 32."""
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu", PYTHONPATH=path)
+    result = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "triton ok" in result.stdout
