@@ -167,23 +167,35 @@ def attention_and_grads(attend, inputs, doc_query, doc_mask, global_mask, dout):
     return out, vjp(dout)
 
 
+def kernel_impls(sizes: Sizes) -> tuple[str, ...]:
+    """The kernels to check and time: Pallas, and the Triton forward where jax_triton is installed (it runs on a
+    GPU only: its --dry-run test is tests/test_kernels.py's interpreter test)."""
+    import importlib.util
+
+    triton = sizes.timed and importlib.util.find_spec("jax_triton") is not None
+    return ("pallas", "triton") if triton else ("pallas",)
+
+
+def kernel_attend(impl: str, window, sizes: Sizes):
+    if impl == "pallas":
+        return lambda *a: windowed_attention(*a, window=window, interpret=sizes.interpret)
+    return lambda *a: doc_attention(*a, window=window, impl=impl)
+
+
 def check_kernel(report: Report, sizes: Sizes) -> None:
-    """Pallas vs the XLA banded path vs dense attention (float32, HIGHEST, from the same inputs): outputs and
-    gradients of q, k, v, [CLS] and the shared query keys/values."""
+    """Pallas (and Triton) vs the XLA banded path vs dense attention (float32, HIGHEST, from the same inputs):
+    outputs and gradients of q, k, v, [CLS] and the shared query keys/values."""
     for dtype in ("float32", "bfloat16"):
         for length in sizes.lengths:
             for window in sizes.windows:
                 inputs, *rest = attention_inputs(sizes, length, jnp.dtype(dtype))
                 upcast = jax.tree.map(lambda x: x.astype(jnp.float32), (inputs, rest[-1]))
                 results = {}
-                for impl in ("pallas", "xla", "dense"):
-                    if impl == "pallas":
-                        attend = lambda *a: windowed_attention(*a, window=window, interpret=sizes.interpret)
-                    else:
-                        attend = lambda *a, impl=impl: doc_attention(*a, window=window, impl=impl)
+                for impl in (*kernel_impls(sizes), "xla", "dense"):
+                    attend = kernel_attend(impl, window, sizes)
                     run = jax.jit(highest(lambda i, d, attend=attend: attention_and_grads(attend, i, *rest[:-1], d)))
                     results[impl] = run(*upcast) if impl == "dense" else run(inputs, rest[-1])
-                errors = {impl: relative_error(results[impl], results["dense"]) for impl in ("pallas", "xla")}
+                errors = {impl: relative_error(results[impl], results["dense"]) for impl in results if impl != "dense"}
                 ok = all(e <= TOLERANCE[dtype] for e in errors.values())
                 report.add("kernel", dict(dtype=dtype, length=length, window=window, error_vs_dense=errors,
                                           tolerance=TOLERANCE[dtype], ok=ok))
@@ -330,9 +342,8 @@ def kernel_speed(report: Report, sizes: Sizes) -> None:
             args += [jnp.ones((docs, length), bool), jnp.ones((docs, 33), bool)]
             dout = jnp.ones(doc, dtype)
             doc_bytes, glob_bytes = args[0].nbytes, args[3].nbytes
-            for impl in ("pallas", "xla"):
-                attend = (lambda *a: windowed_attention(*a, window=4, interpret=sizes.interpret)) if impl == "pallas" \
-                    else (lambda *a: doc_attention(*a, window=4, impl="xla"))
+            for impl in (*kernel_impls(sizes), "xla"):
+                attend = kernel_attend(impl, 4, sizes)
                 entry = dict(dtype=dtype, length=length, docs=docs, impl=impl)
                 fwd = jax.jit(highest(attend))
                 both = jax.jit(highest(lambda *a, attend=attend: jax.vjp(lambda *x: attend(*x, *a[5:7]), *a[:5])[1](a[7])))
