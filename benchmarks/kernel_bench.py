@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from sce_jax.kernels.block_config import BlockConfig
+from sce_jax.kernels.block_config import BlockConfig, shipped_block_config
 from sce_jax.kernels.windowed_attention import windowed_attention
 from sce_jax.attention import doc_attention
 
@@ -52,15 +52,19 @@ def parse_args(argv) -> tuple[BenchConfig, str | None]:
     parser.add_argument("--global-keys", type=int, default=33)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(TOLERANCE))
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--block-q", type=int, default=BlockConfig.block_q)
-    parser.add_argument("--block-k", type=int, default=BlockConfig.block_k)
-    parser.add_argument("--num-warps", type=int, default=BlockConfig.num_warps)
-    parser.add_argument("--num-stages", type=int, default=BlockConfig.num_stages)
+    parser.add_argument("--block-q", type=int, help="tiles and launch settings; default: the shipped ones for the "
+                        "dtype and head size (sce_jax.kernels.block_config.shipped_block_config)")
+    parser.add_argument("--block-k", type=int)
+    parser.add_argument("--num-warps", type=int)
+    parser.add_argument("--num-stages", type=int)
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, Pallas interpret mode, on CPU")
     args = parser.parse_args(argv)
     try:
-        block = BlockConfig(args.block_q, args.block_k, args.num_warps, args.num_stages)
+        block = shipped_block_config(args.dtype, args.head_dim)
+        given = {"block_q": args.block_q, "block_k": args.block_k, "num_warps": args.num_warps,
+                 "num_stages": args.num_stages}
+        block = dataclasses.replace(block, **{k: v for k, v in given.items() if v is not None})
     except ValueError as error:
         parser.error(str(error))
     if args.cpu_smoke:

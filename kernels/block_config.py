@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import numpy as np
+
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
@@ -33,3 +35,26 @@ class BlockConfig:
     def compiler_params(self) -> pl_triton.CompilerParams:
         """Selects the Pallas Triton backend (see docs/kernels.md for why not Mosaic GPU)."""
         return pl_triton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# The shipped tiles per compute dtype and head size (padded to a power of two >= 16): the largest found that compile
+# with 0 bytes of register spills for sm_80 and sm_90 in forward, dq and dk/dv (benchmarks/gpu_compile.py; the
+# measured table and the sweep are in docs/kernels.md). float32 tiles hold twice the bytes of bfloat16 ones and
+# multiply on the CUDA cores, so they are smaller: with heads of 32 a 32-key forward tile or a 64-row dq tile of
+# 4 warps spills; with heads of 64 the dq kernel also holds the global keys' [64, 64] tiles and their gradients,
+# and only 8 warps over 16-row tiles stay under 255 registers.
+_SHIPPED = {
+    ("float32", 16): BlockConfig(block_q=32, block_k=16, num_warps=4, num_stages=2),
+    ("float32", 32): BlockConfig(block_q=32, block_k=16, num_warps=4, num_stages=2),
+    ("float32", 64): BlockConfig(block_q=16, block_k=16, num_warps=8, num_stages=2),
+    ("bfloat16", 16): BlockConfig(block_q=64, block_k=32, num_warps=4, num_stages=2),
+    ("bfloat16", 32): BlockConfig(block_q=64, block_k=32, num_warps=4, num_stages=2),
+    ("bfloat16", 64): BlockConfig(block_q=64, block_k=32, num_warps=4, num_stages=2),
+}
+
+
+def shipped_block_config(dtype, head_dim: int) -> BlockConfig:
+    """The tiles `windowed_attention` uses unless given others. Head sizes above 64 (not compile-checked) take
+    the smallest tiles."""
+    padded = max(16, pl.next_power_of_2(head_dim))
+    return _SHIPPED.get((np.dtype(dtype).name, padded), BlockConfig(block_q=16, block_k=16))

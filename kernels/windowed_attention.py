@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
-from sce_jax.kernels.block_config import BlockConfig
+from sce_jax.kernels.block_config import BlockConfig, shipped_block_config
 
 # Finite, so a tile whose keys are all masked yields no inf - inf = NaN in the running max.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -45,13 +45,14 @@ def windowed_attention(
     global_mask_DxG,
     *,
     window: int | None,
-    config: BlockConfig = BlockConfig(),
+    config: BlockConfig | None = None,
     interpret: bool = False,
 ):
     """Document-row attention as fused Pallas kernels; same contract as `sce_jax.attention.doc_attention`.
 
     Any document length, number of global keys and head size: inputs are padded to the tile sizes here and
-    the padding is masked. Under a mesh set with `jax.set_mesh`, the call is wrapped in `shard_map` over the
+    the padding is masked. `config`: the tiles; by default the shipped ones for the dtype and head size
+    (`shipped_block_config`), which compile without register spills. Under a mesh set with `jax.set_mesh`, the call is wrapped in `shard_map` over the
     document axis, because XLA cannot partition an opaque kernel (it would gather every shard instead).
     `interpret=True` runs the kernels in the Pallas interpreter (CPU).
     """
@@ -72,7 +73,7 @@ def windowed_attention(
     static = _Static(
         window=None if window is None or window >= L else int(window),
         scale=1.0 / math.sqrt(K),
-        config=config.fitted(L),
+        config=(config or shipped_block_config(q_DxLxHxK.dtype, K)).fitted(L),
         interpret=interpret,
     )
     attend = functools.partial(_padded_attention, static=static)
@@ -315,7 +316,8 @@ def _backward(static: _Static, residuals, dout):
     block_q, block_k = static.config.block_q, static.config.block_k
     n_query_blocks = Lp // block_q
     # delta_i = sum_k out_ik * dout_ik: the softmax Jacobian's row term, an elementwise pass XLA fuses.
-    delta_DxHxLp = jnp.einsum("dlhk,dlhk->dhl", out.astype(jnp.float32), dout.astype(jnp.float32))
+    delta_DxHxLp = jnp.einsum("dlhk,dlhk->dhl", out.astype(jnp.float32), dout.astype(jnp.float32),
+                              precision=_FULL_FLOAT32)
     part_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, Gp, Kp), lambda d, h, i: (d, h, i, 0, 0))
     part_shape = _out_struct(q, (D, H, n_query_blocks, Gp, Kp), jnp.float32)
     dq, dkg_parts, dvg_parts = pl.pallas_call(

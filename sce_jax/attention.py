@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from sce_jax.config import SparseCrossEncoderConfig
 
-ATTENTION_IMPLS = ("auto", "cpu", "xla", "dense", "pallas")
+ATTENTION_IMPLS = ("auto", "cpu", "xla", "dense", "pallas", "triton")
 
 # Mask value for scores: finite so fully masked rows stay NaN-free (they are zeroed explicitly).
 _NEG = -1e30
@@ -146,7 +146,8 @@ def doc_attention(
     document. None means one document per row.
 
     impl "dense" builds the full [L, L] band mask (the readable reference), "xla" computes only the band
-    (`_blocked_doc_attention`, memory O(L·(block + 2·window))), "pallas" runs the fused GPU kernel.
+    (`_blocked_doc_attention`, memory O(L·(block + 2·window))), "pallas" runs the fused GPU kernel, "triton" the
+    Triton forward kernel (through jax_triton; GPU only) with the XLA path's backward.
     """
     impl = resolve_attention_impl(impl)
     length = q_DxLxHxK.shape[1]
@@ -161,6 +162,12 @@ def doc_attention(
             q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG,
             window=window, interpret=interpret,
         )
+    if impl == "triton":
+        if doc_slot_DxL is not None:
+            raise ValueError("the Triton kernel takes one document per row")
+        return _triton_doc_attention(
+            q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG, window
+        )
     if impl == "dense" or window is None or window >= length - 1:
         return _dense_doc_attention(
             q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG, window, *segments
@@ -168,6 +175,27 @@ def doc_attention(
     return _blocked_doc_attention(
         q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG, window, *segments
     )
+
+
+def _triton_doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window):
+    """The Triton forward kernel; its gradients are the XLA path's (which recomputes the same function)."""
+    from sce_jax.kernels.triton_attention import triton_forward
+
+    def reference(q, k, v, kg, vg):
+        return doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window=window, impl="xla")
+
+    @jax.custom_vjp
+    def attend(q, k, v, kg, vg):
+        return triton_forward(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window=window)
+
+    def attend_fwd(*inputs):
+        return attend(*inputs), inputs
+
+    def attend_bwd(inputs, grad):
+        return jax.vjp(reference, *inputs)[1](grad)
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend(q, k, v, kg, vg)
 
 
 def _dense_doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window, doc_slot_DxL=None, global_slot_DxG=None):

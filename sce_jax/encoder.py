@@ -38,8 +38,11 @@ from sce_jax.quant import (dequantize_params, fused_int8_variant, int8_kernel_ch
 from sce_jax.runs import rank_by_score
 from sce_jax.tokenization import QueryDocTokenizer, check_lengths
 
-# int8: int8 linear layers, float32 for the rest (sce_jax.quant, docs/int8.md).
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
+# Compute dtypes by name. float32 multiplies in full float32 everywhere, GPUs included; tf32 is float32 whose matmuls
+# may use TF32 tensor cores on GPU (faster, ~1e-3 relative error; the same as float32 on CPU); int8: int8 linear
+# layers, float32 for the rest (sce_jax.quant, docs/int8.md).
+DTYPES = {"float32": jnp.float32, "tf32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
+_MATMUL_PRECISION = {"tf32": "tensorfloat32"}  # the others: "highest" (full float32 for whatever is float32)
 
 
 def build_model(
@@ -66,6 +69,7 @@ def build_model(
         lambda: SparseCrossEncoderModel(
             config, rngs=nnx.Rngs(0), dtype=DTYPES[dtype], attention_impl=impl, interpret=interpret,
             cpu_kernels=cpu_kernels, int8_kernel=int8_kernel,
+            matmul_precision=_MATMUL_PRECISION.get(dtype, "highest"),
         )
     )
     if dtype == "int8":
@@ -341,7 +345,8 @@ class SparseCrossEncoder:
         if too_long.size:
             raise ValueError(f"documents {too_long[:5].tolist()} exceed max_length {max_length} with their query")
         cfg = self.config
-        packed = cfg.query_is_shared and cfg.attention_window_size is not None and self.model.attention_impl != "pallas"
+        packed = (cfg.query_is_shared and cfg.attention_window_size is not None
+                  and self.model.attention_impl not in ("pallas", "triton"))
         rows: list[Row] = pack_documents(
             lengths, doc_query, length_buckets(max_length, step=16), max_slots=PACKED_SLOTS if packed else 1
         )

@@ -203,6 +203,12 @@ class Layer(nnx.Module):
         return self.output_norm(x_TxF + _dropout(h, rate, dropout_rngs[1]))
 
 
+# Precision of the float32 matmuls (jax's names): "highest" is full float32; "tensorfloat32" lets GPUs with tensor
+# cores round the operands to TF32 (10-bit mantissas, ~1e-3 relative error; faster). JAX's own default on such GPUs
+# is TF32, so it is always set explicitly. CPUs compute float32 either way; bfloat16 matmuls are unaffected.
+MATMUL_PRECISIONS = ("highest", "tensorfloat32")
+
+
 class SparseCrossEncoderModel(nnx.Module):
     """Scores (query, document) pairs: `model(batch) -> [D]` float32 logits."""
 
@@ -216,8 +222,12 @@ class SparseCrossEncoderModel(nnx.Module):
         interpret: bool = False,
         cpu_kernels: str | None = None,
         int8_kernel: str | None = None,
+        matmul_precision: str = "highest",
     ):
+        if matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {matmul_precision!r}")
         self.config = config
+        self.matmul_precision = matmul_precision
         # Patterns the C++ CPU kernel does not cover run the XLA path.
         self.attention_impl = "xla" if attention_impl == "cpu" and not supports_cpu_kernel(config) else attention_impl
         # The build of the C++ kernels (`sce_jax.kernels.cpu_library`) that runs the attention (None: the selected
@@ -237,6 +247,11 @@ class SparseCrossEncoderModel(nnx.Module):
 
     def __call__(self, batch: Batch, *, dropout_rng: jax.Array | None = None, return_hidden_states: bool = False):
         """Scores [D·C] (row-major over rows and document slots; [D] for one document per row)."""
+        # Every matmul traced here (and its transposes in the backward pass) carries this precision.
+        with jax.default_matmul_precision(self.matmul_precision):
+            return self._forward(batch, dropout_rng, return_hidden_states)
+
+    def _forward(self, batch: Batch, dropout_rng: jax.Array | None, return_hidden_states: bool):
         cfg = self.config
         query_ids, doc_ids, doc_query = (jnp.asarray(a) for a in batch[:3])
         num_rows, row_length = doc_ids.shape

@@ -46,8 +46,8 @@ from sce_jax.texts import RunTexts
 logger = logging.getLogger("sce_jax.rerank")
 _IMPORTED = time.perf_counter()  # about when the command started: "first score after ... s" counts from here
 
-DTYPE_NAMES = ("float32", "bfloat16", "int8")
-ATTENTION_NAMES = ("auto", "cpu", "xla", "dense", "pallas")
+DTYPE_NAMES = ("float32", "tf32", "bfloat16", "int8")
+ATTENTION_NAMES = ("auto", "cpu", "xla", "dense", "pallas", "triton")
 
 
 @dataclasses.dataclass
@@ -93,8 +93,8 @@ HELP = {
     "queries": "TSV file qid<TAB>text with the query texts",
     "docs": "TSV (docno<TAB>text) or JSONL file with the document texts (indexed once, see docs/rerank.md)",
     "devices": "local devices to split documents over (default: all)",
-    "attention_impl": "attention implementation: auto (the C++ kernel on CPU, Pallas on GPU), cpu, xla, dense or pallas",
-    "dtype": "float32, bfloat16 or int8 (int8 linear layers, docs/int8.md)",
+    "attention_impl": "attention implementation: auto (the C++ kernel on CPU, xla on GPU), cpu, xla, dense, pallas or triton",
+    "dtype": "float32, tf32 (float32 with TF32 matmuls on GPU), bfloat16 or int8 (int8 linear layers, docs/int8.md)",
     "run_tag": "tag in the output run's last column",
     "eval_output": "JSON file for the evaluation results (default: OUTPUT.eval.json)",
     "window": "documents scored (and saved to the progress file) at a time, whole queries",

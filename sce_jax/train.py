@@ -157,7 +157,8 @@ HELP = {
     "devices": "local devices per host; default: all",
     "seed": "seed of the data order and dropout",
     "resume": "continue from the newest complete checkpoint in --output-dir (a fresh start if there is none)",
-    "dtype": "compute dtype, float32 or bfloat16 (parameters and optimizer state stay float32)",
+    "dtype": "compute dtype, float32, tf32 (float32 with TF32 matmuls on GPU) or bfloat16 (parameters and "
+             "optimizer state stay float32)",
     "dropout": "override the model's dropout probability; default: the model's",
     "log_every": "steps between lines of metrics.jsonl",
     "eval_run": "a run (TREC or JSON) to re-rank for validation; needs --eval-qrels",

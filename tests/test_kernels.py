@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sce_jax.kernels.block_config import BlockConfig
+from sce_jax.kernels.block_config import BlockConfig, shipped_block_config
 from sce_jax.kernels.windowed_attention import windowed_attention
 from sce_jax import attention
 from sce_jax.batch import Batch
@@ -134,23 +134,31 @@ def test_kernel_matches_reference_and_xla(window, dtype):
 
 
 @pytest.mark.parametrize(
-    "config, window, head_dim, doc_lengths",
+    "config, window, head_dim, doc_lengths, dtype",
     [
-        (BlockConfig(block_q=32, block_k=16), 4, 64, (33, 17)),
-        (BlockConfig(block_q=16, block_k=32), 16, 32, (40, 5)),
-        (BlockConfig(), 7, 64, (19, 19)),  # default tiles, shrunk to the document length
+        (BlockConfig(block_q=32, block_k=16), 4, 64, (33, 17), jnp.float32),
+        (BlockConfig(block_q=16, block_k=32), 16, 32, (40, 5), jnp.float32),
+        (BlockConfig(), 7, 64, (19, 19), jnp.float32),  # tiles shrunk to the document length
+        # The shipped tiles (shipped_block_config), over several tiles of each side.
+        (None, 4, 32, (70, 33), jnp.float32),
+        (None, 7, 64, (40, 19), jnp.float32),
+        (None, 4, 32, (150, 70), jnp.bfloat16),
+        (None, 9, 64, (100, 37), jnp.bfloat16),
     ],
 )
-def test_kernel_tile_shapes_and_head_dim(config, window, head_dim, doc_lengths):
+def test_kernel_tile_shapes_and_head_dim(config, window, head_dim, doc_lengths, dtype):
     inputs, doc_query, doc_mask, global_mask, dout = make_inputs(
-        jnp.float32, head_dim=head_dim, heads=1, doc_lengths=doc_lengths, seed=1
+        dtype, head_dim=head_dim, heads=1, doc_lengths=doc_lengths, seed=1
     )
+    if config is None:
+        tiles = shipped_block_config(dtype, head_dim)
+        assert tiles.block_q < max(doc_lengths) and tiles.block_k < max(doc_lengths)
     expected, expected_grads = reference_and_grads(inputs, doc_query, doc_mask, global_mask, dout, window)
     kernel = lambda *a: windowed_attention(*a, window=window, config=config, interpret=True)
     out, grads = attention_and_grads(kernel, inputs, doc_query, doc_mask, global_mask, dout)
-    assert_close(out, expected, 1e-5)
+    assert_close(out, expected, TOLERANCE[dtype])
     for grad, expected_grad in zip(grads, expected_grads):
-        assert_close(grad, expected_grad, 1e-5)
+        assert_close(grad, expected_grad, TOLERANCE[dtype])
 
 
 def test_bad_shapes_and_tiles_are_rejected():
@@ -231,8 +239,9 @@ def test_auto_dispatch(monkeypatch):
     assert attention.resolve_attention_impl("pallas") == "pallas"
     monkeypatch.setattr(attention, "PALLAS_VALIDATED_ON_GPU", True)
     assert attention.resolve_attention_impl("auto") == "pallas"
+    assert attention.resolve_attention_impl("triton") == "triton"  # explicit only, like "pallas"
     with pytest.raises(ValueError, match="unknown attention_impl"):
-        attention.resolve_attention_impl("triton")
+        attention.resolve_attention_impl("mosaic")
 
 
 def test_model_with_kernel_matches_xla_path():
@@ -318,3 +327,50 @@ def test_kernel_is_sharded_over_documents():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded ok" in result.stdout
+
+
+_TRITON_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np, torch
+    sys.path.insert(0, "tests")
+    from test_kernels import make_inputs, reference_attention
+    import jax.numpy as jnp
+    from sce_jax.kernels.triton_attention import doc_attention_forward, kernel_settings
+
+    for window in (1, 4, 16, None):
+        for head_dim, lengths in ((32, (70, 33, 11, 0)), (24, (40, 9))):
+            (q, k, v, cls_k, cls_v, query_k, query_v), doc_query, doc_mask, global_mask, dout = make_inputs(
+                jnp.float32, head_dim=head_dim, doc_lengths=lengths, seed=3)
+            kg = np.concatenate([cls_k, query_k[doc_query]], axis=1)
+            vg = np.concatenate([cls_v, query_v[doc_query]], axis=1)
+            D, L, H, K = q.shape
+            settings = kernel_settings(L, kg.shape[1], H, K, window, np.float32)
+            pad = lambda x: np.pad(np.asarray(x, np.float32), ((0, 0), (0, 0), (0, 0), (0, settings["HEAD"] - K)))
+            args = [torch.from_numpy(pad(x)) for x in (q, k, v, kg, vg)]
+            args += [torch.from_numpy(doc_mask.astype(np.int32)), torch.from_numpy(global_mask.astype(np.int32))]
+            out, lse = torch.zeros(args[0].shape), torch.zeros((D, H, L))
+            grid = (-(-L // settings["BLOCK_Q"]), H, D)
+            doc_attention_forward[grid](*args, out, lse, **settings)
+            expected, _ = reference_attention(*(np.asarray(x, np.float64) for x in (q, k, v, kg, vg)), doc_mask,
+                                              global_mask, window, np.zeros(q.shape))
+            np.testing.assert_allclose(out.numpy()[..., :K], expected, atol=1e-5, rtol=1e-5)
+            if lengths[-1] == 0:  # a document with no visible key: zeros
+                assert not out.numpy()[-1].any()
+    print("triton ok")
+    """
+)
+
+
+def test_triton_forward_kernel_in_the_interpreter():
+    """The Triton forward kernel (attention_impl="triton" on GPU) in Triton's interpreter on CPU, against the
+    float64 reference: windows 1, 4, 16 and full, several documents per query, padding, an empty document, a head
+    size padded to 32."""
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu", PYTHONPATH=path)
+    result = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "triton ok" in result.stdout

@@ -440,7 +440,7 @@ def test_max_length_defaults_to_the_models_positions(long_model_dir, tiny_hf_dir
     ({"max_length": 0}, "max_length", "max_length must be an integer >= 8, got 0"),
     ({"max_length": 30, "max_query_length": 32}, "max_length", "leaves no room for documents"),
     ({"max_query_length": 2}, "max_query_length", "max_query_length must be an integer >= 3"),
-    ({"dtype": "float16"}, "dtype", "unknown dtype 'float16'; choose one of float32, bfloat16"),
+    ({"dtype": "float16"}, "dtype", "unknown dtype 'float16'; choose one of float32, tf32, bfloat16"),
     ({"attention_impl": "flash"}, "attention_impl", "unknown attention_impl 'flash'"),
     ({"devices": 99}, "devices", "devices=99, but there are"),
     ({"devices": 0}, "devices", "devices=0"),

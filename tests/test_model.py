@@ -279,3 +279,31 @@ def test_feed_forward_in_token_chunks_matches_dense_numpy_reference(tiny_dir, mo
         logit, ref_hidden = dense_reference.forward(state, hf_config, queries[q], doc, RELEASED, 4)
         assert abs(float(scores[d]) - logit) <= 1e-5 and abs(float(cls_only_scores[d]) - logit) <= 1e-5
         np.testing.assert_allclose(np.asarray(hidden[-1].doc[d, : len(doc)]), ref_hidden[-1, 1 + len(queries[q]) :], atol=1e-5)
+
+
+def _dot_precisions(lowered_text: str) -> list[str]:
+    """The precision attribute of every dot_general in StableHLO text ('' where it has none)."""
+    dots = [line for line in lowered_text.splitlines() if "stablehlo.dot_general" in line]
+    return [line.split("precision = ", 1)[1].split("]")[0] + "]" if "precision = " in line else "" for line in dots]
+
+
+@pytest.mark.parametrize("dtype, expected", [("float32", "[HIGHEST, HIGHEST]"), ("tf32", "[HIGH, HIGH]")])
+def test_float32_matmuls_carry_their_precision_forward_and_backward(tiny_dir, dtype, expected):
+    """GPUs multiply float32 in TF32 unless a dot asks for more: dtype float32 marks every matmul of the forward
+    and backward pass HIGHEST (full float32); only tf32 opts into TF32 (jax's "tensorfloat32", lowered as HIGH).
+    CPU scores are the same for both."""
+    state, hf_config = _state_and_config(str(tiny_dir))
+    config = SparseCrossEncoderConfig.from_hf_dict(hf_config).replace(attention_window_size=4, **RELEASED)
+    model = build_model(config, hf_to_params(state, config), dtype=dtype, attention_impl="xla")
+    graphdef, params = nnx.split(model)
+    batch = _batch(tiny_dir, doc_length=48)
+
+    def loss(params):
+        return nnx.merge(graphdef, params)(batch).sum()
+
+    precisions = _dot_precisions(jax.jit(jax.value_and_grad(loss)).lower(params).as_text())
+    # Forward matmuls and, for each, the backward's transposed ones (at least the 6 per layer of the forward).
+    assert len(precisions) >= 6 * 2 * config.num_hidden_layers, precisions
+    assert set(precisions) == {expected}, precisions
+    float32 = np.asarray(_run(build_model(config, hf_to_params(state, config), attention_impl="xla"), batch))
+    np.testing.assert_array_equal(np.asarray(_run(model, batch)), float32)

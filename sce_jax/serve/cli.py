@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-query-length", type=int, default=32, help="query wordpieces + 2 [SEP]")
     parser.add_argument("--max-p", action="store_true",
                         help="score over-long documents by their best 50%%-overlapping chunk instead of truncating")
-    parser.add_argument("--attention-impl", default="auto", help="auto, cpu, xla, dense or pallas")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or int8 (docs/int8.md)")
+    parser.add_argument("--attention-impl", default="auto", help="auto, cpu, xla, dense, pallas or triton")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32, tf32 (TF32 matmuls on GPU), bfloat16 or int8 (docs/int8.md)")
     parser.add_argument("--no-warmup", action="store_true", help="ready at once, compile on first use")
     parser.add_argument("--graceful-timeout", type=float, default=defaults.graceful_timeout,
                         help="seconds to finish in-flight requests after SIGTERM")
