@@ -38,6 +38,18 @@ from sce_jax.tokenization import QueryDocTokenizer, check_lengths
 # int8: int8 linear layers, float32 for the rest (sce_jax.quant, docs/int8.md).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
 
+# How far one document's float32 score may move with its batch mates: a batch's shapes (document slots per row,
+# query slots) set where each token sits in the model's flat token matrix, and XLA:CPU's
+# matmuls then sum in another order. The change is float32 rounding carried through the layers, so it scales
+# with the logits' size, not with the score itself (a score near 0 can change by ~1e-4 relative): scores of one
+# document in any two batches agree to within BATCH_TOLERANCE * max(1, |score|). Measured (scratch runs of
+# random batch compositions, 2-layer tiny model and MiniLM-L6, "cpu" and "xla" attention, O(1) logits):
+# <= 1.6e-6 * max(1, |score|) on an AMX Xeon. There, fixing a row length's shapes (8 document slots,
+# as many query slots as rows, the longest query length) made scores bit-identical, but costs ~13% more tokens
+# for a query's passages (twice as many for a single pair), and another CPU's matmul kernels may split sums by
+# other rules; hence a bound rather than invariance.
+BATCH_TOLERANCE = 1e-5
+
 
 def build_model(
     config: SparseCrossEncoderConfig,
@@ -292,9 +304,9 @@ class SparseCrossEncoder:
         from `length_buckets`, document slots per row and query slots a power of two (one each per row length),
         rows: about `batch_size` documents (a power of two of rows; fewer for long rows, so a batch holds at most
         `max_tokens_per_batch` tokens; for the last batch of a length, the smallest power of two that holds its
-        rows). A document's score does not depend on its batch or row mates (other shapes reorder float sums:
-        differences of a few float32 ulp, measured up to ~2e-6 relative); with several devices, each device scores whole batches, so
-        scores are bit-identical for any device count.
+        rows). A document's score depends on its batch and row mates only through float32 rounding (other shapes
+        reorder float sums): within `BATCH_TOLERANCE * max(1, |score|)`. With several devices, each device scores
+        whole batches, so scores are bit-identical for any device count.
         """
         num_docs = len(doc_tokens)
         scores = np.zeros(num_docs, np.float32)

@@ -24,6 +24,7 @@ from sce_jax.errors import run_cli  # noqa: E402
 from sce_jax.serve import (  # noqa: E402
     Batcher, QueueFull, ServeSettings, create_app, main, ranked_order, sigmoid, take_group, validation_message,
 )
+from scores import assert_batch_close  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 64
@@ -153,8 +154,7 @@ def test_tei_rerank_matches_offline_scores(served, encoder):
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     for r in results:
         assert r["text"] == texts[r["index"]]
-    np.testing.assert_allclose([r["score"] for r in sorted(results, key=lambda r: r["index"])], expected,
-                               rtol=1e-5, atol=1e-6)
+    assert_batch_close([r["score"] for r in sorted(results, key=lambda r: r["index"])], expected)
     # Default: TEI's normalised scores (sigmoid of the logits), same order; no texts unless asked.
     default = client.post("/rerank", json={"query": query, "texts": texts}).json()
     assert [r["index"] for r in default] == [r["index"] for r in results]
@@ -174,7 +174,7 @@ def test_cohere_rerank_matches_offline_scores(served, encoder):
     assert body["model"] == "tiny" and body["id"]
     results = body["results"]
     assert [r["index"] for r in results] == np.argsort(-expected, kind="stable").tolist()
-    np.testing.assert_allclose([r["relevance_score"] for r in results], np.sort(expected)[::-1], rtol=1e-5)
+    assert_batch_close([r["relevance_score"] for r in results], np.sort(expected)[::-1])
     assert all("document" not in r for r in results)
     top = client.post("/v1/rerank", json={"query": query, "documents": texts, "top_n": 2,
                                           "return_documents": True}).json()["results"]
@@ -207,8 +207,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_scores(served, en
         assert answer.status_code == 200, answer.text
         got = {r["index"]: r["score"] for r in answer.json()}
         assert sorted(got) == list(range(len(texts)))
-        np.testing.assert_allclose([got[i] for i in range(len(texts))], encoder.score(query, texts),
-                                   rtol=1e-5, atol=1e-6)
+        assert_batch_close([got[i] for i in range(len(texts))], encoder.score(query, texts))
     assert max(spy.group_sizes) > 1, spy.group_sizes  # documents of several requests shared scoring calls
     assert sum(spy.group_sizes) == len(requests)
 
@@ -262,8 +261,7 @@ def test_truncate_true_scores_over_long_documents_as_the_cli_does(served, encode
     client, _ = served
     texts = ["cat " * 80, "dog sat"]
     got = client.post("/rerank", json={"query": "cat", "texts": texts, "raw_scores": True, "truncate": True}).json()
-    np.testing.assert_allclose([r["score"] for r in sorted(got, key=lambda r: r["index"])],
-                               encoder.score("cat", texts), rtol=1e-5, atol=1e-6)
+    assert_batch_close([r["score"] for r in sorted(got, key=lambda r: r["index"])], encoder.score("cat", texts))
 
 
 # --- readiness, backpressure ----------------------------------------------------------------------------------
@@ -431,8 +429,7 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tiny_sparse_di
         for (query, texts), answer in zip(requests, answers):
             assert answer is not None and answer.status_code == 200
             got = {r["index"]: r["score"] for r in answer.json()}
-            np.testing.assert_allclose([got[i] for i in range(len(texts))], encoder.score(query, texts),
-                                       rtol=1e-5, atol=1e-6)
+            assert_batch_close([got[i] for i in range(len(texts))], encoder.score(query, texts))
         # uvicorn re-raises the signal once it has shut down gracefully (a shell sees 143).
         assert process.wait(60) == -signal.SIGTERM
         reader.join(10)
