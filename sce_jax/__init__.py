@@ -23,8 +23,9 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 ):
     __path__.append(_root)
 
+from sce_jax.cache import enable_compilation_cache
 from sce_jax.config import SparseCrossEncoderConfig
 from sce_jax.encoder import SparseCrossEncoder
 
-__all__ = ["SparseCrossEncoder", "SparseCrossEncoderConfig"]
+__all__ = ["SparseCrossEncoder", "SparseCrossEncoderConfig", "enable_compilation_cache"]
 __version__ = "0.1.0"

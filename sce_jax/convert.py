@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from sce_jax.cache import enable_compilation_cache
 from sce_jax.checkpoint import (
     check_output_dir,
     copy_tokenizer_files,
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """The `sce-jax-convert` console script: bad input is one line `error: ...` and exit status 2."""
+    enable_compilation_cache()  # compiled programs are reused by the next run (docs/architecture.md)
     sys.exit(run_cli(main))
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sce_jax import irds
+from sce_jax.cache import enable_compilation_cache
 from sce_jax.cli_config import PATH, PATH_OR_ID, add_dataclass_flags, resolve_dataclass
 from sce_jax.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, SettingsError, run_cli, user_path
 from sce_jax.evaluation import DEFAULT_MEASURES, evaluate, format_results, parse_measures, read_qrels, write_results
@@ -559,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """The `sce-jax-rerank` console script (and `python -m sce_jax.rerank`)."""
+    enable_compilation_cache()  # compiled programs are reused by the next run (docs/architecture.md)
     sys.exit(run_cli(main))
 
 

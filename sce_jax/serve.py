@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sce_jax.cache import enable_compilation_cache
 from sce_jax.errors import InputError, SettingsError, run_cli
 
 logger = logging.getLogger("sce_jax.serve")
@@ -542,6 +543,7 @@ def main(argv: list[str]) -> int:
 
 def cli() -> None:
     """The `sce-jax-serve` console script."""
+    enable_compilation_cache()  # compiled programs are reused by the next run (docs/architecture.md)
     raise SystemExit(run_cli(main))
 
 

@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from sce_jax.batch import Batch
+from sce_jax.cache import enable_compilation_cache
 from sce_jax.checkpoint import CHECKPOINTS_DIR, copy_tokenizer_files, load_model_dir
 from sce_jax.cli_config import PATH, PATH_OR_ID, add_dataclass_flags, resolve_dataclass
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pattern
@@ -689,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cli() -> None:
     """The `sce-jax-train` console script."""
+    enable_compilation_cache()  # compiled programs are reused by the next run (docs/architecture.md)
     sys.exit(run_cli(main))
 
 
