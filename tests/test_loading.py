@@ -222,7 +222,9 @@ def test_without_torch_loading_and_scoring_print_nothing_but_real_warnings(conve
     torch only for .bin checkpoints, so importing sce_jax first silences that one advisory, and nothing else."""
     no_torch = ("import importlib.util, logging, sys; real = importlib.util.find_spec; "
                 "importlib.util.find_spec = lambda n, *a, **k: None if n.split('.')[0] == 'torch' else real(n, *a, **k)\n")
-    use_sce = "import sce_jax; sce_jax.SparseCrossEncoder.load(sys.argv[1], max_length=64).score('q', ['d'])\n"
+    use_sce = ("import sce_jax; sce_jax.SparseCrossEncoder.load(sys.argv[1], max_length=64).score('q', ['d'])\n"
+               # Loading a converted model and scoring need neither (their imports cost seconds of start-up).
+               "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'imported'\n")
     warn = "import transformers; logging.getLogger('transformers').warning('another warning')\n"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("TRANSFORMERS_VERBOSITY", None)

@@ -65,3 +65,21 @@ def test_errors_are_clear(tiny_hf_dir, tmp_path):
         SparseCrossEncoder.load(tiny_hf_dir, max_length=512)
     with pytest.raises(InputError, match="no tokenizer files"):
         QueryDocTokenizer.from_dir(tmp_path)
+
+
+def test_wordpieces_equal_transformers_autotokenizer(minilm_dir, tiny_sparse_dir):
+    """tokenizer.json is read with the tokenizers library (no transformers import): the same wordpieces and special
+    tokens as Hugging Face's AutoTokenizer, for accents, CJK, emoji, control characters, long and empty texts."""
+    from transformers import AutoTokenizer
+
+    texts = ["The Café Müller's naïve façade", "東京タワー は 高い", "emoji 🐝🍯 and symbols ©®™ ½", "tab\there\nnew line",
+             "UPPER lower MiXeD 123,456.78", "", " ", "a" * 3000, "don't stop-believing (1990s) [CLS] [SEP]",
+             "\u200b zero width \u00ad soft hyphen", "ﬁ ligature Ⅻ roman"]
+    for directory in (minilm_dir, tiny_sparse_dir):
+        ours = QueryDocTokenizer.from_dir(directory)
+        reference = AutoTokenizer.from_pretrained(str(directory))
+        expected = reference(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        assert ours.encode_docs([[0]] * len(texts), texts, truncate=False) == expected
+        assert (ours.cls_token_id, ours.sep_token_id, ours.pad_token_id) == (
+            reference.cls_token_id, reference.sep_token_id, reference.pad_token_id)
+        assert ours.vocab_size == len(reference)
