@@ -60,8 +60,11 @@ def test_the_wheel_declares_scripts_license_and_the_gpu_extra(wheel):
     requires = metadata.get_all("Requires-Dist")
     assert any(r.startswith("jax[cuda12]") and "extra == \"gpu\"" in r for r in requires), requires
     assert not any("jax-triton" in r or "jax_triton" in r for r in requires)
-    assert any(r.replace(" ", "").startswith("jax<0.12,>=0.10.2") or r.replace(" ", "").startswith("jax>=0.10.2,<0.12")
-               for r in requires), requires
+    # jaxlib 0.10.2 miscompiles on CPU (jax-ml/jax#39103): neither it nor the jax release that pins it.
+    jax = [set(r.replace(" ", "")[3:].split(",")) for r in requires if r.replace(" ", "").startswith("jax>") or
+           r.replace(" ", "").startswith("jax<") or r.replace(" ", "").startswith("jax!")]
+    assert jax == [{">=0.10.1", "!=0.10.2", "<0.12"}], requires
+    assert any(r.replace(" ", "") == "jaxlib!=0.10.2" for r in requires), requires
 
 
 def test_console_script_targets_exist():
