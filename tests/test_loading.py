@@ -232,8 +232,10 @@ def test_without_torch_loading_and_scoring_print_nothing_but_real_warnings(conve
         done = subprocess.run([sys.executable, "-c", script, str(converted)], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+        # Only the warning logged on purpose (transformers may print it through its handler and the root's).
         lines = done.stderr.strip().splitlines()
-        assert lines[-1].endswith("another warning") and len(lines) == 1 + advisory, done.stderr
+        assert "another warning" in done.stderr, done.stderr
+        assert all("another warning" in line or "PyTorch was not found" in line for line in lines), done.stderr
         assert ("PyTorch was not found" in done.stderr) == advisory, done.stderr
 
 
