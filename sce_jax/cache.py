@@ -13,8 +13,7 @@ CACHE_ENV = "SCE_JAX_CACHE_DIR"
 COMPILATION_CACHE_ENV = "SCE_JAX_COMPILATION_CACHE"
 # Programs that compile faster than this are not written: reading one back costs a file read and a
 # deserialization, which saves little below this. jax's default, 1 s, would skip the README's quick start
-# entirely: its one forward program (MiniLM-L6) compiles in 0.5 s on a quiet 2-core Xeon; the other 13 programs
-# of a run take < 0.1 s together.
+# entirely: it compiles one program, the MiniLM-L6 forward, in 0.5 s on a quiet 2-core Xeon.
 MIN_COMPILE_SECONDS = 0.1
 
 
