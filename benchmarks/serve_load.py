@@ -14,7 +14,8 @@ phase is bounded in time (--seconds) and in requests (--max-requests); nothing l
 Per round and workload: offline (`score(query, docs)` per request, one after another, in this process), then the
 server with 1, 4, 16 concurrent clients (threads with keep-alive connections), each client sending the request
 pool round-robin. Every answer is checked against the offline scores of its own texts (mismatch: any score off by
-more than 1e-5 relative / 1e-6 absolute, or a missing or repeated index). Then a robustness phase: 16 clients send
+more than sce_jax.encoder.BATCH_TOLERANCE · max(1, |score|), or a missing or repeated index). Then a robustness
+phase: 16 clients send
 --bad-requests malformed or oversized requests interleaved with as many good ones (1 query x 5 passages); every
 bad one must get its 4xx with a JSON body, every good one its correct scores; the server's resident memory is
 sampled throughout.
@@ -131,7 +132,10 @@ def matches(answer: list[dict], expected: np.ndarray) -> bool:
     got = {r["index"]: r["score"] for r in answer}
     if len(answer) != len(expected) or sorted(got) != list(range(len(expected))):
         return False
-    return bool(np.allclose([got[i] for i in range(len(expected))], expected, rtol=1e-5, atol=1e-6))
+    from sce_jax.encoder import BATCH_TOLERANCE
+
+    scores = [got[i] for i in range(len(expected))]
+    return bool(np.allclose(scores, expected, rtol=BATCH_TOLERANCE, atol=BATCH_TOLERANCE))
 
 
 def offline_phase(encoder, requests, seconds: float, max_requests: int) -> dict:

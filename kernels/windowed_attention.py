@@ -201,8 +201,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, kg_ref, vg_ref, doc_mask_ref, global_ma
 
 
 def _out_struct(like, shape, dtype):
-    """An output struct that varies over the same shard_map axes as `like` (shard_map's check_vma needs it)."""
-    return jax.ShapeDtypeStruct.like(like).update(shape=shape, dtype=dtype, sharding=None)
+    """An output struct that varies over the same shard_map axes as `like` (shard_map's check_vma needs it).
+
+    Spelled out: `jax.ShapeDtypeStruct.like(like).update(...)` does the same from jax 0.10.2, but 0.10.1 has no
+    `like`."""
+    manual = jax.typeof(like).mat
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=None if manual.empty else manual)
 
 
 def _row_spec(block: int, head_dim: int):

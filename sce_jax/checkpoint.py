@@ -249,8 +249,13 @@ def _restore_params(directory: Path, config: SparseCrossEncoderConfig) -> dict:
             where = directory / CHECKPOINTS_DIR / str(step)
             if (where / "params").is_dir():  # the item's own metadata: compare shapes before restoring
                 _verify_item(where / "params")
-                with ocp.StandardCheckpointer() as checkpointer:
-                    _check_stored_shapes(checkpointer.metadata(where / "params").item_metadata, target, where)
+                # The item's handler reads its tree metadata; a Checkpointer would also look for step metadata,
+                # which the manager keeps one level up (absl warns "Metadata file does not exist" on every load).
+                handler = ocp.StandardCheckpointHandler()
+                try:
+                    _check_stored_shapes(handler.metadata(where / "params"), target, where)
+                finally:
+                    handler.close()
             restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
             return restored["params"]
     except CheckpointError:
@@ -264,10 +269,16 @@ def is_sce_dir(path: Path) -> bool:
     return (path / "config.json").exists() and ((path / PARAMS_DIR).exists() or (path / CHECKPOINTS_DIR).exists())
 
 
-OFFLINE_HINT = (
-    "to work offline, pass a local model directory (--model DIR), make one with `python -m sce_jax.convert` "
-    "(see the README's offline route), or set HF_HUB_OFFLINE=1 to use models already in the Hugging Face cache"
-)
+def offline_hint() -> str:
+    """What to do when a hub model cannot be fetched: a local directory in its place, or the local hub cache (where
+    HF_HUB_OFFLINE is set, only that was tried)."""
+    from huggingface_hub import constants
+
+    local = ("pass a local model directory in its place (make one with `python -m sce_jax.convert`, see the README's "
+             "offline route)")
+    if constants.HF_HUB_OFFLINE:
+        return f"HF_HUB_OFFLINE is set, so only the Hugging Face cache was searched and it is not there; {local}"
+    return f"to work offline, {local}, or set HF_HUB_OFFLINE=1 to use models already in the Hugging Face cache"
 
 
 def fetch_hub_model(model_id: str) -> Path:
@@ -279,7 +290,7 @@ def fetch_hub_model(model_id: str) -> Path:
     except Exception as e:  # the hub client raises many types (offline, 404, auth); all mean "not available"
         raise InputError(
             f"model {model_id!r} is neither a local directory nor a reachable Hugging Face hub model "
-            f"({type(e).__name__}: {one_line(e, 160)}); {OFFLINE_HINT}"
+            f"({type(e).__name__}: {one_line(e, 160)}); {offline_hint()}"
         ) from None
 
 

@@ -2,12 +2,15 @@
 
 Each field is a YAML key and a flag (`batch_size:` or `batch-size:`, `--batch-size`). Field types: bool (flags
 `--x`/`--no-x`), int, float, str, list[str] (`--x A B`), and unions of them with None (flag value `none`/`null`).
+Relative paths in a YAML file are relative to that file's folder; in flags, to the working directory.
 """
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
+from collections.abc import Mapping
 
 import yaml
 
@@ -130,7 +133,32 @@ def read_yaml_settings(cls, path: str, error_type: type[Exception]) -> dict:
     return values
 
 
-def resolve_dataclass(cls, yaml_path: str | None, flag_values: dict, error_type: type[Exception]):
-    """`cls` from its defaults, then the YAML file's settings (if a path is given), then `flag_values`."""
-    values = read_yaml_settings(cls, yaml_path, error_type) if yaml_path is not None else {}
+# Kinds of settings that name files (the `paths` of `resolve_dataclass`). PATH: always a file or directory.
+# PATH_OR_ID: a local path, or a Hugging Face hub / ir_datasets id (`org/name`, `msmarco-passage/dev`), which looks
+# like a relative path: read as a path where it exists beside the config file or starts with ./ or ../.
+PATH, PATH_OR_ID = "path", "path or id"
+
+
+def relative_to_config(values: dict, yaml_path: str, paths: Mapping[str, str]) -> dict:
+    """`values` read from `yaml_path`, with the relative paths among `paths` (field name -> PATH or PATH_OR_ID)
+    joined to the config file's folder; absolute paths, `~` paths and ids stay as written."""
+    base = os.path.dirname(yaml_path)
+    resolved = dict(values)
+    for name, kind in paths.items():
+        value = values.get(name)
+        if not isinstance(value, str) or not value or value.startswith("~") or os.path.isabs(value):
+            continue
+        candidate = os.path.join(base, value)
+        if kind == PATH or value.startswith(("./", "../")) or os.path.exists(candidate):
+            resolved[name] = candidate
+    return resolved
+
+
+def resolve_dataclass(cls, yaml_path: str | None, flag_values: dict, error_type: type[Exception],
+                      paths: Mapping[str, str] | None = None):
+    """`cls` from its defaults, then the YAML file's settings (if a path is given; relative paths among `paths`
+    against the file's folder, see `relative_to_config`), then `flag_values` (as given)."""
+    values = {}
+    if yaml_path is not None:
+        values = relative_to_config(read_yaml_settings(cls, yaml_path, error_type), yaml_path, paths or {})
     return cls(**{**values, **flag_values})

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from sce_jax.cache import enable_compilation_cache
 from sce_jax.checkpoint import (
     check_output_dir,
     copy_tokenizer_files,
@@ -108,6 +109,20 @@ def export_hf(source: str | Path, output: str | Path) -> SparseCrossEncoderConfi
     return config
 
 
+def export_notes(config: SparseCrossEncoderConfig) -> list[str]:
+    """What a user of the exported directory must know (printed at export; the README says the same)."""
+    notes = ["Hugging Face's BertForSequenceClassification gives sce_jax's scores only for sce_jax's input layout, "
+             "[CLS] query [SEP] [SEP] document [SEP] [SEP] (token types 0 up to the query's second [SEP], then 1), "
+             "not for the tokenizer's usual pair encoding [CLS] query [SEP] document [SEP]"]
+    if not config.is_full_attention:
+        window = config.attention_window_size
+        notes.append(f"this model's attention is sparse ({'window ' + str(window) if window else 'no window'}, "
+                     "sparse pattern flags): BertForSequenceClassification ignores those config.json fields and "
+                     "loads it as FULL attention, with other scores; the original sparse-cross-encoder code "
+                     "(ListformerModelForSequenceClassification) reads them")
+    return notes
+
+
 def _window(value: str) -> int | None:
     if value.lower() in ("none", "full"):
         return None
@@ -185,11 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     head = "; its classifier is UNTRAINED (random)" if args.add_untrained_head else ""
     print(f"wrote {args.output} ({config.num_hidden_layers} layers, {config.max_position_embeddings} positions, "
           f"{pattern}{head})")
+    if args.export:
+        for note in export_notes(config):
+            print(f"note: {note}")
     return 0
 
 
 def cli() -> None:
     """The `sce-jax-convert` console script: bad input is one line `error: ...` and exit status 2."""
+    enable_compilation_cache()  # compiled programs are reused by the next run (docs/architecture.md)
     sys.exit(run_cli(main))
 
 

@@ -44,6 +44,18 @@ from sce_jax.tokenization import QueryDocTokenizer, check_lengths
 DTYPES = {"float32": jnp.float32, "tf32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
 _MATMUL_PRECISION = {"tf32": "tensorfloat32"}  # the others: "highest" (full float32 for whatever is float32)
 
+# How far one document's float32 score may move with its batch mates: a batch's shapes (document slots per row,
+# query slots) set where each token sits in the model's flat token matrix, and XLA:CPU's
+# matmuls then sum in another order. The change is float32 rounding carried through the layers, so it scales
+# with the logits' size, not with the score itself (a score near 0 can change by ~1e-4 relative): scores of one
+# document in any two batches agree to within BATCH_TOLERANCE * max(1, |score|). Measured (scratch runs of
+# random batch compositions, 2-layer tiny model and MiniLM-L6, "cpu" and "xla" attention, O(1) logits):
+# <= 1.6e-6 * max(1, |score|) on an AMX Xeon. There, fixing a row length's shapes (8 document slots,
+# as many query slots as rows, the longest query length) made scores bit-identical, but costs ~13% more tokens
+# for a query's passages (twice as many for a single pair), and another CPU's matmul kernels may split sums by
+# other rules; hence a bound rather than invariance.
+BATCH_TOLERANCE = 1e-5
+
 
 def build_model(
     config: SparseCrossEncoderConfig,
@@ -132,8 +144,33 @@ class WindowScores(NamedTuple):
     truncated: int  # documents cut to fit max_length with their query (0 with MaxP)
 
 
+class ModelCardData:
+    """Where sentence-transformers' evaluators store their results on a model (`model.model_card_data.
+    set_evaluation_metrics(evaluator, metrics, epoch, step)`), kept as its `CrossEncoderModelCardData` keeps them:
+    each evaluator's last metrics, and per step the primary metrics. sce_jax writes no model card from them."""
+
+    def __init__(self):
+        self.eval_results_dict: dict[Any, dict[str, Any]] = {}
+        self.training_logs: list[dict[str, Any]] = []
+
+    def set_evaluation_metrics(self, evaluator: Any, metrics: Mapping[str, Any], epoch: int = 0, step: int = 0) -> None:
+        self.eval_results_dict[evaluator] = dict(metrics)
+        parts = getattr(evaluator, "evaluators", None) or [evaluator]  # a SequentialEvaluator: its parts' metrics
+        primary = {getattr(part, "primary_metric", None) for part in parts} - {None}
+        logged = {key: value for key, value in metrics.items() if key in primary}
+        if not logged:
+            return
+        if self.training_logs and self.training_logs[-1]["Step"] == step:
+            self.training_logs[-1].update(logged)
+        else:
+            self.training_logs.append({"Epoch": epoch, "Step": step, **logged})
+
+
 class SparseCrossEncoder:
     """A loaded re-ranker: tokenizer + model + a jitted, shape-bucketed scoring loop."""
+
+    # sentence-transformers' CrossEncoder attributes that its evaluators read: one output (a relevance logit).
+    num_labels = 1
 
     def __init__(
         self, model: SparseCrossEncoderModel, tokenizer: QueryDocTokenizer, *, source: str = "", devices: int | None = None
@@ -161,6 +198,8 @@ class SparseCrossEncoder:
         )
         # Distinct batch shapes run so far; each one cost an XLA compilation.
         self.compiled_shapes: set[tuple] = set()
+        # What sentence-transformers' evaluators write to (see ModelCardData).
+        self.model_card_data = ModelCardData()
 
     @property
     def config(self) -> SparseCrossEncoderConfig:
@@ -213,9 +252,9 @@ class SparseCrossEncoder:
             )
         check_lengths(max_length, max_query_length)
         tokenizer = QueryDocTokenizer.from_dir(directory, max_length=max_length, max_query_length=max_query_length)
-        if len(tokenizer.tokenizer) > config.vocab_size:  # larger ids would silently read clamped embeddings
+        if tokenizer.vocab_size > config.vocab_size:  # larger ids would silently read clamped embeddings
             raise InputError(
-                f"{directory}: the tokenizer has {len(tokenizer.tokenizer)} tokens, but config.json's vocab_size is "
+                f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens, but config.json's vocab_size is "
                 f"{config.vocab_size}"
             )
         params = load_params(directory, config)
@@ -327,9 +366,9 @@ class SparseCrossEncoder:
         from `length_buckets`, document slots per row and query slots a power of two (one each per row length),
         rows: about `batch_size` documents (a power of two of rows; fewer for long rows, so a batch holds at most
         `max_tokens_per_batch` tokens; for the last batch of a length, the smallest power of two that holds its
-        rows). A document's score does not depend on its batch or row mates (other shapes reorder float sums:
-        differences of a few float32 ulp, measured up to ~2e-6 relative); with several devices, each device scores whole batches, so
-        scores are bit-identical for any device count.
+        rows). A document's score depends on its batch and row mates only through float32 rounding (other shapes
+        reorder float sums): within `BATCH_TOLERANCE * max(1, |score|)`. With several devices, each device scores
+        whole batches, so scores are bit-identical for any device count.
         """
         check_batch_size(batch_size)
         num_docs = len(doc_tokens)

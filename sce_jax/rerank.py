@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from sce_jax import irds
-from sce_jax.cli_config import add_dataclass_flags, resolve_dataclass
+from sce_jax.cache import enable_compilation_cache
+from sce_jax.cli_config import PATH, PATH_OR_ID, add_dataclass_flags, resolve_dataclass
 from sce_jax.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, SettingsError, run_cli, user_path
 from sce_jax.evaluation import DEFAULT_MEASURES, evaluate, format_results, parse_measures, read_qrels, write_results
 from sce_jax.files import (
@@ -93,7 +94,8 @@ HELP = {
     "queries": "TSV file qid<TAB>text with the query texts",
     "docs": "TSV (docno<TAB>text) or JSONL file with the document texts (indexed once, see docs/rerank.md)",
     "devices": "local devices to split documents over (default: all)",
-    "attention_impl": "attention implementation: auto (the C++ kernel on CPU, xla on GPU), cpu, xla, dense, pallas or triton",
+    "attention_impl": "attention implementation: auto (the C++ kernel on CPU, xla elsewhere, GPU included), cpu, "
+                      "xla, dense, pallas or triton",
     "dtype": "float32, tf32 (float32 with TF32 matmuls on GPU), bfloat16 or int8 (int8 linear layers, docs/int8.md)",
     "run_tag": "tag in the output run's last column",
     "eval_output": "JSON file for the evaluation results (default: OUTPUT.eval.json)",
@@ -105,6 +107,10 @@ HELP = {
     "process_id": "multi-host: this process's index",
 }
 
+# Settings that name files: in a config file, relative to its folder (cli_config.relative_to_config).
+CONFIG_PATHS = {"run": PATH_OR_ID, "output": PATH, "model": PATH_OR_ID, "qrels": PATH, "queries": PATH,
+                "docs": PATH, "eval_output": PATH}
+
 # Settings that change the output's bytes: a resumed run must have the same (compared by flag name).
 SCORE_SETTINGS = ("depth", "batch_size", "max_length", "max_query_length", "max_p", "dtype", "attention_impl",
                   "run_tag", "window")
@@ -112,7 +118,7 @@ SCORE_SETTINGS = ("depth", "batch_size", "max_length", "max_query_length", "max_
 
 def load_config(path: str | None, overrides: dict) -> RerankConfig:
     """Defaults, then the YAML file's values, then `overrides` (flags)."""
-    config = resolve_dataclass(RerankConfig, path, overrides, InputError)
+    config = resolve_dataclass(RerankConfig, path, overrides, InputError, CONFIG_PATHS)
     for name in ("run", "output"):
         if getattr(config, name) is None:
             raise InputError(f"no {name} given (--{name} or '{name}:' in the config)")
@@ -634,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """The `sce-jax-rerank` console script (and `python -m sce_jax.rerank`)."""
+    enable_compilation_cache()  # compiled programs are reused by the next run (docs/architecture.md)
     sys.exit(run_cli(main))
 
 

@@ -7,9 +7,12 @@ wordpieces + [SEP], which is what is computed here, so whole documents can also 
 
 from __future__ import annotations
 
+import json
 import numbers
 from collections.abc import Sequence
 from pathlib import Path
+
+from tokenizers import Tokenizer
 
 from sce_jax.errors import InputError, SettingsError, one_line
 
@@ -51,40 +54,42 @@ def check_lengths(max_length, max_query_length) -> None:
 
 
 class QueryDocTokenizer:
-    def __init__(self, tokenizer, *, max_length: int = 512, max_query_length: int = 32):
+    def __init__(self, tokenizer, *, cls_token_id: int, sep_token_id: int, pad_token_id: int, max_length: int = 512,
+                 max_query_length: int = 32):
+        """`tokenizer`: a `tokenizers.Tokenizer` (no truncation, no padding)."""
         check_lengths(max_length, max_query_length)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_query_length = max_query_length
-        self.sep_token_id = tokenizer.sep_token_id
-        self.cls_token_id = tokenizer.cls_token_id
-        self.pad_token_id = tokenizer.pad_token_id
+        self.sep_token_id = sep_token_id
+        self.cls_token_id = cls_token_id
+        self.pad_token_id = pad_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can produce (added tokens included)."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def from_dir(cls, directory: str | Path, **kwargs) -> QueryDocTokenizer:
-        from transformers import AutoTokenizer
-
         directory = Path(directory)
         if not any((directory / f).exists() for f in ("tokenizer.json", "vocab.txt")):
             raise InputError(f"{directory} has no tokenizer files (tokenizer.json or vocab.txt)")
         check_lengths(kwargs.get("max_length", 512), kwargs.get("max_query_length", 32))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            tokenizer, special_ids = _load_tokenizer(directory)
         except Exception as e:  # a corrupt tokenizer.json/vocab.txt raises anything from JSON to Rust errors
             raise InputError(f"{directory}: cannot load the tokenizer ({one_line(e)})") from None
-        if tokenizer.sep_token_id is None or tokenizer.cls_token_id is None or tokenizer.pad_token_id is None:
+        if None in special_ids.values():
             raise InputError(f"{directory}: the tokenizer has no [CLS], [SEP] or [PAD] token")
-        return cls(tokenizer, **kwargs)
+        return cls(tokenizer, **special_ids, **kwargs)
 
     def _wordpieces(self, texts: Sequence[str]) -> list[list[int]]:
         """Wordpiece ids of each text, untruncated (the callers cut them). A text the tokenizer cannot take is a
         TextError naming its index."""
         texts = list(texts)
         try:
-            # verbose=False: no "sequence length is longer than the specified maximum" warning, the callers truncate.
-            return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)[
-                "input_ids"
-            ]
+            return [encoding.ids for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
         except (TypeError, ValueError) as error:
             for index, text in enumerate(texts):
                 problem = text_problem(text)
@@ -115,3 +120,39 @@ class QueryDocTokenizer:
             return pieces
         sep = self.sep_token_id
         return [ids[: self.doc_budget(q)] + [sep, sep] for q, ids in zip(query_tokens, pieces)]
+
+
+def _special_token(directory: Path, name: str, default: str) -> str:
+    """The text of special token `name` (e.g. "sep_token") from tokenizer_config.json or special_tokens_map.json."""
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = directory / file
+        if path.exists():
+            value = json.loads(path.read_text(encoding="utf-8")).get(name)
+            if isinstance(value, dict):  # {"content": "[SEP]", "lstrip": false, ...}
+                value = value.get("content")
+            if isinstance(value, str):
+                return value
+    return default
+
+
+def _load_tokenizer(directory: Path) -> tuple[Tokenizer, dict[str, int | None]]:
+    """The directory's tokenizer without truncation or padding, and the ids of [CLS], [SEP] and [PAD].
+
+    tokenizer.json is read with the `tokenizers` library itself: transformers' AutoTokenizer builds the same
+    tokenizer from it, but importing transformers imports torch where it is installed (seconds of every command's
+    start-up). Only a directory without tokenizer.json (vocab.txt) goes through AutoTokenizer.
+    """
+    if (directory / "tokenizer.json").exists():
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        names = {"cls_token_id": ("cls_token", "[CLS]"), "sep_token_id": ("sep_token", "[SEP]"),
+                 "pad_token_id": ("pad_token", "[PAD]")}
+        special_ids = {key: tokenizer.token_to_id(_special_token(directory, *name)) for key, name in names.items()}
+    else:
+        from transformers import AutoTokenizer
+
+        loaded = AutoTokenizer.from_pretrained(str(directory))
+        tokenizer = loaded.backend_tokenizer
+        special_ids = {key: getattr(loaded, key) for key in ("cls_token_id", "sep_token_id", "pad_token_id")}
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer, special_ids

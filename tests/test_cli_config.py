@@ -2,7 +2,9 @@
 
 import argparse
 import dataclasses
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +83,52 @@ def test_bad_flag_value_is_a_usage_error(tmp_path, capsys):
         resolve(tmp_path, None, ["--steps", "many"])
     assert exit_info.value.code == 2
     assert "argument --steps: invalid int value: 'many'" in capsys.readouterr().err
+
+
+@dataclasses.dataclass
+class PathSettings:
+    output: str | None = None
+    model: str = "org/name"
+    data: str | None = None
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_that_file_and_flags_to_the_working_dir(tmp_path, monkeypatch):
+    from sce_jax.cli_config import PATH, PATH_OR_ID
+
+    configs = tmp_path / "configs"
+    (configs / "models" / "local").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a working directory that is neither the file's nor its parent
+    config = configs / "settings.yaml"
+    paths = {"output": PATH, "model": PATH_OR_ID, "data": PATH_OR_ID}
+
+    def settings(yaml_text, flags=None):
+        config.write_text(yaml_text)
+        return resolve_dataclass(PathSettings, "../configs/settings.yaml", flags or {}, SettingsError, paths)
+
+    got = settings("output: out/run.txt\nmodel: models/local\ndata: ../data/train.jsonl\n")
+    assert got.output == os.path.join("../configs", "out/run.txt")  # PATH: always beside the file
+    assert os.path.samefile(got.model, configs / "models" / "local")  # exists beside the file
+    assert got.data == os.path.join("../configs", "../data/train.jsonl")  # ./ or ../: a path even if missing
+    # Ids (hub, ir_datasets), absolute and ~ paths stay as written.
+    got = settings(f"model: org/name\ndata: msmarco-passage/train/kd-docpairs\noutput: {tmp_path}/x\n")
+    assert (got.model, got.data, got.output) == ("org/name", "msmarco-passage/train/kd-docpairs", f"{tmp_path}/x")
+    assert settings("output: ~/x\n").output == "~/x"
+    # Flags are relative to the working directory, as given.
+    assert settings("output: a\n", {"output": "b", "model": "models/local"}) == PathSettings("b", "models/local")
+
+
+def test_shipped_configs_work_from_any_directory_and_comment_every_attention_change(tmp_path, monkeypatch):
+    from sce_jax import rerank, train
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    tiny = train.resolve_config(train.build_parser().parse_args(["--config", str(repo / "configs/train-tiny.yaml")]))
+    assert Path(tiny.train_data).is_file() and tiny.output_dir == "runs/train"  # the default, in the working dir
+    assert tiny.model_overrides["attention_window_size"] == 4  # the released models' window
+    assert rerank.load_config(str(repo / "configs/rerank.yaml"), {"run": "r", "output": "o"}).model == (
+        "webis/sparse-cross-encoder-4-512")  # a hub id stays one
+    for config in sorted((repo / "configs").glob("*.yaml")):
+        for line in config.read_text().splitlines():
+            if line.split(":")[0].strip() in ("attention_window", "attention_pattern", "attention_window_size"):
+                assert "#" in line, f"{config.name}: {line!r} changes the attention pattern without saying so"

@@ -83,17 +83,40 @@ def test_export_then_reimport_is_the_identity(tiny_hf_dir, converted, tmp_path):
     _assert_trees_equal(params, reimported)
 
 
-def test_export_loads_in_transformers_and_scores_the_same(tiny_hf_dir, converted, tmp_path):
+def test_export_loads_in_transformers_and_scores_the_same(tiny_hf_dir, converted, tmp_path, capsys):
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     exported = tmp_path / "exported"
     assert convert_main(["--export", str(converted), str(exported)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "[CLS] query [SEP] [SEP] document [SEP] [SEP]" in notes[0]  # full attention
     original = BertForSequenceClassification.from_pretrained(str(tiny_hf_dir)).eval()
     reloaded = BertForSequenceClassification.from_pretrained(str(exported)).eval()
-    tokens = AutoTokenizer.from_pretrained(str(exported))(["cat", "a dog on a mat"], padding=True, return_tensors="pt")
+    tokenizer = AutoTokenizer.from_pretrained(str(exported))
+    tokens = tokenizer(["cat", "a dog on a mat"], padding=True, return_tensors="pt")
     with torch.no_grad():
         np.testing.assert_array_equal(original(**tokens).logits.numpy(), reloaded(**tokens).logits.numpy())
+
+
+def test_exported_scores_need_sce_jax_input_layout(tiny_sparse_dir, tmp_path):
+    """What the export note says, on a model with O(1) logits made full attention: BertForSequenceClassification
+    gives sce_jax's score for [CLS] q [SEP] [SEP] d [SEP] [SEP], not for the tokenizer's pair encoding."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    full = ["--attention-window", "none", "--query-cls-attention", "--query-doc-attention"]
+    assert convert_main([str(tiny_sparse_dir), str(tmp_path / "full"), *full]) == 0
+    assert convert_main(["--export", str(tmp_path / "full"), str(tmp_path / "exported")]) == 0
+    model = BertForSequenceClassification.from_pretrained(str(tmp_path / "exported")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "exported"))
+    query, doc = "cat on a mat", DOCS[2]
+    expected = SparseCrossEncoder.load(tmp_path / "full", max_length=128).score(query, [doc])[0]
+    q, d = (tokenizer(text, add_special_tokens=False)["input_ids"] + [102, 102] for text in (query, doc))
+    layout = {"input_ids": torch.tensor([[101] + q + d]), "token_type_ids": torch.tensor([[0] * (1 + len(q)) + [1] * len(d)])}
+    with torch.no_grad():
+        assert model(**layout).logits.item() == pytest.approx(expected, abs=1e-5)
+        assert abs(model(**tokenizer(query, doc, return_tensors="pt")).logits.item() - expected) > 1e-3
 
 
 def test_sparse_override_and_config_fields(tiny_hf_dir, tmp_path, capsys):
@@ -104,6 +127,8 @@ def test_sparse_override_and_config_fields(tiny_hf_dir, tmp_path, capsys):
     assert config["query_doc_attention"] is True and config["query_cls_attention"] is False
     assert config["architectures"] == ["ListformerModelForSequenceClassification"]
     assert "window 2" in capsys.readouterr().out
+    assert convert_main(["--export", str(out), str(tmp_path / "exported")]) == 0
+    assert "loads it as FULL attention" in capsys.readouterr().out  # a sparse export says so
 
 
 def _corrupted_copy(tiny_hf_dir, tmp_path, change):

@@ -218,6 +218,50 @@ def test_truncated_orbax_manifest_in_a_fresh_process_is_one_line(converted, tmp_
     assert done.returncode == 2 and len(lines) == 1 and "manifest.ocdbt" in lines[0], done.stderr[-3000:]
 
 
+def test_without_torch_loading_and_scoring_print_nothing_but_real_warnings(converted, tmp_path):
+    """Where torch is not installed, transformers advises so on import ("PyTorch was not found..."): sce_jax needs
+    torch only for .bin checkpoints, so importing sce_jax first silences that one advisory, and nothing else."""
+    no_torch = ("import importlib.util, logging, sys; real = importlib.util.find_spec; "
+                "importlib.util.find_spec = lambda n, *a, **k: None if n.split('.')[0] == 'torch' else real(n, *a, **k)\n")
+    use_sce = ("import sce_jax; sce_jax.SparseCrossEncoder.load(sys.argv[1], max_length=64).score('q', ['d'])\n"
+               # Loading a converted model and scoring need neither (their imports cost seconds of start-up).
+               "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'imported'\n")
+    warn = "import transformers; logging.getLogger('transformers').warning('another warning')\n"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+    for script, advisory in ((no_torch + use_sce + warn, False), (no_torch + warn, True)):
+        done = subprocess.run([sys.executable, "-c", script, str(converted)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        # Only the warning logged on purpose (transformers may print it through its handler and the root's).
+        lines = done.stderr.strip().splitlines()
+        assert "another warning" in done.stderr, done.stderr
+        assert all("another warning" in line or "PyTorch was not found" in line for line in lines), done.stderr
+        assert ("PyTorch was not found" in done.stderr) == advisory, done.stderr
+
+
+def test_a_training_output_loads_without_absl_warnings(converted, tmp_path, caplog):
+    """A training output directory (config, tokenizer, an Orbax CheckpointManager step with a `params` item, as
+    sce_jax.train writes it) loads with the converted directory's parameters and nothing logged at WARNING."""
+    import logging
+
+    import orbax.checkpoint as ocp
+
+    config, params, _ = load_model_dir(converted)
+    out = tmp_path / "trained"
+    out.mkdir()
+    for name in os.listdir(converted):
+        if name != "params":
+            shutil.copy(converted / name, out / name)
+    with ocp.CheckpointManager(out / "checkpoints", item_names=("params",)) as manager:
+        manager.save(3, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        manager.wait_until_finished()
+    with caplog.at_level(logging.WARNING):
+        _, restored, _ = load_model_dir(out)
+    assert_trees_equal(restored, params)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
 def test_orbax_params_not_matching_config_is_summarised(converted, tmp_path, capsys):
     copy = tmp_path / "sce"
     shutil.copytree(converted, copy)
@@ -310,10 +354,23 @@ def test_python_dash_m_convert_reports_errors_in_one_line(tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model 'no/such-model-here'"), done.stderr
-    assert "--model DIR" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0] and "sce_jax.convert" in lines[0]
+    # convert takes the model as its first argument (it has no --model); HF_HUB_OFFLINE is already set.
+    assert "local model directory in its place" in lines[0] and "sce_jax.convert" in lines[0]
+    assert "--model" not in lines[0] and "HF_HUB_OFFLINE is set" in lines[0] and "set HF_HUB_OFFLINE=1" not in lines[0]
     wrapper = subprocess.run([sys.executable, str(REPO / "convert_torch_checkpoint.py"), "--help"], env=env,
                              capture_output=True, text=True)
     assert wrapper.returncode == 0 and "--add-untrained-head" in wrapper.stdout
+
+
+def test_offline_hint_suggests_hf_hub_offline_only_where_it_is_not_set(monkeypatch):
+    from huggingface_hub import constants
+
+    from sce_jax.checkpoint import offline_hint
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert "set HF_HUB_OFFLINE=1 to use models already in the Hugging Face cache" in offline_hint()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert "HF_HUB_OFFLINE is set" in offline_hint() and "set HF_HUB_OFFLINE=1" not in offline_hint()
 
 
 # --- 3. converter output ----------------------------------------------------------------------------------------

@@ -74,8 +74,11 @@ def test_the_wheel_declares_scripts_license_and_the_gpu_extra(wheel):
     # jax-triton only for attention_impl="triton", in its own extra.
     jax_triton = [r for r in requires if "jax-triton" in r or "jax_triton" in r]
     assert jax_triton and all('extra == "triton"' in r for r in jax_triton), jax_triton
-    assert any(r.replace(" ", "").startswith("jax<0.13,>=0.10.2") or r.replace(" ", "").startswith("jax>=0.10.2,<0.13")
-               for r in requires), requires
+    # jaxlib 0.10.2 miscompiles on CPU (jax-ml/jax#39103): neither it nor the jax release that pins it.
+    jax = [set(r.replace(" ", "")[3:].split(",")) for r in requires if r.replace(" ", "").startswith("jax>") or
+           r.replace(" ", "").startswith("jax<") or r.replace(" ", "").startswith("jax!")]
+    assert jax == [{">=0.10.1", "!=0.10.2", "<0.13"}], requires
+    assert any(r.replace(" ", "") == "jaxlib!=0.10.2" for r in requires), requires
 
 
 def test_console_script_targets_exist():

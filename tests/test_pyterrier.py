@@ -7,6 +7,7 @@ import pytest
 pt = pytest.importorskip("pyterrier")
 
 from sce_jax.pyterrier import SparseCrossEncoderReRanker  # noqa: E402
+from scores import assert_batch_close  # noqa: E402
 
 MAX_LENGTH = 64
 MAX_QUERY_LENGTH = 16
@@ -47,7 +48,7 @@ def test_is_a_pyterrier_transformer_that_scores_and_ranks(encoder, results):
     out = pipeline(results[["qid", "query"]].drop_duplicates())
     assert list(out.columns[:4]) == ["qid", "query", "docno", "text"] and {"score", "rank"} <= set(out.columns)
     expected = _expected(encoder, results)
-    np.testing.assert_allclose(out["score"], [expected[k] for k in zip(out.qid, out.docno)], rtol=1e-5, atol=1e-6)
+    assert_batch_close(out["score"], [expected[k] for k in zip(out.qid, out.docno)])
     assert out["qid"].tolist() == ["q1"] * 4 + ["q2"] * 3  # queries in input order
     for _, group in out.groupby("qid"):
         assert group["rank"].tolist() == list(range(len(group)))  # PyTerrier ranks from 0
@@ -102,9 +103,9 @@ def test_max_p_scores_long_documents_by_their_best_chunk(encoder):
                           "text": [long_doc, "cats sit"]})
     maxp = SparseCrossEncoderReRanker(encoder, max_p=True)(frame).set_index("docno")["score"]
     truncated = SparseCrossEncoderReRanker(encoder)(frame).set_index("docno")["score"]
-    assert maxp["long"] == pytest.approx(maxp_score, rel=1e-5)
-    assert truncated["long"] == pytest.approx(encoder.score(query, [long_doc])[0], rel=1e-5)
-    assert maxp["short"] == pytest.approx(truncated["short"], rel=1e-5)
+    assert_batch_close(maxp["long"], maxp_score)
+    assert_batch_close(truncated["long"], encoder.score(query, [long_doc])[0])
+    assert_batch_close(maxp["short"], truncated["short"])
 
 
 def test_one_qid_with_two_query_texts_is_an_error_naming_it(encoder, results):

@@ -30,6 +30,7 @@ from sce_jax.serve.cli import listen, parse_args, settings_from  # noqa: E402
 from sce_jax.serve.http11 import make_server  # noqa: E402
 from sce_jax.serve.tokens import leading_wordpieces, prepare, space_cut  # noqa: E402
 from sce_jax.serve.warmup import EXAMPLE_QUERY, EXAMPLE_TEXTS  # noqa: E402
+from scores import assert_batch_close  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 64
@@ -269,7 +270,7 @@ def test_tei_rerank_matches_offline_scores(served, encoder):
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     for r in results:
         assert r["text"] == texts[r["index"]]
-    np.testing.assert_allclose(_by_index(results), expected, rtol=1e-5, atol=1e-6)
+    assert_batch_close(_by_index(results), expected)
     # Default: TEI's normalised scores (sigmoid of the logits), same order; no texts unless asked.
     default = client.post("/rerank", json={"query": query, "texts": texts}).json()
     assert [r["index"] for r in default] == [r["index"] for r in results]
@@ -290,7 +291,7 @@ def test_cohere_rerank_matches_offline_scores(served, encoder, path):
     assert body["model"] == "tiny" and body["id"] and body["meta"]["api_version"]["version"] == path[2]
     results = body["results"]
     assert [r["index"] for r in results] == np.argsort(-expected, kind="stable").tolist()
-    np.testing.assert_allclose([r["relevance_score"] for r in results], np.sort(expected)[::-1], rtol=1e-5)
+    assert_batch_close([r["relevance_score"] for r in results], np.sort(expected)[::-1])
     assert all("document" not in r for r in results)
     top = client.post(path, json={"query": query, "documents": texts, "top_n": 2,
                                   "return_documents": True}).json()["results"]
@@ -298,7 +299,7 @@ def test_cohere_rerank_matches_offline_scores(served, encoder, path):
     assert [r["document"] for r in top] == [{"text": texts[r["index"]]} for r in top]
     assert len(client.post(path, json={"query": query, "documents": texts, "top_n": 50}).json()["results"]) == 6
     raw = client.post(path, json={"query": query, "documents": texts, "raw_scores": True}).json()["results"]
-    np.testing.assert_allclose(_by_index(raw, "relevance_score"), encoder.score(query, texts), rtol=1e-5, atol=1e-6)
+    assert_batch_close(_by_index(raw, "relevance_score"), encoder.score(query, texts))
 
 
 def test_max_tokens_per_doc_cuts_documents_to_that_many_wordpieces(served, encoder):
@@ -307,7 +308,7 @@ def test_max_tokens_per_doc_cuts_documents_to_that_many_wordpieces(served, encod
     got = client.post("/v2/rerank", json={"model": "m", "query": "bees", "documents": texts, "raw_scores": True,
                                           "max_tokens_per_doc": 3}).json()["results"]
     expected = encoder.score("bees", ["bees make honey", "cat sat on"])
-    np.testing.assert_allclose(_by_index(got, "relevance_score"), expected, rtol=1e-5, atol=1e-6)
+    assert_batch_close(_by_index(got, "relevance_score"), expected)
 
 
 def test_cohere_sdk_clients_v1_and_v2_against_the_server(encoder):
@@ -323,12 +324,12 @@ def test_cohere_sdk_clients_v1_and_v2_against_the_server(encoder):
         v1 = cohere.Client(api_key=KEY, base_url=server.url, timeout=60)
         answer = v1.rerank(model="anything", query=query, documents=texts, top_n=3, return_documents=True)
         assert [r.index for r in answer.results] == order[:3]
-        np.testing.assert_allclose([r.relevance_score for r in answer.results], expected[order[:3]], rtol=1e-5)
+        assert_batch_close([r.relevance_score for r in answer.results], expected[order[:3]])
         assert [r.document.text for r in answer.results] == [texts[i] for i in order[:3]]
         v2 = cohere.ClientV2(api_key=KEY, base_url=server.url, timeout=60)
         answer = v2.rerank(model="anything", query=query, documents=texts, top_n=4)
         assert [r.index for r in answer.results] == order[:4]
-        np.testing.assert_allclose([r.relevance_score for r in answer.results], expected[order[:4]], rtol=1e-5)
+        assert_batch_close([r.relevance_score for r in answer.results], expected[order[:4]])
         answer = v2.rerank(model="anything", query=query, documents=texts)
         assert sorted(r.index for r in answer.results) == list(range(5))
         with pytest.raises(Exception) as refused:  # the SDK's UnauthorizedError
@@ -361,7 +362,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_scores(served, en
         thread.join(120)
     for (query, texts), answer in zip(requests, answers):
         assert answer.status_code == 200, answer.text
-        np.testing.assert_allclose(_by_index(answer.json()), encoder.score(query, texts), rtol=1e-5, atol=1e-6)
+    assert_batch_close(_by_index(results), expected)
     assert max(spy.group_sizes) > 1, spy.group_sizes  # documents of several requests shared scoring calls
     assert sum(spy.group_sizes) == len(requests)
 
@@ -395,7 +396,7 @@ def test_a_huge_document_is_cut_before_tokenizing_and_off_the_batcher_thread(enc
         answer = httpx.post(f"{server.url}/rerank", json={"query": "bees", "texts": texts, "raw_scores": True},
                             timeout=120)
         assert answer.status_code == 200, answer.text
-        np.testing.assert_allclose(_by_index(answer.json()), encoder.score("bees", texts), rtol=1e-5, atol=1e-6)
+        assert_batch_close(_by_index(answer.json()), encoder.score("bees", texts))
         calls = watching.tokenizer.calls
         assert calls and all(name.startswith("sce-jax-tokenize") for name, _ in calls), calls
         assert max(longest for _, longest in calls) < 10_000 < len(huge), calls
@@ -412,7 +413,7 @@ def test_max_p_scores_match_offline(encoder):
                                                           "raw_scores": True}, timeout=120)
         assert answer.status_code == 200, answer.text
         expected = encoder.score_pairs(["stock market"], texts, [0, 0, 0], max_p=True, progress=False)
-        np.testing.assert_allclose(_by_index(answer.json()), expected, rtol=1e-5, atol=1e-6)
+        assert_batch_close(_by_index(answer.json()), expected)
     finally:
         server.stop()
 
@@ -421,7 +422,7 @@ def test_truncate_true_scores_over_long_documents_as_the_cli_does(served, encode
     client, _ = served
     texts = ["cat " * 80, "dog sat"]
     got = client.post("/rerank", json={"query": "cat", "texts": texts, "raw_scores": True, "truncate": True}).json()
-    np.testing.assert_allclose(_by_index(got), encoder.score("cat", texts), rtol=1e-5, atol=1e-6)
+    assert_batch_close(_by_index(got), encoder.score("cat", texts))
 
 
 # --- errors: each the documented JSON body; good requests around them are unaffected ------------------------------
@@ -552,7 +553,7 @@ def test_body_limit_holds_without_content_length(served):
     assert answer.status_code == 413 and "bytes" in answer.json()["error"]
 
 
-# --- readiness, warm-up, logging, backpressure -----------------------------------------------------------------
+    assert_batch_close(_by_index(results), expected)
 
 
 def test_not_ready_until_warm_up_is_done():
@@ -864,7 +865,7 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tiny_sparse_di
             thread.join(120)
         for (query, texts), answer in zip(requests, answers):
             assert answer is not None and answer.status_code == 200
-            np.testing.assert_allclose(_by_index(answer.json()), encoder.score(query, texts), rtol=1e-5, atol=1e-6)
+    assert_batch_close(_by_index(results), expected)
         # uvicorn re-raises the signal once it has shut down gracefully (a shell sees 143).
         assert process.wait(60) == -signal.SIGTERM
         log.thread.join(10)

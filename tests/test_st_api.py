@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sce_jax.encoder import SparseCrossEncoder
+from scores import assert_batch_close
 
 QUERIES = ["where do cats sit", "banana bread recipe"]
 DOCS = ["the cat sat on the mat", "a recipe for banana bread", "stock markets fell", "cats sit on sofas"]
@@ -22,14 +23,15 @@ def test_predict_returns_one_float32_score_per_pair_in_order(encoder):
     scores = encoder.predict(pairs, batch_size=2)
     assert isinstance(scores, np.ndarray) and scores.shape == (4,) and scores.dtype == np.float32
     expected = [encoder.score(query, [doc])[0] for query, doc in pairs]
-    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    assert_batch_close(scores, expected)  # each pair alone: other batches
     single = encoder.predict(["where do cats sit", DOCS[0]])  # one pair -> one score
-    assert np.ndim(single) == 0 and single == pytest.approx(expected[0], rel=1e-5)
+    assert np.ndim(single) == 0
+    assert_batch_close(single, expected[0])
     listed = encoder.predict(pairs, convert_to_numpy=False)
     assert isinstance(listed, list) and len(listed) == 4
     tensor = encoder.predict(pairs, convert_to_tensor=True)
     assert isinstance(tensor, jax.Array) and tensor.shape == (4,)
-    sigmoid = encoder.predict(pairs, activation_fn=lambda x: 1 / (1 + np.exp(-x)))
+    sigmoid = encoder.predict(pairs, batch_size=2, activation_fn=lambda x: 1 / (1 + np.exp(-x)))  # same batches
     np.testing.assert_allclose(sigmoid, 1 / (1 + np.exp(-scores)), rtol=1e-6)
     empty = encoder.predict([])
     assert empty.shape == (0,) and empty.dtype == np.float32
@@ -48,7 +50,7 @@ def test_rank_sorts_by_score_with_corpus_ids_top_k_and_texts(encoder):
     ranked = encoder.rank(query, DOCS)
     assert [r["corpus_id"] for r in ranked] == np.argsort(-expected, kind="stable").tolist()
     assert all(set(r) == {"corpus_id", "score"} and isinstance(r["score"], float) for r in ranked)
-    np.testing.assert_allclose([r["score"] for r in ranked], np.sort(expected)[::-1], rtol=1e-5, atol=1e-6)
+    assert_batch_close([r["score"] for r in ranked], np.sort(expected)[::-1])
     top = encoder.rank(query, DOCS, top_k=2, return_documents=True)
     assert [r["corpus_id"] for r in top] == [r["corpus_id"] for r in ranked[:2]]
     assert [r["text"] for r in top] == [DOCS[r["corpus_id"]] for r in top]
@@ -115,3 +117,33 @@ def test_non_finite_scores_are_an_error_naming_the_model_never_returned(nan_mode
         with pytest.raises(NonFiniteScoresError, match=message) as error:
             call()
         assert isinstance(error.value, InputError)  # exit status 2 from the commands
+
+
+def test_sentence_transformers_evaluators_run_on_the_model(encoder, tmp_path):
+    """sentence-transformers' own cross-encoder evaluators score with `predict` and then read `num_labels` and write
+    to `model_card_data`: their metrics equal those computed here from `score`'s logits."""
+    evaluation = pytest.importorskip(
+        "sentence_transformers.cross_encoder.evaluation", reason="sentence-transformers (the test extra) is missing")
+    from scipy.stats import pearsonr, spearmanr
+
+    relevant = ((3, QUERIES[0]), (1, QUERIES[1]))
+    samples = [{"query": q, "positive": [DOCS[i]], "documents": DOCS} for i, q in relevant]
+    reranking = evaluation.CrossEncoderRerankingEvaluator(samples, name="r", batch_size=2)
+    metrics = reranking(encoder, output_path=str(tmp_path))
+    ranks = [1 + int(np.sum((scores := encoder.score(q, DOCS)) > scores[i])) for i, q in relevant]
+    assert metrics["r_mrr@10"] == pytest.approx(np.mean([1 / r for r in ranks]))
+    assert metrics["r_ndcg@10"] == pytest.approx(np.mean([1 / np.log2(1 + r) for r in ranks]))
+
+    pairs = [(QUERIES[i % 2], doc) for i in range(2) for doc in DOCS]
+    scores = np.array([encoder.score(q, [d])[0] for q, d in pairs], np.float64)
+    labels = [1, 0, 0, 1, 0, 1, 0, 0]
+    classification = evaluation.CrossEncoderClassificationEvaluator(pairs, labels, name="c")(encoder)
+    best = max(np.mean((scores >= t) == np.array(labels, bool)) for t in scores)
+    assert classification["c_accuracy"] == pytest.approx(best)
+    gold = np.linspace(0, 1, len(pairs))
+    correlation = evaluation.CrossEncoderCorrelationEvaluator(pairs, gold, name="x")(encoder)
+    assert correlation["x_spearman"] == pytest.approx(spearmanr(gold, scores).statistic)
+    assert correlation["x_pearson"] == pytest.approx(pearsonr(gold, scores).statistic, abs=1e-5)  # of logits
+    stored = encoder.model_card_data.eval_results_dict
+    assert reranking in stored and "r_ndcg@10" in stored[reranking] and "x_spearman" in next(reversed(stored.values()))
+    assert encoder.num_labels == 1

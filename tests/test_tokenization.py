@@ -8,6 +8,7 @@ import pytest
 from sce_jax import SparseCrossEncoder
 from sce_jax.errors import InputError, SettingsError
 from sce_jax.tokenization import QueryDocTokenizer
+from scores import assert_batch_close
 
 LONG_QUERY = "what are the long term effects of " + "very " * 40 + "strong coffee"
 QUERIES = ["hubble telescope achievements", LONG_QUERY]
@@ -54,8 +55,8 @@ def test_score_keeps_input_order_and_ignores_batch_mates(tiny_hf_dir):
     together = encoder.score("query text", docs, batch_size=2)
     alone = np.array([encoder.score("query text", [d])[0] for d in docs])
     reversed_order = encoder.score("query text", docs[::-1], batch_size=4)[::-1]
-    np.testing.assert_allclose(together, alone, atol=1e-6)
-    np.testing.assert_allclose(together, reversed_order, atol=1e-6)
+    assert_batch_close(together, alone)
+    assert_batch_close(together, reversed_order)
     assert len(set(together.tolist())) == len(docs)
 
 
@@ -64,3 +65,21 @@ def test_errors_are_clear(tiny_hf_dir, tmp_path):
         SparseCrossEncoder.load(tiny_hf_dir, max_length=512)
     with pytest.raises(InputError, match="no tokenizer files"):
         QueryDocTokenizer.from_dir(tmp_path)
+
+
+def test_wordpieces_equal_transformers_autotokenizer(minilm_dir, tiny_sparse_dir):
+    """tokenizer.json is read with the tokenizers library (no transformers import): the same wordpieces and special
+    tokens as Hugging Face's AutoTokenizer, for accents, CJK, emoji, control characters, long and empty texts."""
+    from transformers import AutoTokenizer
+
+    texts = ["The Café Müller's naïve façade", "東京タワー は 高い", "emoji 🐝🍯 and symbols ©®™ ½", "tab\there\nnew line",
+             "UPPER lower MiXeD 123,456.78", "", " ", "a" * 3000, "don't stop-believing (1990s) [CLS] [SEP]",
+             "\u200b zero width \u00ad soft hyphen", "ﬁ ligature Ⅻ roman"]
+    for directory in (minilm_dir, tiny_sparse_dir):
+        ours = QueryDocTokenizer.from_dir(directory)
+        reference = AutoTokenizer.from_pretrained(str(directory))
+        expected = reference(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        assert ours.encode_docs([[0]] * len(texts), texts, truncate=False) == expected
+        assert (ours.cls_token_id, ours.sep_token_id, ours.pad_token_id) == (
+            reference.cls_token_id, reference.sep_token_id, reference.pad_token_id)
+        assert ours.vocab_size == len(reference)

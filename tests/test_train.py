@@ -295,7 +295,7 @@ def test_training_lowers_the_loss_logs_and_evaluates(tiny_hf_dir, tmp_path, comp
     output_dir = tmp_path / "out"
     run_in_process(tiny_args(tiny_hf_dir, output_dir, "--steps", "16", "--save-every", "16", "--eval-run",
                              str(eval_run), "--eval-qrels", str(qrels), "--eval-every", "8"))
-    sparse = {"attention_window_size": 2, **train_module.PATTERNS["sparse"]}
+    sparse = {"attention_window_size": 4, **train_module.PATTERNS["sparse"]}  # the tiny config's
     final_scores = scores(output_dir)
     before, after = file_loss(scores(tiny_hf_dir, config_overrides=sparse)), file_loss(final_scores)
     assert after < 0.85 * before, (before, after)
@@ -312,7 +312,7 @@ def test_training_lowers_the_loss_logs_and_evaluates(tiny_hf_dir, tmp_path, comp
     assert records[-1]["eval/nDCG@10"] == pytest.approx(expected, abs=1e-6)
     saved = (output_dir / "train_config.yaml").read_text()
     assert "steps: 16" in saved and "loss: margin-mse" in saved
-    assert json.loads((output_dir / "config.json").read_text())["attention_window_size"] == 2
+    assert json.loads((output_dir / "config.json").read_text())["attention_window_size"] == 4
 
 
 def test_resume_equals_uninterrupted(baseline, tiny_hf_dir, tmp_path, compile_cache, capsys):
@@ -330,7 +330,7 @@ def test_resume_equals_uninterrupted(baseline, tiny_hf_dir, tmp_path, compile_ca
 
     # Resuming with another model shape is refused before training.
     assert run_cli(train_module.main, tiny_args(tiny_hf_dir, output_dir, "--resume", "--attention-window", "3")) == 2
-    assert "trains a different model (attention_window_size 2 -> 3)" in capsys.readouterr().err
+    assert "trains a different model (attention_window_size 4 -> 3)" in capsys.readouterr().err
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_hf_dir, tmp_path, compile_cache):

@@ -18,6 +18,7 @@ Modules, each importing only those before it: `checks` (settings, error bodies, 
 (connection limits, the uvicorn server), `cli`.
 """
 
+from sce_jax.cache import enable_compilation_cache
 from sce_jax.errors import run_cli
 from sce_jax.serve.app import create_app
 from sce_jax.serve.checks import ApiError, ServeSettings
@@ -26,6 +27,7 @@ from sce_jax.serve.cli import build_parser, main
 
 def cli() -> None:
     """The `sce-jax-serve` console script."""
+    enable_compilation_cache()  # compiled programs are reused by the next start (docs/architecture.md)
     raise SystemExit(run_cli(main))
 
 
