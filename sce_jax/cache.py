@@ -52,17 +52,42 @@ def compilation_cache_enabled() -> bool:
     return os.environ.get(COMPILATION_CACHE_ENV, "").strip().lower() not in ("0", "false", "no", "off")
 
 
+# XLA's C++ log threshold, as jax reads it at import; jax itself sets "1" (warnings) where it is unset.
+LOG_LEVEL_ENV = "TF_CPP_MIN_LOG_LEVEL"
+
+
+def quiet_cache_loader() -> None:
+    """Hide XLA's C++ ERROR lines while the persistent cache is in use, unless `$TF_CPP_MIN_LOG_LEVEL` says otherwise.
+
+    On CPUs for which LLVM tunes with `+prefer-no-gather`/`+prefer-no-scatter` (AMD Zen 4/5, several Intel Xeons),
+    XLA's CPU loader logs two ERROR lines of ~3,000 characters for every program it reads back from the cache,
+    because it compares those tuning flags with the host's instruction sets (jax-ml/jax#38445, openxla/xla#44565;
+    open). The program loads and runs correctly (`compilation_cache_dir()` is per CPU kind), but every command would
+    print pages of warnings about a SIGILL that cannot happen. Only jax's own default ("1") or an unset variable is
+    raised to "3" (fatal only); any other value, e.g. `TF_CPP_MIN_LOG_LEVEL=0`, is left as the user set it.
+    """
+    if os.environ.get(LOG_LEVEL_ENV, "1").strip() != "1":
+        return
+    from jax._src.lib import utils  # where jax's own `jax_logging_level` setting sets the same threshold
+
+    set_level = getattr(utils, "absl_set_min_log_level", None)
+    if set_level is not None:
+        set_level(3)
+
+
 def enable_compilation_cache() -> Path | None:
     """Turn on jax's persistent compilation cache in `compilation_cache_dir()`; returns the folder in use.
 
     Nothing changes where `$SCE_JAX_COMPILATION_CACHE` is 0/false/no/off (returns None) or where jax already has
-    a cache folder (`JAX_COMPILATION_CACHE_DIR`, `jax.config`; returned as it is). Call it before the first
-    computation: jax decides once per process, at its first compilation, whether the cache is used.
+    a cache folder (`JAX_COMPILATION_CACHE_DIR`, `jax.config`; returned as it is). Where a cache is in use, XLA's
+    false warnings on reading it back are hidden (`quiet_cache_loader`). Call it before the first computation: jax
+    decides once per process, at its first compilation, whether the cache is used.
     """
     if not compilation_cache_enabled():
         return None
     import jax
 
+    quiet_cache_loader()
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
     directory = compilation_cache_dir()

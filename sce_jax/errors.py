@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,7 +111,19 @@ def _redeliver_interrupts(unraisable) -> None:
         signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
         threading.Timer(0.05, _thread.interrupt_main, (signum,)).start()
         return
+    if _late_callback_on_closed_loop(unraisable.exc_value):
+        return
     sys.__unraisablehook__(unraisable)
+
+
+def _late_callback_on_closed_loop(error: BaseException | None) -> bool:
+    """Orbax's writer threads, failing (a full disk), may hand their result to an asyncio loop that the
+    checkpointer has already closed: asyncio raises "Event loop is closed" in that thread, where Python can only
+    print it. The failure itself has reached the command (one line); this traceback says nothing more."""
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(frame.name == "call_soon_threadsafe" for frame in frames)
 
 
 # Ctrl-C while a command is still importing (jax and the rest take seconds): one line and 130, not a traceback

@@ -107,8 +107,13 @@ def test_two_runs_on_one_output_the_second_refuses_naming_the_first(tiny_sparse_
     deadline = time.monotonic() + 120
     while not (lock.exists() and lock.read_text().startswith("pid")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    code, err = _finish(_launch("sce_jax.rerank", _rerank_args(tiny_sparse_dir, output, "--resume"), env))
-    assert code == 2
+    # Held still while the second starts: with the compilation cache warm the first can finish in under a second.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        code, err = _finish(_launch("sce_jax.rerank", _rerank_args(tiny_sparse_dir, output, "--resume"), env))
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert code == 2, err
     assert err.strip().splitlines()[-1] == (f"error: --output {output} is in use by pid {first.pid} on "
                                             f"{os.uname().nodename} (lock file {lock}); wait for it to finish, or "
                                             "stop it first")

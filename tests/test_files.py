@@ -92,7 +92,7 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
         (tmp_path / ".model.bak").write_bytes(b"a user's file")  # not a temporary's name
         removed = files.remove_stale_temporaries(target)
         assert sorted(p.name for p in removed) == [".model.abcd1234.partial", ".model.zzzz0000.tmp"]
-        assert sorted(os.listdir(tmp_path)) == [".model.bak", live.name]
+        assert sorted(os.listdir(tmp_path)) == sorted([".model.bak", live.name])
     finally:
         os.close(fd)
     assert files.remove_stale_temporaries(target) == [live]

@@ -423,6 +423,32 @@ def test_full_disk_while_converting_is_one_line_and_leaves_nothing(tiny_hf_dir, 
     assert tree(disk) == []
 
 
+def test_a_writer_threads_late_callback_on_a_closed_loop_is_not_printed_and_other_errors_are(capfd, monkeypatch):
+    """On a full disk an Orbax writer thread handed its failure to the checkpointer's already closed asyncio loop;
+    the command printed that thread's traceback after its one error line."""
+    import asyncio
+    import gc
+
+    from sce_jax import errors
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+
+    class Late:  # raises where Python can only hand the error to sys.unraisablehook
+        def __del__(self):
+            loop.call_soon_threadsafe(print)
+
+    class Other:
+        def __del__(self):
+            raise RuntimeError("Event loop is closed")  # the same words from anywhere else: printed
+
+    monkeypatch.setattr(sys, "unraisablehook", errors._redeliver_interrupts)
+    Late(), Other()
+    gc.collect()
+    err = capfd.readouterr().err
+    assert err.count("RuntimeError: Event loop is closed") == 1 and "call_soon_threadsafe" not in err, err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_converting_leaves_no_staging_directory(tiny_hf_dir, tmp_path, signum):
     """SIGTERM left a hidden staging directory; SIGINT during Orbax's write printed two tracebacks and left it."""
