@@ -1,6 +1,7 @@
 """int8 against float32 in one process, for every build of the C++ kernels this CPU runs.
 
     python benchmarks/int8_ab.py [--workload passages|documents] [--count 256] [--rounds 5] [--variants avx2 ...]
+                                 [--cpu-time]
 
 Loads the benchmark model of rerank_throughput.py as float32 (the best build's attention kernel) and as int8 once
 per build of the fused int8 kernels (`sce_jax.kernels.cpu_library`: amx, avx512_vnni, avx2, generic, as this CPU
@@ -43,6 +44,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=256, help="documents to score")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants", nargs="+", help="builds of the int8 kernels to time (default: all this CPU runs)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with this process's CPU time (all its threads) instead of the wall clock: on a "
+                             "machine shared with other jobs it counts only this process's work")
     args = parser.parse_args()
 
     from sce_jax.kernels import cpu_library
@@ -70,14 +74,16 @@ def main() -> None:
 
     scores = {name: score(name) for name in encoders}  # also compiles every shape
     seconds = {name: [] for name in encoders}
+    clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.rounds):
         for name in encoders:
-            start = time.perf_counter()
+            start = clock()
             score(name)
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(clock() - start)
     print(f"Machine: {bench.machine()}")
     spread = scores["float32"].max() - scores["float32"].min()
-    print(f"{args.workload}, {len(docs)} documents, batch {batch_size}, {args.rounds} rounds")
+    unit = "CPU seconds (all threads)" if args.cpu_time else "wall seconds"
+    print(f"{args.workload}, {len(docs)} documents, batch {batch_size}, {args.rounds} rounds, docs per {unit}")
     for name, times in seconds.items():
         ratio = np.median(np.divide(seconds["float32"], times))
         error = np.abs(scores[name] - scores["float32"]).max() / spread

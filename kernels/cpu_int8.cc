@@ -63,6 +63,17 @@ using Act = int8_t;                 // quantized activations as the products rea
 struct alignas(64) Sums {
   int32_t v[kRows][2 * kWidth];
 };
+#elif defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define SCE_JAX_QUADS 1
+constexpr int kLayout = 3;          // "quads"
+constexpr int64_t kDepth = 4;       // inputs per weight quad (one vpdpbusd lane)
+constexpr int64_t kChunkQuads = 4096;  // 16384 inputs per int32 sum: 16384 · 255 · 127 < 2^31
+constexpr int32_t kActOffset = 128;    // activations stored as q + 128 (unsigned), as vpdpbusd reads them
+using Act = uint8_t;
+// The sums of 32 rows against one block of 16 outputs (254·Q + R in one), as float32.
+struct alignas(64) Sums {
+  float v[kRows][2 * kWidth];
+};
 #else
 constexpr int kLayout = 2;          // "pairs"
 constexpr int64_t kDepth = 2;       // inputs per weight pair
@@ -72,6 +83,10 @@ using Act = int16_t;
 struct alignas(64) Sums {
   float v[kRows][2 * kWidth];
 };
+#endif
+
+#ifndef SCE_JAX_QUADS
+constexpr int32_t kActOffset = 0;
 #endif
 
 struct Linear {
@@ -135,6 +150,7 @@ void Round(const float* v, int64_t n, float inv, Act* q) {
     const __mmask16 mask = n - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
     __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, v + k), factor));
     r = _mm512_min_epi32(_mm512_max_epi32(r, low), high);
+    if constexpr (kActOffset != 0) r = _mm512_add_epi32(r, _mm512_set1_epi32(kActOffset));
     if constexpr (sizeof(Act) == 1) {
       _mm512_mask_cvtepi32_storeu_epi8(q + k, mask, r);
     } else {
@@ -176,7 +192,7 @@ void Quantize(const float* x, int64_t ld, int64_t m, int64_t in, const float* in
       float amax2 = 0.0f;
 #pragma omp simd reduction(max : amax2)
       for (int64_t k = 0; k < in; ++k) {
-        v[k] -= static_cast<float>(q[k]) * scale;
+        v[k] -= static_cast<float>(static_cast<int32_t>(q[k]) - kActOffset) * scale;
         amax2 = std::max(amax2, std::fabs(v[k]));
       }
       s.scale2[r] = amax2 > 0.0f ? amax2 / 127.0f : 1.0f;
@@ -296,50 +312,58 @@ inline int32_t Pair(const int16_t* p) {
   return v;
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-constexpr int64_t kGroupRows = 8, kStepBlocks = 2;  // 16 int32 accumulators of 16 lanes: 8 rows x 32 outputs
+#if defined(SCE_JAX_QUADS)
+constexpr int64_t kGroupRows = 8, kStepBlocks = 1;  // 16 int32 accumulators of 16 lanes: 8 rows x (Q, R)
 
-// out (+)= the int32 sums as float32 (added to what is there after the first chunk).
-inline void Store(float* out, __m512i acc, bool add) {
-  __m512 value = _mm512_cvtepi32_ps(acc);
-  if (add) value = _mm512_add_ps(value, _mm512_loadu_ps(out));
-  _mm512_storeu_ps(out, value);
+inline int32_t Quad(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
-// acc + the pairwise products of x and w (vpdpwssd). In assembly: GCC 12 copies the accumulators of the intrinsic
-// (_mm512_dpwssd_epi32) from register to register at every step of the loop below.
+// acc + the sums of four products of unsigned bytes x and signed bytes w per lane (vpdpbusd). In assembly: GCC 12
+// copies the accumulators of the intrinsic (_mm512_dpbusd_epi32) from register to register at every step of the
+// loop below.
 inline __m512i Dp(__m512i acc, __m512i x, __m512i w) {
-  __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
   return acc;
 }
 
-// sums[r0 + r][16 n + c] for rows r < 8 of `a` against output blocks n < N (w: block 0's pairs, `stride` int16s
-// apart): int32 over kChunkPairs pairs at a time, then float32.
-template <int N>
-void PairsGroup(const int16_t* a, int64_t lda, const int16_t* w, int64_t stride, int64_t pairs, Sums& sums, int64_t r0) {
-  for (int64_t k0 = 0; k0 < pairs; k0 += kChunkPairs) {
-    const int64_t k1 = std::min(pairs, k0 + kChunkPairs);
+// sums[r0 + r][c] = 254 · (x · Q) + x · R for rows r < 8 of `a` (x + 128 as unsigned bytes, row stride lda) and
+// one output block (w: its packed bytes: `quads` rows of Q's 64 bytes then R's, then 128 · Q's and 128 · R's
+// column sums as int32, which take the offset back out), as float32; int32 over kChunkQuads quads at a time. (Four
+// rows against two blocks, the same number of accumulators, ran slower on an AMD EPYC Zen 5.)
+void QuadsGroup(const uint8_t* a, int64_t lda, const int8_t* w, int64_t quads, Sums& sums, int64_t r0) {
+  const __m512i offset_q = _mm512_loadu_si512(w + quads * 128), offset_r = _mm512_loadu_si512(w + quads * 128 + 64);
+  const __m512 steps = _mm512_set1_ps(254.0f);
+  for (int64_t k0 = 0; k0 < quads; k0 += kChunkQuads) {
+    const int64_t k1 = std::min(quads, k0 + kChunkQuads);
     __m512i p0 = _mm512_setzero_si512(), p1 = p0, p2 = p0, p3 = p0, p4 = p0, p5 = p0, p6 = p0, p7 = p0;
     __m512i q0 = p0, q1 = p0, q2 = p0, q3 = p0, q4 = p0, q5 = p0, q6 = p0, q7 = p0;
     for (int64_t k = k0; k < k1; ++k) {
-      const __m512i w0 = _mm512_loadu_si512(w + k * 2 * kWidth);
-      const __m512i w1 = N == 2 ? _mm512_loadu_si512(w + stride + k * 2 * kWidth) : w0;
-      const int16_t* ak = a + 2 * k;
-#define SCE_JAX_ROW(r)                                               \
-  {                                                                  \
-    const __m512i x = _mm512_set1_epi32(Pair(ak + r * lda));         \
-    p##r = Dp(p##r, x, w0);                                          \
-    if constexpr (N == 2) q##r = Dp(q##r, x, w1);                    \
+      const __m512i wq = _mm512_loadu_si512(w + k * 128), wr = _mm512_loadu_si512(w + k * 128 + 64);
+      const uint8_t* ak = a + 4 * k;
+#define SCE_JAX_ROW(r)                                       \
+  {                                                          \
+    const __m512i x = _mm512_set1_epi32(Quad(ak + r * lda)); \
+    p##r = Dp(p##r, x, wq);                                  \
+    q##r = Dp(q##r, x, wr);                                  \
   }
       SCE_JAX_ROW(0) SCE_JAX_ROW(1) SCE_JAX_ROW(2) SCE_JAX_ROW(3)
       SCE_JAX_ROW(4) SCE_JAX_ROW(5) SCE_JAX_ROW(6) SCE_JAX_ROW(7)
 #undef SCE_JAX_ROW
     }
-    const bool add = k0 > 0;
     const __m512i ps[kGroupRows] = {p0, p1, p2, p3, p4, p5, p6, p7}, qs[kGroupRows] = {q0, q1, q2, q3, q4, q5, q6, q7};
     for (int r = 0; r < kGroupRows; ++r) {
-      Store(&sums.v[r0 + r][0], ps[r], add);
-      if constexpr (N == 2) Store(&sums.v[r0 + r][kWidth], qs[r], add);
+      __m512i sq = ps[r], sr = qs[r];
+      if (k0 == 0) {
+        sq = _mm512_sub_epi32(sq, offset_q);
+        sr = _mm512_sub_epi32(sr, offset_r);
+      }
+      __m512 value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sq), steps, _mm512_cvtepi32_ps(sr));
+      float* out = &sums.v[r0 + r][0];
+      if (k0 > 0) value = _mm512_add_ps(value, _mm512_loadu_ps(out));
+      _mm512_storeu_ps(out, value);
     }
   }
 }
@@ -440,7 +464,13 @@ void PairsGroup(const int16_t* a, int64_t lda, const int16_t* w, int64_t, int64_
 
 // sums[r][16 n + c] = row r of `a` (rows [0, rows) and the rest of their group) against the weights of output
 // block j + n, n < nb.
-void BlockPairs(const int16_t* a, const Linear& w, int64_t j, int64_t nb, int64_t rows, Sums& sums) {
+void BlockPairs(const Act* a, const Linear& w, int64_t j, int64_t nb, int64_t rows, Sums& sums) {
+#if defined(SCE_JAX_QUADS)
+  const int64_t quads = w.depth / kDepth;
+  const int8_t* wj = w.packed + j * (quads + 1) * 128;
+  for (int64_t r0 = 0; r0 < rows; r0 += kGroupRows) QuadsGroup(a + r0 * w.depth, w.depth, wj, quads, sums, r0);
+  (void)nb;
+#else
   const int64_t pairs = w.depth / 2, stride = pairs * 2 * kWidth;
   const int16_t* wj = reinterpret_cast<const int16_t*>(w.packed) + j * stride;
   for (int64_t r0 = 0; r0 < rows; r0 += kGroupRows) {
@@ -450,6 +480,7 @@ void BlockPairs(const int16_t* a, const Linear& w, int64_t j, int64_t nb, int64_
       PairsGroup<1>(a + r0 * w.depth, w.depth, wj, stride, pairs, sums, r0);
     }
   }
+#endif
 }
 
 // y[r][c] = sums[r][off + c] / 254 · (sx[r] · ws[c]) (+ the residual rows' sums the same way with sx2, for
@@ -547,6 +578,8 @@ ffi::Error PackedLinear(ffi::Buffer<ffi::S8> packed, ffi::Buffer<ffi::F32> scale
   const int64_t depth = (in + kDepth - 1) / kDepth * kDepth, blocks = (o + kWidth - 1) / kWidth;
 #ifdef SCE_JAX_AMX
   const bool layout = pd.size() == 3 && pd[0] == 2 * blocks && pd[1] == depth / kDepth && pd[2] == kTile;
+#elif defined(SCE_JAX_QUADS)
+  const bool layout = pd.size() == 3 && pd[0] == blocks && pd[1] == depth / kDepth + 1 && pd[2] == 2 * kWidth * 4;
 #else
   const bool layout = pd.size() == 3 && pd[0] == blocks && pd[1] == depth / kDepth && pd[2] == 2 * kWidth * 2;
 #endif
@@ -646,7 +679,8 @@ ffi::Error TailRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 
 }  // namespace
 
-// The packed weights' layout this build reads: 1 "tiles" (AMX), 2 "pairs" (int16 pairs; every other build).
+// The packed weights' layout this build reads: 1 "tiles" (AMX), 2 "pairs" (int16 pairs: AVX2 and the plain builds),
+// 3 "quads" (int8 quads: AVX-512 VNNI).
 extern "C" int SceJaxInt8Layout() { return kLayout; }
 
 // The instruction set this library was compiled for (the build variant's name in sce_jax.kernels.cpu_library).

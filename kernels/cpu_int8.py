@@ -20,9 +20,15 @@ arithmetic, every variant's oracle.
 How a variant multiplies (`cpu_library.INT8_LAYOUTS`), with the weights packed for it once, at load
 (`pack_kernel`):
 - `amx`: AMX tiles, int8 x int8, Q and R as two int8 passes (layout "tiles", `pack_tiles`).
-- `avx512_vnni`, `avx2`, `generic`: Q and R as one int16 weight 254·Q + R (|.| <= 32385, the same ~15 bits), times
-  the int8 activations widened to int16: one product instead of two (layout "pairs", `pack_pairs`): vpdpwssd,
-  vpmaddwd, or plain loops; the int32 sums run over at most 512 inputs before they are added up in float32.
+- `avx512_vnni`: Q and R as two int8 passes with vpdpbusd (unsigned x signed bytes, four products per int32 lane):
+  the activations are stored as q + 128 (unsigned), and 128 times each output's column sums of Q and R, packed
+  after the weights, take the offset back out of the int32 sums (layout "quads", `pack_quads`).
+- `avx2`, `generic`: Q and R as one int16 weight 254·Q + R (|.| <= 32385, the same ~15 bits), times the int8
+  activations widened to int16: one product instead of two (layout "pairs", `pack_pairs`): vpmaddwd, or plain
+  loops; the int32 sums run over at most 512 inputs before they are added up in float32.
+
+On AVX-512 VNNI both schemes fit; two int8 passes with vpdpbusd ran the feed-forward shape faster than one int16
+pass with vpdpwssd (`benchmarks/int8_matmul.py`, docs/int8.md).
 """
 
 from __future__ import annotations
@@ -48,9 +54,11 @@ def available(variant: str | None = None) -> tuple[bool, str]:
 
 def packed_shape(in_features: int, out_features: int, variant: str) -> tuple[int, int, int]:
     """The shape of `pack_kernel`'s int8 output for an [in, out] kernel in `variant`'s layout."""
-    blocks = -(-out_features // _WIDTH)
-    if cpu_library.INT8_LAYOUTS[variant] == "tiles":
+    blocks, layout = -(-out_features // _WIDTH), cpu_library.INT8_LAYOUTS[variant]
+    if layout == "tiles":
         return 2 * blocks, -(-in_features // _DEPTH), 1024
+    if layout == "quads":
+        return blocks, -(-in_features // 4) + 1, 8 * _WIDTH
     return blocks, -(-in_features // 2), 4 * _WIDTH
 
 
@@ -79,12 +87,36 @@ def pack_pairs(q_IxO, r_IxO) -> np.ndarray:
     return np.ascontiguousarray(pairs).view(np.int8).reshape(width // _WIDTH, depth // 2, 4 * _WIDTH)
 
 
+def pack_quads(q_IxO, r_IxO) -> np.ndarray:
+    """A two-pass int8 kernel in quads of inputs for vpdpbusd: [ceil(O/16), ceil(I/4) + 1, 128] int8, zero padded.
+    Block n, quad k holds q[4k + t, 16n + c] at byte 4c + t and r's at 64 + 4c + t; the last row holds 128 · the
+    column sums of q (bytes 0-63) and of r (64-127) of the block's 16 outputs as little-endian int32: the kernel
+    stores activations as x + 128 (unsigned), and sum((x + 128) · w) - 128 · sum(w) = sum(x · w)."""
+    q, r = np.asarray(q_IxO, np.int8), np.asarray(r_IxO, np.int8)
+    inputs, outputs = q.shape
+    depth, width = -(-inputs // 4) * 4, -(-outputs // _WIDTH) * _WIDTH
+    blocks = []
+    for w in (q, r):
+        padded = np.zeros((depth, width), np.int8)
+        padded[:inputs, :outputs] = w
+        quads = padded.reshape(depth // 4, 4, width // _WIDTH, _WIDTH).transpose(2, 0, 3, 1)  # (n, k, c, t)
+        offsets = (128 * padded.astype(np.int32).sum(axis=0)).astype("<i4").reshape(width // _WIDTH, 1, _WIDTH)
+        blocks.append((quads.reshape(width // _WIDTH, depth // 4, 4 * _WIDTH), offsets.view(np.int8)))
+    (q_quads, q_offsets), (r_quads, r_offsets) = blocks
+    body = np.concatenate([q_quads, r_quads], axis=2)
+    tail = np.concatenate([q_offsets, r_offsets], axis=2)
+    return np.ascontiguousarray(np.concatenate([body, tail], axis=1))
+
+
 def pack_kernel(q_IxO, r_IxO, variant: str) -> np.ndarray:
     """A two-pass int8 kernel (W ≈ scale · (q + r / 254), `sce_jax.quant.quantize_kernel`) in `variant`'s layout
     (`packed_shape`). "tiles": [2 · ceil(O/16), ceil(I/64), 1024], q's tiles of each block of 16 outputs
-    (`pack_tiles`) followed by r's; "pairs": `pack_pairs`."""
-    if cpu_library.INT8_LAYOUTS[variant] == "pairs":
+    (`pack_tiles`) followed by r's; "quads": `pack_quads`; "pairs": `pack_pairs`."""
+    layout = cpu_library.INT8_LAYOUTS[variant]
+    if layout == "pairs":
         return pack_pairs(q_IxO, r_IxO)
+    if layout == "quads":
+        return pack_quads(q_IxO, r_IxO)
     q, r = pack_tiles(q_IxO), pack_tiles(r_IxO)
     return np.stack([q, r], axis=1).reshape(2 * q.shape[0], *q.shape[1:])
 

@@ -35,7 +35,7 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64")
 VARIANTS = ("amx", "avx512_vnni", "avx2", "generic") if _X86 else ("generic",)
 REQUIRES = {"amx": ("x86-64-v4", "avx512_vnni", "amx_int8"), "avx512_vnni": ("x86-64-v4", "avx512_vnni"),
             "avx2": ("x86-64-v3",), "generic": ()}
-INT8_LAYOUTS = {"amx": "tiles", "avx512_vnni": "pairs", "avx2": "pairs", "generic": "pairs"}
+INT8_LAYOUTS = {"amx": "tiles", "avx512_vnni": "quads", "avx2": "pairs", "generic": "pairs"}
 # SceJaxCpuFeatures' bits (kernels/cpu_features.cc).
 FEATURE_BITS = {"x86-64-v2": 1, "avx2": 2, "x86-64-v3": 4, "x86-64-v4": 8, "avx512_vnni": 16, "amx_int8": 32}
 # FFI target names by op, and the handler each exports.
@@ -163,7 +163,7 @@ def _load_or_error(variant: str) -> ctypes.CDLL | str:
         library = ctypes.CDLL(str(path))
         library.SceJaxCpuKernelsIsa.restype = ctypes.c_char_p
         built_for = library.SceJaxCpuKernelsIsa().decode()
-        layout = {1: "tiles", 2: "pairs"}.get(library.SceJaxInt8Layout())
+        layout = {1: "tiles", 2: "pairs", 3: "quads"}.get(library.SceJaxInt8Layout())
         handlers = {op: getattr(library, symbol) for op, symbol in _HANDLERS.items()}
     except (OSError, AttributeError) as error:
         return f"cannot load {path}: {error}"

@@ -78,6 +78,27 @@ def test_pair_packing_puts_each_weight_where_the_products_read_it(variant):
     assert not w[1, :, 4:].any() and not w[:, 35, :, 1].any()  # outputs 20..31, input 71: padding
 
 
+@pytest.mark.parametrize("variant", [v for v in cpu_library.VARIANTS if cpu_library.INT8_LAYOUTS[v] == "quads"])
+def test_quad_packing_puts_each_weight_where_the_products_read_it(variant):
+    """q's and r's int8 weights in quads of inputs per block of 16 outputs (64 bytes each), then 128 times each
+    output's column sums of q and of r as little-endian int32 (what the unsigned activation offset adds)."""
+    rng = np.random.default_rng(0)
+    q, r = (rng.integers(-127, 128, (70, 20)).astype(np.int8) for _ in range(2))  # pads to 72 inputs, 32 outputs
+    packed = cpu_int8.pack_kernel(q, r, variant)
+    assert packed.shape == (2, 19, 128) == quant.packed_shape(70, 20, variant) and packed.dtype == np.int8
+    for n, k, c, t in [(0, 0, 0, 0), (0, 3, 7, 1), (1, 10, 3, 2), (1, 17, 3, 1), (0, 12, 15, 3), (1, 17, 3, 3)]:
+        row, column = 4 * k + t, 16 * n + c
+        inside = row < 70 and column < 20
+        assert packed[n, k, 4 * c + t] == (q[row, column] if inside else 0), (n, k, c, t)
+        assert packed[n, k, 64 + 4 * c + t] == (r[row, column] if inside else 0), (n, k, c, t)
+    offsets = packed[:, 18].copy().view("<i4").reshape(2, 2, 16)  # (block, q or r, output)
+    for n, c in [(0, 0), (0, 15), (1, 3), (1, 4)]:
+        column = 16 * n + c
+        want_q = 128 * int(q[:, column].astype(np.int64).sum()) if column < 20 else 0
+        want_r = 128 * int(r[:, column].astype(np.int64).sum()) if column < 20 else 0
+        assert (offsets[n, 0, c], offsets[n, 1, c]) == (want_q, want_r), (n, c)
+
+
 def test_the_numpy_reference_is_the_documented_scheme():
     """reference_linear = tests/test_int8.py's hand-written reference (quantization, two-pass rows)."""
     rng = np.random.default_rng(1)
@@ -112,21 +133,23 @@ def test_int8_linear_matches_the_reference(float_rows, columns, cpu_variant):
     np.testing.assert_allclose(got[7], linear["bias"][start:stop], rtol=0, atol=1e-6)  # a zero token: bias
 
 
+@pytest.mark.parametrize("x_sign", [1, -1])
 @pytest.mark.parametrize("sign", [1, -1])
-def test_int8_linear_sums_the_largest_products_without_overflow(sign, cpu_variant):
-    """1536 inputs at the largest products: 127 · 127 per input and pass (tiles: 24.8M per int32 sum), or 127 ·
-    32385 with one int16 weight (6.3e9 over all inputs: past int32, so summed in int32 over 512 inputs at a time).
-    Also the second output block with the other sign of r."""
+def test_int8_linear_sums_the_largest_products_without_overflow(sign, x_sign, cpu_variant):
+    """1536 inputs at the largest products: 127 · 127 per input and pass (tiles: 24.8M per int32 sum), 255 · 127
+    with the activations offset to unsigned bytes (quads: 49.7M before the offset is taken out), or 127 · 32385 with
+    one int16 weight (6.3e9 over all inputs: past int32, so summed in int32 over 512 inputs at a time). Also the
+    second output block with the other sign of r, and activations at both ends of the range."""
     q = np.full((1536, 32), 127, np.int8)
     r = np.full((1536, 32), sign * 127, np.int8)
     r[:, 16:] *= -1
     scale, bias = np.full(32, 0.01, np.float32), np.zeros(32, np.float32)
-    x = np.full((3, 1536), 2.0, np.float32)  # quantizes to 127 everywhere, scale 2/127
+    x = np.full((3, 1536), 2.0 * x_sign, np.float32)  # quantizes to ±127 everywhere, scale 2/127
     operands = (jnp.asarray(cpu_int8.pack_kernel(q, r, cpu_variant)), jnp.asarray(scale), jnp.asarray(bias),
                 jnp.ones(1536))
     y = np.asarray(cpu_int8.int8_linear(jnp.asarray(x), *operands, variant=cpu_variant))
     per_weight = 127 + np.array([sign] * 16 + [-sign] * 16) * 127 / 254
-    np.testing.assert_allclose(y, np.broadcast_to(1536 * 127 * per_weight * np.float32(2 / 127) * 0.01, y.shape),
+    np.testing.assert_allclose(y, np.broadcast_to(x_sign * 1536 * 127 * per_weight * np.float32(2 / 127) * 0.01, y.shape),
                                rtol=1e-6)
 
 
