@@ -196,7 +196,7 @@ class SparseCrossEncoder:
                 check_vma=False,
             )
         )
-        # Distinct batch shapes run so far; each one cost an XLA compilation.
+        # Distinct batch shapes run or compiled ahead (`compile_tokens`) so far; each one cost an XLA compilation.
         self.compiled_shapes: set[tuple] = set()
         # What sentence-transformers' evaluators write to (see ModelCardData).
         self.model_card_data = ModelCardData()
@@ -370,11 +370,50 @@ class SparseCrossEncoder:
         reorder float sums): within `BATCH_TOLERANCE * max(1, |score|)`. With several devices, each device scores
         whole batches, so scores are bit-identical for any device count.
         """
+        scores = np.zeros(len(doc_tokens), np.float32)
+        bar = tqdm(total=len(doc_tokens), unit="doc", desc="scoring", disable=not progress, smoothing=0.1)
+        steps = self._steps(query_tokens, doc_tokens, doc_query, batch_size, max_tokens_per_batch)
+        for step, arrays, num_rows, slots in steps:
+            self.compiled_shapes.add(tuple(a.shape for a in arrays))
+            step_scores = np.asarray(self._forward(self._state, arrays)).reshape(self.mesh.size, num_rows, slots)
+            for batch, device_scores in zip(step, step_scores):
+                for row, row_scores in zip(batch, device_scores):
+                    scores[row.docs] = row_scores[: len(row.docs)]
+            bar.update(sum(len(row.docs) for batch in step for row in batch))
+            if on_step is not None:
+                on_step()
+        bar.close()
+        self._check_finite(scores)
+        return scores
+
+    def compile_tokens(
+        self,
+        query_tokens: Sequence[Sequence[int]],
+        doc_tokens: Sequence[Sequence[int]],
+        doc_query: Sequence[int],
+        *,
+        batch_size: int = 32,
+        max_tokens_per_batch: int = 32768,
+    ) -> int:
+        """Compile, without running them, the batch shapes that `score_tokens` with the same arguments would run
+        (XLA's compilation, or a read from jax's persistent compilation cache where it is on); returns how many
+        were new. A later `score_tokens` of those shapes compiles nothing. The server's warm-up uses it: running
+        its larger batches would cost as much as compiling them, or more where the cache has them."""
+        new = 0
+        for _, arrays, _, _ in self._steps(query_tokens, doc_tokens, doc_query, batch_size, max_tokens_per_batch):
+            shapes = tuple(a.shape for a in arrays)
+            if shapes not in self.compiled_shapes:
+                self._forward.lower(self._state, arrays).compile()
+                self.compiled_shapes.add(shapes)
+                new += 1
+        return new
+
+    def _steps(self, query_tokens, doc_tokens, doc_query, batch_size: int, max_tokens_per_batch: int):
+        """(the step's batches of rows, one per device; the step's stacked arrays; rows per device; document
+        slots per row) of `score_tokens`, in order."""
         check_batch_size(batch_size)
-        num_docs = len(doc_tokens)
-        scores = np.zeros(num_docs, np.float32)
-        if num_docs == 0:
-            return scores
+        if len(doc_tokens) == 0:
+            return
         doc_query = np.asarray(doc_query, np.int64)
         if doc_query.min() < 0 or doc_query.max() >= len(query_tokens):
             raise ValueError(f"doc_query refers to queries outside 0..{len(query_tokens) - 1}")
@@ -395,10 +434,7 @@ class SparseCrossEncoder:
         # With several devices, each scores one batch per step, exactly as a single device would (same shapes,
         # same batch mates), so scores do not depend on the device count. Steps hold batches of one length.
         num_devices = self.mesh.size
-        steps = plan_steps(batches, num_devices)
-
-        bar = tqdm(total=num_docs, unit="doc", desc="scoring", disable=not progress, smoothing=0.1)
-        for step, length, num_rows in steps:
+        for step, length, num_rows in plan_steps(batches, num_devices):
             parts = []
             for batch in step + [[]] * (num_devices - len(step)):
                 queries, row_query = np.unique(np.array([row.query for row in batch], np.int64), return_inverse=True)
@@ -413,18 +449,7 @@ class SparseCrossEncoder:
                     num_rows=num_rows,
                     pad_id=cfg.pad_token_id,
                 ))
-            arrays = Batch(*(np.concatenate(fields) for fields in zip(*parts)))
-            self.compiled_shapes.add(tuple(a.shape for a in arrays))
-            step_scores = np.asarray(self._forward(self._state, arrays)).reshape(num_devices, num_rows, slots[length])
-            for batch, device_scores in zip(step, step_scores):
-                for row, row_scores in zip(batch, device_scores):
-                    scores[row.docs] = row_scores[: len(row.docs)]
-            bar.update(sum(len(row.docs) for batch in step for row in batch))
-            if on_step is not None:
-                on_step()
-        bar.close()
-        self._check_finite(scores)
-        return scores
+            yield step, Batch(*(np.concatenate(fields) for fields in zip(*parts))), num_rows, slots[length]
 
     def _check_finite(self, scores: np.ndarray) -> None:
         """NonFiniteScoresError (an InputError: exit 2 from the commands) naming the model, if any score is NaN or

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -77,6 +78,9 @@ class Spy:
         self.group_sizes.append(len(query_tokens))
         return self.encoder.score_tokens(query_tokens, *args, **kwargs)
 
+    def compile_tokens(self, *args, **kwargs):
+        return self.encoder.compile_tokens(*args, **kwargs)
+
 
 class StubTokenizer:
     """Every non-space character is a token."""
@@ -108,6 +112,9 @@ class StubEncoder:
         assert self.gate.wait(60)
         self.scored += ["".join(map(chr, row[:-2])) for row in rows]
         return np.array([len(row) - 2 for row in rows], np.float32)
+
+    def compile_tokens(self, query_tokens, rows, row_query, **kwargs):
+        return 0
 
 
 def _ready(client):
@@ -574,6 +581,24 @@ def test_not_ready_until_warm_up_is_done():
         server.stop()
 
 
+class XlaCompilations:
+    """Counts XLA compilations (not reads from jax's persistent cache) while it is entered."""
+
+    def __enter__(self):
+        self.count = 0
+
+        def listener(event, duration, **kwargs):
+            if event == "/jax/core/compile/backend_compile_duration":  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+                self.count += 1
+
+        self.listener = listener
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self.listener)
+
+
 def _documented_requests():
     """(path, body) of every curl example in README.md and docs/serve.md."""
     found = []
@@ -601,9 +626,16 @@ def test_warm_up_covers_the_documented_examples_and_logs_its_progress(tiny_spars
             with httpx.Client(base_url=server.url, timeout=120) as client:
                 _ready(client)
                 compiled = set(fresh.compiled_shapes)
-                for path, body in examples:
-                    assert client.post(path, json=body).status_code == 200
+                with XlaCompilations() as after_warm_up:
+                    for path, body in examples:
+                        assert client.post(path, json=body).status_code == 200
+                    # Shapes compiled ahead without running (a passage and 8 documents of ~100 tokens) run with no
+                    # new XLA compilation either.
+                    body = {"query": "warm up", "texts": [" ".join(["a"] * (90 - i)) for i in range(8)]}
+                    assert client.post("/rerank", json=body).status_code == 200
+                    assert client.post("/rerank", json={"query": "warm up", "texts": ["a " * 40]}).status_code == 200
                 assert fresh.compiled_shapes == compiled
+                assert after_warm_up.count == 0
                 client.get("/health")
         finally:
             server.stop()

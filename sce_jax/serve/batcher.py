@@ -50,13 +50,17 @@ def take_group(sizes: Sequence[int], max_docs: int) -> int:
     return count
 
 
-def score_group(encoder, group: Sequence[Prepared], batch_size: int) -> list[np.ndarray]:
-    """One `score_tokens` call for the requests of `group`, each with its own query (so each request's rows are
-    packed as they would be alone); the scores of each request's documents."""
+def group_arguments(group: Sequence[Prepared]) -> tuple[list, list, list[int]]:
+    """`score_tokens`'s (query tokens, rows, each row's query) for the requests of `group`, each with its own
+    query (so each request's rows are packed as they would be alone)."""
     rows = [row for prepared in group for row in prepared.rows]
     row_query = [q for q, prepared in enumerate(group) for _ in prepared.rows]
-    scores = encoder.score_tokens([prepared.query_tokens for prepared in group], rows, row_query,
-                                  batch_size=batch_size, progress=False)
+    return [prepared.query_tokens for prepared in group], rows, row_query
+
+
+def score_group(encoder, group: Sequence[Prepared], batch_size: int) -> list[np.ndarray]:
+    """One `score_tokens` call for the requests of `group`; the scores of each request's documents."""
+    scores = encoder.score_tokens(*group_arguments(group), batch_size=batch_size, progress=False)
     results, start = [], 0
     for prepared in group:
         results.append(prepared.doc_scores(scores[start : start + len(prepared.rows)]))

@@ -1,9 +1,10 @@
 """Compile the common batch shapes before the server reports ready, so that first requests do not pay for it.
 
-The warm-up sends requests through the server's own path (tokenization, the batcher): the documented example
-request (README and docs/serve.md), then passages and documents of several lengths, alone and in groups. Its
-texts are fixed, so every start compiles the same shapes (and JAX's persistent compilation cache, where enabled,
-can serve them on a restart).
+The documented example request (README and docs/serve.md) goes through the server's own path (tokenization, the
+batcher, scoring). Then passages and documents of several lengths, alone and in groups, are tokenized the same way
+and their batch shapes compiled without being run (`SparseCrossEncoder.compile_tokens`, with the batcher's own
+arguments): running the larger ones took longer than compiling them, and on a restart, where JAX's persistent
+compilation cache has them, most of the warm-up. Its texts are fixed, so every start compiles the same shapes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from sce_jax.serve.batcher import Batcher
+from sce_jax.serve.batcher import Batcher, group_arguments
 from sce_jax.serve.checks import ServeSettings
 from sce_jax.serve.tokens import prepare
 
@@ -36,18 +37,23 @@ def warm_up_requests(max_length: int, settings: ServeSettings) -> list[tuple[str
 
 
 def warm_up(encoder, batcher: Batcher, settings: ServeSettings) -> float:
-    """Score the warm-up requests one after the other, logging each; returns the seconds it took."""
+    """Score the documented example through the batcher, then compile the other warm-up requests' batch shapes,
+    one request after the other, logging each; returns the seconds it took."""
     start = time.monotonic()
     requests = warm_up_requests(encoder.tokenizer.max_length, settings)
     for n, (what, query, docs) in enumerate(requests, 1):
         before = len(encoder.compiled_shapes)
         logger.info("warm-up %d/%d: %s", n, len(requests), what)
-        batcher.admit(len(docs))
-        try:
+        if n == 1:
+            batcher.admit(len(docs))
+            try:
+                prepared = prepare(encoder.tokenizer, query, docs, max_p=settings.max_p)
+            except BaseException:
+                batcher.withdraw(len(docs))
+                raise
+            batcher.submit(prepared).future.result()
+        else:
             prepared = prepare(encoder.tokenizer, query, docs, max_p=settings.max_p)
-        except BaseException:
-            batcher.withdraw(len(docs))
-            raise
-        batcher.submit(prepared).future.result()
+            encoder.compile_tokens(*group_arguments([prepared]), batch_size=settings.batch_size)
         logger.debug("warm-up %d/%d: %d new batch shapes", n, len(requests), len(encoder.compiled_shapes) - before)
     return time.monotonic() - start
