@@ -472,10 +472,11 @@ def _output_lock(output_dir: Path) -> Iterator[Callable[[], None]]:
     created = [parent for parent in reversed(output_dir.parents) if not parent.exists()]
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(output_dir.parent, error, "create") from None
+    try:
         with exclusive_lock(lock, f"--output-dir {output_dir}"):
             yield lambda: lock.unlink(missing_ok=True)
-    except OSError as error:
-        raise write_error(output_dir, error, "create") if is_write_error(error) else error from None
     finally:
         for parent in reversed(created):
             with contextlib.suppress(OSError):
