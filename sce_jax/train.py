@@ -41,7 +41,7 @@ from sce_jax.losses import LOSSES, get_loss
 from sce_jax.errors import InputError, Interrupted, run_cli, user_path
 from sce_jax.files import (DeferredSignals, atomic_write, deferred_signals, exclusive_lock, interrupts_exit_at_once,
                            is_write_error, sigterm_raises, write_error)
-from sce_jax.tokenization import QueryDocTokenizer
+from sce_jax.tokenization import TOKENIZER_FILES, QueryDocTokenizer
 from sce_jax.train_checkpoints import (CheckpointsOnDisk, CheckpointStore, TrainState, host_copy, remove_unfinished,
                                        set_aside, warn)
 from sce_jax.train_data import BatchStream, TrainBatch, TrainDataError, load_samples
@@ -371,8 +371,14 @@ def _write_model_files(output_dir: Path, cfg: TrainConfig, config: SparseCrossEn
             copy_tokenizer_files(tokenizer_dir, output_dir)
         with atomic_write(output_dir / RESOLVED_CONFIG) as f:
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-    except OSError as error:
-        if is_write_error(error):
+    except (OSError, InputError) as error:
+        if fresh:  # what this run wrote (a full disk) goes: the relaunch writes it again
+            for name in ("config.json", RESOLVED_CONFIG, *TOKENIZER_FILES):
+                with contextlib.suppress(OSError):
+                    (output_dir / name).unlink()
+            with contextlib.suppress(OSError):
+                output_dir.rmdir()  # if empty
+        if isinstance(error, OSError) and is_write_error(error):
             raise write_error(output_dir, error) from None
         raise
 

@@ -303,3 +303,12 @@ def test_train_killed_during_its_first_checkpoint_then_relaunched_ends_as_an_uni
     got = _restored(output_dir)
     for key in params:
         np.testing.assert_allclose(got[key], params[key], rtol=0, atol=1e-6)
+
+
+def test_train_on_a_disk_too_small_for_the_model_files_leaves_nothing(tiny_hf_dir, env, small_fs):
+    disk = small_fs.mount(600)  # config.json fits, tokenizer.json (0.7 MB) does not
+    output_dir = disk / "out"
+    code, err = _finish(_launch("sce_jax.train", _train_args(tiny_hf_dir, output_dir), env))
+    assert code == 2, err
+    assert _messages(err) == [f"error: cannot write {output_dir}: No space left on device"], err
+    assert _listing(disk) == []
