@@ -201,6 +201,14 @@ class SparseCrossEncoder:
         # What sentence-transformers' evaluators write to (see ModelCardData).
         self.model_card_data = ModelCardData()
 
+    def set_params(self, params: dict) -> None:
+        """Score with `params` from now on: a pure parameter tree of this model's shapes (e.g. a training step's,
+        as host arrays). The jitted scoring function is kept, so nothing is traced or compiled again."""
+        graphdef, state = nnx.split(self.model)
+        nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, dequantize_params(params)))
+        self.model = nnx.merge(graphdef, state)
+        self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
+
     @property
     def config(self) -> SparseCrossEncoderConfig:
         return self.model.config

@@ -27,11 +27,13 @@ import numpy as np
 
 from sce_jax.cache import cache_dir
 from sce_jax.errors import InputError, located
+from sce_jax.files import content_fingerprint
 from sce_jax.memory import join_freeing, release_free_memory
 
 CHUNK_BYTES = 16 << 20
 LOCAL_COLUMNS = ("qid", "doc_a", "doc_b", "score_a", "score_b")
 _MAX_DIGITS = 18  # decimal ids of up to 18 digits fit an int64
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class IdTable:
@@ -261,6 +263,8 @@ class _Columns:
         if self.directory is None:
             self.parts.setdefault(name, []).append(array)
             return
+        if not len(array):  # a chunk of blank lines only
+            return
         try:
             if name not in self.files:
                 f = open(self.directory / f"{name}.npy", "wb")
@@ -320,9 +324,11 @@ def _named(pairs: DocPairArrays) -> dict[str, np.ndarray | None]:
 CACHE_VERSION = 1
 
 
-def load_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMNS) -> DocPairArrays:
+def load_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMNS, *,
+                  fingerprint: dict | None = None) -> DocPairArrays:
     """`read_docpairs`, cached: the arrays are saved once under `$SCE_JAX_CACHE_DIR/docpairs/` (keyed by the
-    file's absolute path and the columns, checked against its size and modification time) and memory-mapped, the
+    file's absolute path and the columns, checked against its size, modification time and content fingerprint,
+    `files.content_fingerprint`, computed here unless given) and memory-mapped, the
     first time as well: decimal ids and scores go into the cache files as they are read, so the first read holds
     only the chunks being parsed, and a restart or `--resume` costs about a second. The arrays are file-backed
     pages either way. Best effort: a cache that cannot be written is skipped (the arrays are then in memory)."""
@@ -331,7 +337,9 @@ def load_docpairs(path: str | os.PathLike, columns: Sequence[str] = LOCAL_COLUMN
     stat = path.stat()
     key = hashlib.sha1(f"{path}\0{','.join(columns)}".encode("utf-8", "surrogateescape")).hexdigest()
     directory = cache_dir() / "docpairs" / key
-    stamp = {"version": CACHE_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if fingerprint is None:
+        fingerprint = content_fingerprint(path)
+    stamp = {"version": CACHE_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "content": fingerprint}
     cached = _cached(directory, stamp)
     if cached is not None:
         return cached
@@ -405,6 +413,8 @@ def _read_docpairs(path, columns: Sequence[str], chunk_bytes: int, out: _Columns
         # Chunks are parsed in threads (numpy releases the GIL), a few at a time so memory stays bounded.
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="read-docpairs") as pool:
             for data in line_chunks(path, chunk_bytes):
+                if line == 1:
+                    data = data.removeprefix(UTF8_BOM)  # a BOM belongs to the file, not to its first id
                 if line == 1 and tuple(columns) == LOCAL_COLUMNS:
                     first = data.lstrip(b"\r\n").split(b"\n", 1)[0]
                     columns = LOCAL_COLUMNS[:3] if first.count(b"\t") == 2 else LOCAL_COLUMNS

@@ -1,22 +1,24 @@
 """Fine-tuning: `python -m sce_jax.train --config configs/train.yaml [--flag value ...]`.
 
 The optimizer step is one jitted pure function over a global batch that a `Mesh` with one `data` axis splits
-across devices (and hosts). Checkpoints are Orbax `CheckpointManager` steps in OUTPUT_DIR/checkpoints with the
-items `params` (the model's pure parameter tree, what `sce_jax.checkpoint.load_model_dir` reads), `opt_state`
-and `progress` (step, stream position, dropout key). See docs/training.md.
+across devices (and hosts). `train` is a short loop around it that hands the step's results to three objects:
+`MetricsLog` (metrics.jsonl, TensorBoard, the progress bar), `CheckpointStore` (sce_jax.train_checkpoints) and
+`Evaluator` (re-ranks a validation run). See docs/training.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -36,9 +38,12 @@ from sce_jax.cli_config import PATH, PATH_OR_ID, add_dataclass_flags, resolve_da
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pattern
 from sce_jax.encoder import DTYPES, SparseCrossEncoder, build_model
 from sce_jax.losses import LOSSES, get_loss
-from sce_jax.errors import InputError, run_cli, user_path
-from sce_jax.runs import atomic_write
-from sce_jax.tokenization import QueryDocTokenizer
+from sce_jax.errors import InputError, Interrupted, run_cli, user_path
+from sce_jax.files import (DeferredSignals, atomic_write, deferred_signals, exclusive_lock, interrupts_exit_at_once,
+                           is_write_error, sigterm_raises, write_error)
+from sce_jax.tokenization import TOKENIZER_FILES, QueryDocTokenizer
+from sce_jax.train_checkpoints import (CheckpointsOnDisk, CheckpointStore, TrainState, host_copy, remove_unfinished,
+                                       set_aside, warn)
 from sce_jax.train_data import BatchStream, TrainBatch, TrainDataError, load_samples
 from sce_jax.weights import CheckpointError
 
@@ -178,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sce-jax-train", description="Fine-tune a sparse cross-encoder "
                                      "(see docs/training.md). Flags override the --config YAML file.")
     parser.add_argument("--config", help="YAML file of options; flags override it")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     add_dataclass_flags(parser, TrainConfig, {
         name: f"{text} (default: {field.default})"
         for field in dataclasses.fields(TrainConfig) for name, text in [(field.name, HELP[field.name])]
@@ -189,7 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the YAML file, then the flags given."""
     flags = dict(vars(args))
-    flags.pop("debug", None)
     return resolve_dataclass(TrainConfig, flags.pop("config", None), flags, ConfigError, CONFIG_PATHS)
 
 
@@ -282,63 +285,55 @@ def _resolve_model(cfg: TrainConfig, output_dir: Path) -> tuple[SparseCrossEncod
     return config, params, tokenizer_dir
 
 
-class CheckpointStore:
-    """Orbax CheckpointManager in OUTPUT_DIR/checkpoints: items params, opt_state and progress (JSON)."""
-
-    def __init__(self, directory: Path, keep: int):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("params", "opt_state", "progress"))
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
-
-    def save(self, step: int, params, opt_state, progress: dict) -> None:
-        # Parameters are saved as host arrays, without the training mesh's sharding, so any reader on any
-        # number of devices restores them as they are (the model directory contract).
-        args = self._ocp.args
-        self.manager.save(step, args=args.Composite(
-            params=args.StandardSave(_host_copy(params)), opt_state=args.StandardSave(opt_state),
-            progress=args.JsonSave(progress),
-        ), force=True)
-
-    def restore(self, step: int, params, opt_state) -> tuple[dict, object, dict]:
-        """`params` and `opt_state` are the targets: their shapes, dtypes and shardings are restored into."""
-        args = self._ocp.args
-        opt_target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state)
-        try:
-            restored = self.manager.restore(step, args=args.Composite(
-                params=args.StandardRestore(_host_copy(params)), opt_state=args.StandardRestore(opt_target),
-                progress=args.JsonRestore(),
-            ))
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint step {step} does not match this model/optimizer: {e}") from None
-        restored_params = jax.device_put(restored["params"], jax.tree.leaves(params)[0].sharding)
-        return restored_params, restored["opt_state"], restored["progress"]
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-
-
 class MetricsLog:
-    """OUTPUT_DIR/metrics.jsonl (process 0 only) and, if asked, TensorBoard."""
+    """A step's record (loss, gradient norm, learning rate, samples, steps/s) checked finite, shown on the progress
+    bar and written to OUTPUT_DIR/metrics.jsonl and, if asked, TensorBoard (process 0 only)."""
 
-    def __init__(self, output_dir: Path, *, tensorboard: bool, enabled: bool):
-        self.enabled = enabled
-        self.path = output_dir / METRICS
-        self.writer = None
-        if enabled and tensorboard:
+    def __init__(self, output_dir: Path, cfg: TrainConfig, *, step: int, enabled: bool):
+        self.enabled, self.path, self.writer = enabled, output_dir / METRICS, None
+        self.batch_size, self.log_every, self.schedule = cfg.batch_size, cfg.log_every, make_schedule(cfg)
+        if enabled and cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ConfigError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
             self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        self.bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="training", disable=not enabled,
+                        dynamic_ncols=True)
+        # Steps per second since the previous line (or since training started in this process: the first line
+        # includes compilation), measured when the step's metrics arrived, i.e. the step had finished.
+        self._clock = (step, time.perf_counter())
+
+    def read(self, step: int, metrics) -> dict:
+        """The step's record (waits for the device); a non-finite loss or gradient norm stops training."""
+        record = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                  "learning_rate": float(self.schedule(step - 1)), "samples": step * self.batch_size}
+        if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+            raise NonFiniteLossError(f"loss {record['loss']} / gradient norm {record['grad_norm']} at step {step}; "
+                                     "stopped.")
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
+        self.bar.update(step - self.bar.n)
+        return record
+
+    def write(self, record: dict, *, always: bool = False) -> None:
+        if not self.enabled or not (always or record["step"] % self.log_every == 0):
+            return
+        now = time.perf_counter()
+        last_step, last_time = self._clock
+        record["steps_per_second"] = (record["step"] - last_step) / max(now - last_time, 1e-9)
+        self._clock = (record["step"], now)
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise write_error(self.path, error) if is_write_error(error) else error from None
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def note(self, text: str) -> None:
+        self.bar.write(text)
 
     def drop_after(self, step: int) -> None:
         """Forget lines logged after `step` (by a run that was interrupted after its last checkpoint), and a line
@@ -348,30 +343,19 @@ class MetricsLog:
         kept, torn = [], 0
         for line in self.path.read_bytes().decode("utf-8", "replace").splitlines():
             try:
-                record = json.loads(line)
-                line_step = record["step"]
+                line_step = json.loads(line)["step"]
             except (ValueError, TypeError, KeyError):
                 torn += 1
                 continue
             if line_step <= step:
                 kept.append(line)
         if torn:
-            print(f"warning: {self.path}: dropped {torn} unreadable line(s) (torn by an interrupted write)",
-                  file=sys.stderr)
+            warn(f"{self.path}: dropped {torn} unreadable line(s) (torn by an interrupted write)")
         with atomic_write(self.path) as f:
             f.writelines(line + "\n" for line in kept)
 
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self.writer.add_scalar(key, value, record["step"])
-
     def close(self) -> None:
+        self.bar.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -380,21 +364,28 @@ def _write_model_files(output_dir: Path, cfg: TrainConfig, config: SparseCrossEn
                        *, fresh: bool = True):
     """config.json + tokenizer files (so the output dir is a model directory) and the resolved options. On a
     resume config.json and the tokenizer are already there (and were checked to match)."""
-    if fresh or not (output_dir / "config.json").exists():
-        with atomic_write(output_dir / "config.json") as f:
-            f.write(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-        copy_tokenizer_files(tokenizer_dir, output_dir)
-    with atomic_write(output_dir / RESOLVED_CONFIG) as f:
-        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-
-
-def _host_copy(tree):
-    """A numpy copy of replicated (possibly multi-host) arrays."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+    try:
+        if fresh or not (output_dir / "config.json").exists():
+            with atomic_write(output_dir / "config.json") as f:
+                f.write(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+            copy_tokenizer_files(tokenizer_dir, output_dir)
+        with atomic_write(output_dir / RESOLVED_CONFIG) as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    except (OSError, InputError) as error:
+        if fresh:  # what this run wrote (a full disk) goes: the relaunch writes it again
+            for name in ("config.json", RESOLVED_CONFIG, *TOKENIZER_FILES):
+                with contextlib.suppress(OSError):
+                    (output_dir / name).unlink()
+            with contextlib.suppress(OSError):
+                output_dir.rmdir()  # if empty
+        if isinstance(error, OSError) and is_write_error(error):
+            raise write_error(output_dir, error) from None
+        raise
 
 
 class Evaluator:
-    """Re-ranks a run with the current parameters and measures it against qrels (process 0 only)."""
+    """Re-ranks a run with the current parameters and measures it against qrels (process 0 only). The scorer is
+    built at the first evaluation and reused with each evaluation's parameters: it compiles once."""
 
     def __init__(self, cfg: TrainConfig, config: SparseCrossEncoderConfig, tokenizer: QueryDocTokenizer):
         from sce_jax import evaluation, irds, runs, texts
@@ -405,24 +396,31 @@ class Evaluator:
         self.run = runs.select_top(run, cfg.eval_depth)
         self.qrels = evaluation.read_qrels(cfg.eval_qrels)
         self.measure = evaluation.parse_measures([cfg.eval_measure])[0]
+        self.name = f"eval/{cfg.eval_measure}"
         self._evaluate = evaluation.evaluate
-        self.cfg, self.config, self.tokenizer = cfg, config, tokenizer
-
-    def __call__(self, params) -> float:
-        model = build_model(self.config, _host_copy(params), dtype=self.cfg.dtype,
-                            attention_impl=self.cfg.attention_impl)
-        encoder = SparseCrossEncoder(model, self.tokenizer)
-        queries, doc_query = np.unique(self.run["qid"].to_numpy(), return_inverse=True)
+        qids, self.doc_query = np.unique(self.run["qid"].to_numpy(), return_inverse=True)
         query_text = dict(zip(self.run["qid"], self.run["query"]))
-        scores = encoder.score_pairs([query_text[q] for q in queries], list(self.run["text"]), doc_query,
-                                     progress=False)
+        self.queries, self.texts = [query_text[q] for q in qids], list(self.run["text"])
+        self.cfg, self.config, self.tokenizer = cfg, config, tokenizer
+        self.encoder: SparseCrossEncoder | None = None
+
+    def __call__(self, params) -> dict:
+        """{"eval/MEASURE": value} for `params` (the training state's, replicated device arrays)."""
+        params = host_copy(params)
+        if self.encoder is None:
+            model = build_model(self.config, params, dtype=self.cfg.dtype, attention_impl=self.cfg.attention_impl)
+            self.encoder = SparseCrossEncoder(model, self.tokenizer)
+        else:
+            self.encoder.set_params(params)
+        scores = self.encoder.score_pairs(self.queries, self.texts, self.doc_query, progress=False)
         results = self._evaluate(self.qrels, {"model": self.run.assign(score=scores)}, [self.measure])
-        return results[str(self.measure)]["model"]
+        return {self.name: results[str(self.measure)]["model"]}
 
 
 # Settings that change the data stream: a resume must not change them (`--resume` refuses, naming the flag).
 STREAM_SETTINGS = ("train_data", "queries", "docs", "batch_size", "grad_accum", "seed", "max_length",
                    "max_query_length", "loss")
+CONTENT = "train_data_content"  # the training file's content fingerprint, recorded beside its path
 
 
 def _resolved_paths(cfg: TrainConfig) -> TrainConfig:
@@ -438,19 +436,29 @@ def _resolved_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-def stream_settings(cfg: TrainConfig, num_samples: int, processes: int) -> dict:
-    return {**{name: getattr(cfg, name) for name in STREAM_SETTINGS}, "samples": num_samples,
-            "processes": processes}
+def stream_settings(cfg: TrainConfig, samples, processes: int) -> dict:
+    """What the data stream depends on: the settings, the number of samples and processes, and the training
+    file's content (`files.content_fingerprint`; none for an ir_datasets id)."""
+    settings = {**{name: getattr(cfg, name) for name in STREAM_SETTINGS}, "samples": len(samples),
+                "processes": processes}
+    if getattr(samples, "fingerprint", None) is not None:
+        settings[CONTENT] = samples.fingerprint
+    return settings
 
 
 def check_stream(saved: dict | None, current: dict, output_dir: Path, step: int) -> None:
     """Refuse a resume whose data stream differs from the one that wrote the checkpoint."""
-    if not saved:  # a checkpoint of an earlier version: nothing recorded
+    if not saved:  # a checkpoint without a record: nothing to compare
         return
-    differences = [
-        f"{'--' + name.replace('_', '-') if name in STREAM_SETTINGS else name} {saved[name]!r} -> {current[name]!r}"
-        for name in current if name in saved and saved[name] != current[name]
-    ]
+
+    def difference(name: str) -> str:
+        if name == CONTENT:
+            return (f"--train-data {current['train_data']} has other content ({saved[name]['size']} bytes, blake2b "
+                    f"{saved[name]['blake2b'][:12]} -> {current[name]['size']} bytes, {current[name]['blake2b'][:12]})")
+        flag = "--" + name.replace("_", "-") if name in STREAM_SETTINGS else name
+        return f"{flag} {saved[name]!r} -> {current[name]!r}"
+
+    differences = [difference(name) for name in current if name in saved and saved[name] != current[name]]
     if differences:
         raise ConfigError(
             f"cannot resume {output_dir} (step {step}): the data stream would differ from the run that wrote it "
@@ -458,78 +466,72 @@ def check_stream(saved: dict | None, current: dict, output_dir: Path, step: int)
         )
 
 
-def _complete_steps(checkpoint_dir: Path) -> list[int]:
-    """Steps on disk, newest first; incomplete ones (no progress record, no array metadata) are skipped with a
-    warning. (Orbax renames a checkpoint into place when complete; this catches one damaged afterwards.)"""
-    steps = sorted((int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit() and p.is_dir()),
-                   reverse=True)
-    complete = []
-    for step in steps:
-        directory = checkpoint_dir / str(step)
-        needed = [directory / "progress" / "metadata", directory / "params" / "_METADATA",
-                  directory / "opt_state" / "_METADATA"]
-        problem = next((f"{p.relative_to(directory)} missing" for p in needed if not p.is_file()), None)
-        if problem is None:
-            try:
-                progress = json.loads((directory / "progress" / "metadata").read_text())
-                if progress.get("step") != step:
-                    problem = "progress record names another step"
-            except (OSError, ValueError):
-                problem = "progress record unreadable"
-        if problem:
-            _warn(f"checkpoint {directory} is incomplete ({problem}); skipped")
-            continue
-        complete.append(step)
-    return complete
+@contextlib.contextmanager
+def _output_lock(output_dir: Path) -> Iterator[Callable[[], None]]:
+    """Process 0 holds OUTPUT_DIR.lock while it runs: a second run on the directory refuses at once, naming the
+    first (`files.exclusive_lock`). Parent directories created for the lock are removed again if left empty.
+    Yields what removes the lock file before an immediate exit."""
+    if jax.process_index() != 0:
+        yield lambda: None
+        return
+    lock = Path(f"{output_dir}.lock")
+    created = [parent for parent in reversed(output_dir.parents) if not parent.exists()]
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(output_dir.parent, error, "create") from None
+    try:
+        with exclusive_lock(lock, f"--output-dir {output_dir}"):
+            yield lambda: lock.unlink(missing_ok=True)
+    finally:
+        for parent in reversed(created):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
-def _set_aside(checkpoint_dir: Path, steps: list[int]) -> None:
-    """Rename damaged step directories to STEP.incomplete (kept for inspection; no longer a checkpoint step,
-    so neither Orbax nor a model loader picks them)."""
-    for step in steps:
-        source = checkpoint_dir / str(step)
-        target, n = checkpoint_dir / f"{step}.incomplete", 1
-        while target.exists():
-            n += 1
-            target = checkpoint_dir / f"{step}.incomplete{n}"
-        source.rename(target)
-        _warn(f"moved {source} to {target.name}")
-
-
-def _warn(message: str) -> None:
-    if jax.process_index() == 0:
-        print(f"warning: {message}", file=sys.stderr)
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training; returns the final step's metrics.
-
-    Everything that can fail on bad input or settings (model, data, the first batch, the checkpoint to resume
-    from and its settings) is checked before anything is written.
-    """
-    cfg = _resolved_paths(cfg)
-    output_dir = Path(cfg.output_dir)
-    checkpoint_dir = output_dir / CHECKPOINTS_DIR
+def _check_output_dir(cfg: TrainConfig, output_dir: Path) -> CheckpointsOnDisk:
+    """What OUTPUT_DIR/checkpoints holds; a directory with complete checkpoints needs --resume (unfinished or
+    damaged checkpoints alone do not: they are set aside and training starts from step 0)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir {output_dir} is a file")
-    has_checkpoints = checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir())
-    if not cfg.resume and has_checkpoints:
+    on_disk = CheckpointsOnDisk.inspect(output_dir / CHECKPOINTS_DIR)
+    if on_disk.complete and not cfg.resume:
         raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume or choose another --output-dir")
-    if cfg.resume and has_checkpoints:
+    if on_disk.complete:
         missing = [name for name in ("config.json", RESOLVED_CONFIG) if not (output_dir / name).is_file()]
         if missing:
             raise ConfigError(f"cannot resume {output_dir}: it has checkpoints but no {' or '.join(missing)} "
                               f"(not a complete sce_jax.train output directory)")
+    if not on_disk.complete and (on_disk.damaged or on_disk.unfinished):
+        warn(f"{output_dir / CHECKPOINTS_DIR} holds no complete checkpoint (a run stopped during its first); "
+             "starting from step 0")
+    return on_disk
 
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything checked and built before anything is written."""
+
+    mesh: Mesh
+    config: SparseCrossEncoderConfig
+    tokenizer_dir: Path
+    stream: BatchStream
+    settings: dict
+    evaluator: Evaluator | None
+    train_step: Callable
+    state: TrainState
+
+
+def _prepare(cfg: TrainConfig, output_dir: Path, stop: Callable[[], None]) -> Prepared:
+    """Model, data, evaluation run and the jitted step, checked against the settings. Loading writes nothing: an
+    interrupt while JAX builds the model ends the process at once (`stop` cleans up first)."""
     mesh = make_mesh(cfg.devices)
-    num_devices, num_hosts = mesh.devices.size, jax.process_count()
     micro_batch = cfg.batch_size // cfg.grad_accum
-    if micro_batch % num_devices:
-        raise ConfigError(
-            f"batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} = {micro_batch} is not divisible by "
-            f"{num_devices} devices"
-        )
-    config, params, tokenizer_dir = _resolve_model(cfg, output_dir)
+    if micro_batch % mesh.devices.size:
+        raise ConfigError(f"batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} = {micro_batch} is not "
+                          f"divisible by {mesh.devices.size} devices")
+    with interrupts_exit_at_once(stop):
+        config, params, tokenizer_dir = _resolve_model(cfg, output_dir)
     if cfg.max_length > config.max_position_embeddings:
         raise ConfigError(f"max_length {cfg.max_length} exceeds the model's {config.max_position_embeddings} positions")
     tokenizer = QueryDocTokenizer.from_dir(tokenizer_dir, max_length=cfg.max_length,
@@ -537,137 +539,137 @@ def train(cfg: TrainConfig) -> dict:
     samples = load_samples(cfg.train_data, queries=cfg.queries, docs=cfg.docs)
     if cfg.loss == "margin-mse" and samples.num_docs != 2:
         raise TrainDataError(f"{cfg.train_data}: margin-mse needs 2 documents per sample, some have {samples.num_docs}")
-    stream = BatchStream(
-        samples, tokenizer, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-        max_query_length=cfg.max_query_length, max_length=cfg.max_length, seed=cfg.seed,
-        process_index=jax.process_index(), process_count=num_hosts,
-    )
-    settings = stream_settings(cfg, len(samples), num_hosts)
+    stream = BatchStream(samples, tokenizer, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                         max_query_length=cfg.max_query_length, max_length=cfg.max_length, seed=cfg.seed,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+    settings = stream_settings(cfg, samples, jax.process_count())
     evaluator = Evaluator(cfg, config, tokenizer) if cfg.eval_run else None
-    is_main = jax.process_index() == 0
+    with interrupts_exit_at_once(stop):
+        model = build_model(config, params, dtype=cfg.dtype, attention_impl=cfg.attention_impl)
+        graphdef, param_state = nnx.split(model, nnx.Param)
+        replicated = NamedSharding(mesh, P())
+        params = jax.device_put(nnx.to_pure_dict(param_state), replicated)
+        optimizer = make_optimizer(cfg)
+        opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+        train_step = jax.jit(make_train_step(graphdef, cfg.loss, optimizer), out_shardings=(replicated,) * 3)
+    state = TrainState(params, opt_state, 0, 0, np.asarray(jax.random.PRNGKey(cfg.seed)))
+    return Prepared(mesh, config, tokenizer_dir, stream, settings, evaluator, train_step, state)
 
-    model = build_model(config, params, dtype=cfg.dtype, attention_impl=cfg.attention_impl)
-    graphdef, param_state = nnx.split(model, nnx.Param)
-    replicated = NamedSharding(mesh, P())
-    params = jax.device_put(nnx.to_pure_dict(param_state), replicated)
-    optimizer = make_optimizer(cfg)
-    opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
-    step_fn = jax.jit(make_train_step(graphdef, cfg.loss, optimizer), out_shardings=(replicated,) * 3)
-    batch_sharding = NamedSharding(mesh, P(None, "data"))
-    schedule = make_schedule(cfg)
 
-    step, position, dropout_key = 0, 0, np.asarray(jax.random.PRNGKey(cfg.seed))
-    store, damaged = None, []
-    if cfg.resume and has_checkpoints:
-        candidates = _complete_steps(checkpoint_dir)
-        damaged = sorted(set(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit()) - set(candidates))
-        if not candidates:
-            raise CheckpointError(f"{checkpoint_dir}: no complete checkpoint to resume from")
-        store = CheckpointStore(checkpoint_dir, cfg.keep_checkpoints)
-        errors = []
-        for latest in candidates:
-            try:
-                restored = store.restore(latest, params, opt_state)
-            except Exception as error:  # noqa: BLE001 -- a damaged step: fall back to the one before
-                errors.append(f"step {latest}: {(str(error).splitlines() or [type(error).__name__])[0][:300]}")
-                _warn(f"checkpoint step {latest} cannot be restored; skipped ({errors[-1]})")
-                damaged.append(latest)
-                continue
-            params, opt_state, progress = restored
-            if latest != candidates[0]:
-                _warn(f"resuming from step {latest}, the newest complete checkpoint")
-            break
-        else:
-            store.close()
-            raise CheckpointError(f"{checkpoint_dir}: no checkpoint could be restored ({errors[0]})")
-        check_stream(progress.get("stream"), settings, output_dir, latest)
-        step, position = progress["step"], progress["position"]
-        dropout_key = np.asarray(progress["dropout_key"], np.uint32)
-
-    batches = stream.iterate(position)
+def _restore(cfg: TrainConfig, on_disk: CheckpointsOnDisk, run: Prepared, output_dir: Path):
+    """The newest checkpoint that restores (damaged ones are noted in `on_disk.damaged`), checked to continue
+    the same data stream: (state, open store)."""
+    store = CheckpointStore(output_dir / CHECKPOINTS_DIR, cfg.keep_checkpoints, run.settings)
     try:
-        first_batch = next(batches) if step < cfg.steps else None  # bad texts fail here, before any write
-        metrics_log = MetricsLog(output_dir, tensorboard=cfg.tensorboard, enabled=is_main)
-        if is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            _write_model_files(output_dir, cfg, config, tokenizer_dir, fresh=store is None)
-        if is_main:
-            _set_aside(checkpoint_dir, [d for d in damaged if d > step])
-        if num_hosts > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("sce_jax.train: output directory ready")
-        if store is None:
-            store = CheckpointStore(checkpoint_dir, cfg.keep_checkpoints)
-        else:
-            store.manager.reload()
-        metrics_log.drop_after(step)
+        errors = []
+        for step in on_disk.complete:
+            try:
+                state, saved_stream = store.restore(step, run.state)
+            except Exception as error:  # noqa: BLE001 -- a damaged step: fall back to the one before
+                errors.append(f"step {step}: {(str(error).splitlines() or [type(error).__name__])[0][:300]}")
+                warn(f"checkpoint step {step} cannot be restored; skipped ({errors[-1]})")
+                on_disk.damaged.append(step)
+                continue
+            if step != on_disk.complete[0]:
+                warn(f"resuming from step {step}, the newest complete checkpoint")
+            check_stream(saved_stream, run.settings, output_dir, step)
+            return state, store
+        raise CheckpointError(f"{output_dir / CHECKPOINTS_DIR}: no checkpoint could be restored ({errors[0]})")
     except BaseException:
-        batches.close()
-        if store is not None:
-            store.close()
+        store.close()
         raise
 
-    def save(step: int, position: int):
-        store.save(step, params, opt_state, {"step": step, "position": position,
-                                             "dropout_key": dropout_key.tolist(), "stream": settings})
 
-    def check(step: int, metrics) -> dict:
-        """The step's record for metrics.jsonl; a non-finite loss or gradient stops training here."""
-        record = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                  "learning_rate": float(schedule(step - 1)), "samples": step * cfg.batch_size}
-        if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
-            last = store.latest_step()
-            raise NonFiniteLossError(
-                f"loss {record['loss']} / gradient norm {record['grad_norm']} at step {step}; stopped. Last good "
-                f"checkpoint: {'none' if last is None else f'step {last}'} in {checkpoint_dir}"
-            )
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
-        bar.update(step - bar.n)
-        return record
+def _open_outputs(cfg: TrainConfig, output_dir: Path, run: Prepared, on_disk: CheckpointsOnDisk, step: int,
+                  store: CheckpointStore | None) -> CheckpointStore:
+    """Write the model files, set damaged and unfinished checkpoints aside (process 0), wait for every process,
+    and open the checkpoint store."""
+    checkpoint_dir = output_dir / CHECKPOINTS_DIR
+    if jax.process_index() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_model_files(output_dir, cfg, run.config, run.tokenizer_dir, fresh=store is None)
+        set_aside(checkpoint_dir, [d for d in on_disk.damaged if d > step])
+        remove_unfinished(on_disk.unfinished)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    def log(record: dict, *, always: bool = False) -> None:
-        if always or record["step"] % cfg.log_every == 0:
-            # Steps per second since the previous line (or since this process started training: the first line
-            # includes compilation), measured when the step's metrics arrived, i.e. the step had finished.
-            now = time.perf_counter()
-            last_step, last_time = clock["last"]
-            record["steps_per_second"] = (record["step"] - last_step) / max(now - last_time, 1e-9)
-            clock["last"] = (record["step"], now)
-            metrics_log.log(record)
+        multihost_utils.sync_global_devices("sce_jax.train: output directory ready")
+    if store is None:
+        return CheckpointStore(checkpoint_dir, cfg.keep_checkpoints, run.settings)
+    store.reload()
+    return store
 
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="training", disable=not is_main, dynamic_ncols=True)
-    record: dict = {"step": step}
-    pending = None  # the previous step's metrics, read one step late so the host never stalls the device
-    clock = {"last": (step, time.perf_counter())}
-    try:
-        while step < cfg.steps:
-            position, host_batch = first_batch if first_batch is not None else next(batches)
-            first_batch = None
-            batch = TrainBatch(*(jax.make_array_from_process_local_data(batch_sharding, a) for a in host_batch))
-            # Under the mesh, an opaque attention kernel (Pallas) splits itself over the data axis.
-            with jax.set_mesh(mesh):
-                params, opt_state, metrics = step_fn(params, opt_state, batch, dropout_key, step)
-            step += 1
-            if pending is not None:
-                log(record := check(*pending))
-            pending = (step, metrics)
-            saving = step % cfg.save_every == 0 or step == cfg.steps
-            evaluating = evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
-            if saving or evaluating:
-                record, pending = check(*pending), None
-                if saving:
-                    save(step, position)
-                if evaluating and is_main:
-                    record[f"eval/{cfg.eval_measure}"] = evaluator(params)
-                    bar.write(f"step {step}: {cfg.eval_measure} {record[f'eval/{cfg.eval_measure}']:.4f}")
-                log(record, always=True)
-    finally:
-        bar.close()
-        batches.close()
-        store.close()
-        metrics_log.close()
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns the final step's metrics.
+
+    Everything that can fail on bad input or settings (model, data, the first batch, the checkpoint to resume
+    from and its settings) is checked before anything is written. SIGINT/SIGTERM stop training after the step
+    in progress, once the checkpoint being written is complete.
+    """
+    cfg = _resolved_paths(cfg)
+    output_dir = Path(cfg.output_dir)
+    with _output_lock(output_dir) as release, sigterm_raises(), contextlib.ExitStack() as stack:
+        on_disk = _check_output_dir(cfg, output_dir)
+        run = _prepare(cfg, output_dir, stop=release)
+        state, store = run.state, None
+        if cfg.resume and on_disk.complete:
+            state, store = _restore(cfg, on_disk, run, output_dir)
+            stack.callback(store.close)
+        batches = stack.enter_context(contextlib.closing(run.stream.iterate(state.position)))
+        first_batch = [next(batches)] if state.step < cfg.steps else []  # bad texts fail here, before any write
+        metrics = stack.enter_context(contextlib.closing(
+            MetricsLog(output_dir, cfg, step=state.step, enabled=jax.process_index() == 0)))
+        if store is None:
+            store = _open_outputs(cfg, output_dir, run, on_disk, state.step, None)
+            stack.callback(store.close)
+        else:
+            _open_outputs(cfg, output_dir, run, on_disk, state.step, store)
+        metrics.drop_after(state.step)
+        with deferred_signals() as signals:
+            try:
+                record = _loop(cfg, run, state, itertools.chain(first_batch, batches), store, metrics, signals)
+            except NonFiniteLossError as error:
+                last = store.latest_step()
+                raise NonFiniteLossError(f"{error} Last good checkpoint: {'none' if last is None else f'step {last}'} "
+                                         f"in {output_dir / CHECKPOINTS_DIR}") from None
+            finally:
+                store.close()  # the last save completes on disk, signals still deferred
     record["output_dir"] = str(output_dir)
+    return record
+
+
+def _loop(cfg: TrainConfig, run: Prepared, state: TrainState, batches: Iterator, store: CheckpointStore,
+          metrics: MetricsLog, signals: DeferredSignals) -> dict:
+    """Steps until `cfg.steps`; after each, what is due: a metrics line, a checkpoint, an evaluation. A step's
+    metrics are read one step late, so the host does not wait for the device (except to save or evaluate)."""
+    sharding = NamedSharding(run.mesh, P(None, "data"))
+    record, pending = {"step": state.step}, None
+    while state.step < cfg.steps:
+        position, host_batch = next(batches)
+        batch = TrainBatch(*(jax.make_array_from_process_local_data(sharding, a) for a in host_batch))
+        with jax.set_mesh(run.mesh):  # under the mesh, an opaque attention kernel (Pallas) splits over `data`
+            state.params, state.opt_state, step_metrics = run.train_step(
+                state.params, state.opt_state, batch, state.dropout_key, state.step)
+        state.step, state.position = state.step + 1, position
+        if pending is not None:
+            metrics.write(record := metrics.read(*pending))
+        pending = (state.step, step_metrics)
+        saving = state.step % cfg.save_every == 0 or state.step == cfg.steps
+        evaluating = run.evaluator is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.steps)
+        if saving or evaluating:
+            record, pending = metrics.read(*pending), None
+            if saving:
+                store.save(state)
+            if evaluating and jax.process_index() == 0:
+                record.update(run.evaluator(state.params))
+                metrics.note(f"step {state.step}: {cfg.eval_measure} {record[run.evaluator.name]:.4f}")
+            metrics.write(record, always=True)
+        if signals.received is not None:
+            last = store.latest_step()
+            raise Interrupted(signals.received, f"training stopped after step {state.step}; the newest checkpoint: "
+                              f"{'none' if last is None else f'step {last}'} (the same command with --resume "
+                              "continues from it)")
     return record
 
 

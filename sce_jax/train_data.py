@@ -28,6 +28,7 @@ from sce_jax.batch import bucket_length, length_buckets, make_batch
 from sce_jax.memory import release_free_memory
 from sce_jax.pairs import DocPairArrays, IdTable, line_chunks, load_docpairs
 from sce_jax.errors import InputError
+from sce_jax.files import content_fingerprint
 
 KD_DOCPAIRS_ID = "msmarco-passage/train/kd-docpairs"
 # Teacher scores of the BERT-CAT ensemble (Hofstätter et al., 2020), as the original trained on.
@@ -51,6 +52,7 @@ class Samples(Protocol):
     """Random access to training samples; `num_docs` is the most documents any sample has."""
 
     num_docs: int
+    fingerprint: dict | None  # `files.content_fingerprint` of the local file the samples come from
 
     def __len__(self) -> int: ...
 
@@ -79,6 +81,7 @@ class JsonlSamples:
             raise TrainDataError(f"{self.path}: cannot read ({e.strerror})") from None
         key = hashlib.sha1(str(self.path.absolute()).encode("utf-8", "surrogateescape")).hexdigest()
         self.index_path = cache_dir() / "jsonl-index" / f"{key}.npz"
+        self.fingerprint = content_fingerprint(self.path)
         stamp = np.array([INDEX_VERSION, stat.st_size, stat.st_mtime_ns], np.int64)
         loaded = self._load_index(stamp)
         if loaded is None:
@@ -93,7 +96,7 @@ class JsonlSamples:
     def _load_index(self, stamp: np.ndarray):
         try:
             with np.load(self.index_path) as index:
-                if np.array_equal(index["stamp"], stamp):
+                if np.array_equal(index["stamp"], stamp) and str(index["content"]) == self.fingerprint["blake2b"]:
                     return index["offsets"], index["line_numbers"], int(index["num_docs"])
         except (OSError, KeyError, ValueError, EOFError):
             pass
@@ -105,7 +108,8 @@ class JsonlSamples:
             self.index_path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.index_path.with_name(f".{self.index_path.name}.{os.getpid()}.tmp")
             with open(temporary, "wb") as f:
-                np.savez(f, stamp=stamp, offsets=offsets, line_numbers=line_numbers, num_docs=num_docs)
+                np.savez(f, stamp=stamp, content=self.fingerprint["blake2b"], offsets=offsets,
+                         line_numbers=line_numbers, num_docs=num_docs)
             os.replace(temporary, self.index_path)
         except OSError:
             pass
@@ -336,15 +340,17 @@ class DocPairSamples:
     num_docs = 2
 
     def __init__(self, pairs: DocPairArrays, queries: TextLookup, docs: TextLookup, *, source: str,
-                 queries_source: str, docs_source: str):
+                 queries_source: str, docs_source: str, fingerprint: dict | None = None):
         self.pairs, self.queries, self.docs = pairs, queries, docs
+        self.fingerprint = fingerprint
         self.source, self.queries_source, self.docs_source = source, queries_source, docs_source
 
     @classmethod
     def from_files(cls, pairs_path: str | Path, queries_path: str | Path, docs_path: str | Path) -> DocPairSamples:
         from sce_jax.textstore import TextStore
 
-        pairs = load_docpairs(pairs_path)
+        fingerprint = content_fingerprint(pairs_path)
+        pairs = load_docpairs(pairs_path, fingerprint=fingerprint)
         queries = TextStore.open(queries_path, kind="queries")
         docs = TextStore.open(docs_path, kind="documents")
         for table, columns, store, flag, path in (
@@ -357,7 +363,7 @@ class DocPairSamples:
                 shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
                 raise TrainDataError(f"{pairs_path}: {len(missing)} ids have no text in {flag} {path} ({shown})")
         return cls(pairs, queries, docs, source=str(pairs_path), queries_source=str(queries_path),
-                   docs_source=str(docs_path))
+                   docs_source=str(docs_path), fingerprint=fingerprint)
 
     @classmethod
     def from_ir_datasets(cls, dataset_id: str) -> DocPairSamples:

@@ -1,6 +1,7 @@
-"""Fault injection on real processes: `python -m sce_jax.rerank` and `python -m sce_jax.convert` killed (SIGKILL,
-SIGTERM) at random moments, then relaunched with the same command, end with the output of an uninterrupted run and
-nothing else left behind; two runs on one output; a disk too small for the output.
+"""Fault injection on real processes: `python -m sce_jax.rerank`, `python -m sce_jax.convert` and
+`python -m sce_jax.train` killed (SIGKILL, SIGTERM) at random moments, then relaunched with the same command, end
+with the output of an uninterrupted run and nothing else left behind; two runs on one output; a disk too small for
+the output.
 
 Kill moments are drawn (seeded) over the length of an uninterrupted run, less its first third (mostly imports),
 so they fall in loading, compiling, scoring or writing; the assertions hold wherever they fall.
@@ -184,3 +185,130 @@ def test_convert_killed_anywhere_then_relaunched_ends_as_an_uninterrupted_run(ti
         assert code == 0, f"killed after {delay:.1f} s: {err}"
     assert _listing(tmp_path) == ["model"], f"killed after {delay:.1f} s"
     _same_model(output, expected)
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+TRAIN_CONFIG = REPO / "configs" / "train-tiny.yaml"
+TRAIN_DATA = REPO / "tests" / "data" / "train-tiny.jsonl"
+
+
+def _train_args(tiny_hf_dir, output_dir, *extra):
+    # A checkpoint after every step, so that kills fall into checkpoint writes too.
+    return ["--config", TRAIN_CONFIG, "--model", tiny_hf_dir, "--train-data", TRAIN_DATA, "--output-dir", output_dir,
+            "--learning-rate", "1e-2", "--steps", 6, "--save-every", 1, "--resume", *extra]
+
+
+def _messages(err: str) -> list[str]:
+    """stderr less the progress bar and warnings."""
+    return [line for line in err.splitlines()
+            if line.strip() and not line.startswith(("training", "warning:", "INFO"))]
+
+
+@pytest.fixture(scope="module")
+def train_baseline(tiny_hf_dir, env, tmp_path_factory):
+    """The uninterrupted run's parameters, metrics steps and checkpoint steps, and how long a run takes."""
+    output_dir = tmp_path_factory.mktemp("train_baseline") / "out"
+    _timed("sce_jax.train", _train_args(tiny_hf_dir, output_dir.with_name("warm")), env)  # fills the cache
+    seconds = _timed("sce_jax.train", _train_args(tiny_hf_dir, output_dir), env)
+    return _restored(output_dir), _listing(output_dir / "checkpoints"), _metric_steps(output_dir), seconds
+
+
+def _metric_steps(output_dir: Path) -> list[int]:
+    import json
+
+    return [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("signum, seed", KILLS)
+def test_train_killed_anywhere_then_relaunched_ends_as_an_uninterrupted_run(tiny_hf_dir, env, train_baseline,
+                                                                          tmp_path, signum, seed):
+    params, checkpoints, metric_steps, seconds = train_baseline
+    output_dir = tmp_path / "out"
+    command = _train_args(tiny_hf_dir, output_dir)
+    delay = random.Random(200 + seed).uniform(0.3, 1.0) * seconds
+    code, err = _kill_after(_launch("sce_jax.train", command, env), delay, signum)
+    assert "Traceback" not in err, err
+    if signum == signal.SIGTERM and code > 0:  # stopped by its handlers: one line
+        assert code == 143 and len(_messages(err)) == 1, err
+    code, err = _finish(_launch("sce_jax.train", command, env))
+    assert code == 0, f"killed after {delay:.1f} s: {err}"
+    assert _listing(tmp_path) == ["out"], f"killed after {delay:.1f} s"
+    assert _listing(output_dir / "checkpoints") == checkpoints, f"killed after {delay:.1f} s"
+    assert _metric_steps(output_dir) == metric_steps, f"killed after {delay:.1f} s"
+    got = _restored(output_dir)
+    for key in params:
+        np.testing.assert_allclose(got[key], params[key], rtol=0, atol=1e-6, err_msg=f"killed after {delay:.1f} s")
+
+
+def test_two_trainings_on_one_output_dir_the_second_refuses_naming_the_first(tiny_hf_dir, env, train_baseline,
+                                                                             tmp_path):
+    output_dir = tmp_path / "out"
+    lock = Path(f"{output_dir}.lock")
+    first = _launch("sce_jax.train", _train_args(tiny_hf_dir, output_dir), env)
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().startswith("pid")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # held while the second starts
+    try:
+        code, err = _finish(_launch("sce_jax.train", _train_args(tiny_hf_dir, output_dir), env))
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert code == 2, err
+    assert _messages(err) == [f"error: --output-dir {output_dir} is in use by pid {first.pid} on "
+                              f"{os.uname().nodename} (lock file {lock}); wait for it to finish, or stop it first"]
+    code, err = _finish(first)
+    assert code == 0, err
+    assert _listing(tmp_path) == ["out"]
+    assert _metric_steps(output_dir) == train_baseline[2]
+
+
+def test_train_on_a_full_disk_is_one_line_and_leaves_no_unfinished_checkpoint(tiny_hf_dir, env, small_fs):
+    disk = small_fs.mount(3072)  # the model files fit (0.7 MB), a checkpoint (12 MB) does not
+    output_dir = disk / "out"
+    code, err = _finish(_launch("sce_jax.train", _train_args(tiny_hf_dir, output_dir), env))
+    assert code == 2, err
+    assert _messages(err) == [f"error: cannot save a checkpoint in {output_dir / 'checkpoints'}: No space left on "
+                              "device (its unfinished files were removed; the newest complete checkpoint: none)"], err
+    assert _listing(disk) == ["out"]
+    assert _listing(output_dir / "checkpoints") == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_train_killed_during_its_first_checkpoint_then_relaunched_ends_as_an_uninterrupted_run(
+        tiny_hf_dir, env, train_baseline, tmp_path, signum):
+    """The signal is sent as soon as Orbax's temporary directory of step 1 appears."""
+    params, checkpoints, metric_steps, _ = train_baseline
+    output_dir = tmp_path / "out"
+    command = _train_args(tiny_hf_dir, output_dir)
+    process = _launch("sce_jax.train", command, env)
+    unfinished = output_dir / "checkpoints" / "1.orbax-checkpoint-tmp"
+    deadline = time.monotonic() + 120
+    while not unfinished.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert unfinished.exists(), "the first checkpoint's write was not seen"
+    process.send_signal(signum)
+    code, err = _finish(process)
+    assert "Traceback" not in err, err
+    if signum == signal.SIGKILL:
+        assert unfinished.exists()  # what the relaunch finds
+    else:  # the checkpoint is completed, then one line
+        assert code == 128 + signum and len(_messages(err)) == 1, err
+        assert not unfinished.exists() and (output_dir / "checkpoints" / "1").is_dir()
+    code, err = _finish(_launch("sce_jax.train", command, env))
+    assert code == 0, err
+    assert _listing(tmp_path) == ["out"]
+    assert _listing(output_dir / "checkpoints") == checkpoints
+    assert _metric_steps(output_dir) == metric_steps
+    got = _restored(output_dir)
+    for key in params:
+        np.testing.assert_allclose(got[key], params[key], rtol=0, atol=1e-6)
+
+
+def test_train_on_a_disk_too_small_for_the_model_files_leaves_nothing(tiny_hf_dir, env, small_fs):
+    disk = small_fs.mount(600)  # config.json fits, tokenizer.json (0.7 MB) does not
+    output_dir = disk / "out"
+    code, err = _finish(_launch("sce_jax.train", _train_args(tiny_hf_dir, output_dir), env))
+    assert code == 2, err
+    assert _messages(err) == [f"error: cannot write {output_dir}: No space left on device"], err
+    assert _listing(disk) == []

@@ -507,3 +507,164 @@ def test_local_pairs_train_as_the_same_jsonl(tiny_hf_dir, tmp_path, compile_cach
                              "--queries", str(tmp_path / "q.tsv"), "--docs", str(tmp_path / "d.tsv")))
     # Labels travel as float32 either way, so the two runs see identical batches.
     assert max_difference(final_params(tmp_path / "pairs"), final_params(tmp_path / "jsonl")) == 0
+
+
+# --- one run per output directory, the training file's content, interrupted checkpoints, evaluation -------------
+
+
+def test_a_second_run_on_a_locked_output_dir_refuses_naming_the_first(tiny_hf_dir, tmp_path, capsys):
+    """The lock is held (by this process, on another descriptor: `flock` locks conflict between open files)."""
+    from sce_jax.files import exclusive_lock
+
+    output_dir = tmp_path / "out"
+    with exclusive_lock(Path(f"{output_dir}.lock"), "held"):
+        assert run_cli(train_module.main, tiny_args(tiny_hf_dir, output_dir)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: --output-dir {output_dir} is in use by pid {os.getpid()} on {socket.gethostname()} "
+                     f"(lock file {output_dir}.lock); wait for it to finish, or stop it first")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def pair_files_of(samples, directory: Path, *, swap: bool = False) -> list[str]:
+    """The samples as pairs + queries + docs files; `swap`: each pair's documents and labels exchanged (the same
+    number of lines and bytes, other training data)."""
+    (directory / "q.tsv").write_text("".join(f"{i}\t{s['query']}\n" for i, s in enumerate(samples)))
+    (directory / "d.tsv").write_text("".join(f"{2 * i + j}\t{d}\n" for i, s in enumerate(samples)
+                                             for j, d in enumerate(s["docs"])))
+    order = (1, 0) if swap else (0, 1)
+    (directory / "p.tsv").write_text("".join(
+        f"{i}\t{2 * i + order[0]}\t{2 * i + order[1]}\t{s['labels'][order[0]]}\t{s['labels'][order[1]]}\n"
+        for i, s in enumerate(samples)))
+    return ["--train-data", str(directory / "p.tsv"), "--queries", str(directory / "q.tsv"), "--docs",
+            str(directory / "d.tsv")]
+
+
+def test_resume_refuses_a_pairs_file_rewritten_with_other_pairs(tiny_hf_dir, tmp_path, compile_cache, capsys):
+    samples = [json.loads(line) for line in TINY_DATA.read_text().splitlines()]
+    data = pair_files_of(samples, tmp_path)
+    output_dir = tmp_path / "out"
+    run_in_process(tiny_args(tiny_hf_dir, output_dir, "--steps", "2", *data))
+    size = (tmp_path / "p.tsv").stat().st_size
+    pair_files_of(samples, tmp_path, swap=True)
+    assert (tmp_path / "p.tsv").stat().st_size == size
+    before = snapshot(output_dir)
+    capsys.readouterr()
+    assert run_cli(train_module.main, tiny_args(tiny_hf_dir, output_dir, "--resume", *data)) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "cannot resume" in error and "(step 2)" in error, error
+    assert f"--train-data {tmp_path / 'p.tsv'} has other content ({size} bytes, blake2b" in error, error
+    assert snapshot(output_dir) == before
+
+
+def _unfinished_first_checkpoint(baseline_dir: Path, output_dir: Path) -> None:
+    """What a run killed while it wrote its first checkpoint (step 2) leaves: the model files, metrics lines and
+    Orbax's temporary directory with part of the step."""
+    import shutil
+
+    output_dir.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "train_config.yaml"):
+        shutil.copy(baseline_dir / name, output_dir / name)
+    (output_dir / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (baseline_dir / "metrics.jsonl").read_text().splitlines()[:2]))
+    shutil.copytree(baseline_dir / "checkpoints" / "2" / "params", output_dir / "checkpoints" /
+                    "2.orbax-checkpoint-tmp" / "params.orbax-checkpoint-tmp")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_killed_during_its_first_checkpoint_is_relaunched_by_the_same_command(baseline, tiny_hf_dir, tmp_path,
+                                                                                    compile_cache, capsys, resume):
+    baseline_dir, _ = baseline
+    output_dir = tmp_path / "out"
+    _unfinished_first_checkpoint(baseline_dir, output_dir)
+    assert run_cli(train_module.main, tiny_args(tiny_hf_dir, output_dir, *(["--resume"] if resume else []))) == 0
+    error = capsys.readouterr().err
+    assert "holds no complete checkpoint (a run stopped during its first); starting from step 0" in error
+    assert f"removed {output_dir / 'checkpoints' / '2.orbax-checkpoint-tmp'}" in error
+    assert max_difference(final_params(output_dir), final_params(baseline_dir)) <= 1e-6
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["2", "4"]
+    metrics = [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == [1, 2, 3, 4]
+
+
+def test_a_damaged_only_checkpoint_is_set_aside_and_training_starts_over(baseline, tiny_hf_dir, tmp_path,
+                                                                        compile_cache, capsys):
+    """A step directory without its arrays' metadata (no complete checkpoint at all): set aside, not a refusal."""
+    import shutil
+
+    baseline_dir, _ = baseline
+    output_dir = tmp_path / "out"
+    _unfinished_first_checkpoint(baseline_dir, output_dir)
+    shutil.rmtree(output_dir / "checkpoints" / "2.orbax-checkpoint-tmp")
+    shutil.copytree(baseline_dir / "checkpoints" / "2", output_dir / "checkpoints" / "2")
+    (output_dir / "checkpoints" / "2" / "opt_state" / "_METADATA").unlink()
+    assert run_cli(train_module.main, tiny_args(tiny_hf_dir, output_dir)) == 0
+    assert "checkpoints/2 is incomplete (opt_state/_METADATA missing)" in capsys.readouterr().err
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["2", "2.incomplete", "4"]
+    assert max_difference(final_params(output_dir), final_params(baseline_dir)) <= 1e-6
+
+
+@pytest.mark.parametrize("signum", [2, 15])  # SIGINT, SIGTERM
+def test_a_signal_during_a_checkpoint_stops_after_it_is_complete(baseline, tiny_hf_dir, tmp_path, compile_cache,
+                                                                 capsys, monkeypatch, signum):
+    """The signal arrives while step 2 is being saved: one line, exit 128 + signal, step 2 complete on disk and
+    nothing unfinished; the same command with --resume then ends as the uninterrupted run."""
+    import signal
+
+    from sce_jax import train_checkpoints
+
+    save = train_checkpoints.CheckpointStore.save
+
+    def save_interrupted(self, state):
+        os.kill(os.getpid(), signum)
+        save(self, state)
+
+    monkeypatch.setattr(train_checkpoints.CheckpointStore, "save", save_interrupted)
+    output_dir = tmp_path / "out"
+    assert run_cli(train_module.main, tiny_args(tiny_hf_dir, output_dir, "--resume")) == 128 + signum
+    error = [line for line in capsys.readouterr().err.splitlines()
+             if line.strip() and not line.startswith("training")]
+    assert error == [f"stopped ({signal.Signals(signum).name}): training stopped after step 2; the newest checkpoint: "
+                     "step 2 (the same command with --resume continues from it)"], error
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.undo()
+    assert run_cli(train_module.main, tiny_args(tiny_hf_dir, output_dir, "--resume")) == 0
+    assert max_difference(final_params(output_dir), final_params(baseline[0])) <= 1e-6
+
+
+def test_the_evaluator_compiles_once_and_scores_each_evaluations_parameters(tiny_hf_dir, tmp_path, compile_cache):
+    """Two evaluations with different parameters: the second traces nothing, and both equal a scorer built from
+    scratch with those parameters."""
+    from sce_jax.encoder import SparseCrossEncoder, build_model
+    from sce_jax.tokenization import QueryDocTokenizer
+
+    samples = [json.loads(line) for line in TINY_DATA.read_text().splitlines()][:4]
+    eval_run = write_lines(tmp_path / "eval.jsonl", [
+        {"qid": f"q{i}", "query": s["query"], "docno": f"d{i}-{j}", "text": doc, "rank": j + 1}
+        for i, s in enumerate(samples) for j, doc in enumerate(s["docs"])])
+    (tmp_path / "qrels.txt").write_text("".join(f"q{i} 0 d{i}-0 1\n" for i in range(4)))
+    cfg = train_module.resolve_config(train_module.build_parser().parse_args(tiny_args(
+        tiny_hf_dir, tmp_path / "out", "--eval-run", str(eval_run), "--eval-qrels", str(tmp_path / "qrels.txt"))))
+    config, params, tokenizer_dir = train_module.load_model_dir(cfg.model)
+    config = config.replace(**cfg.model_overrides)
+    tokenizer = QueryDocTokenizer.from_dir(tokenizer_dir, max_length=cfg.max_length,
+                                           max_query_length=cfg.max_query_length)
+    evaluator = train_module.Evaluator(cfg, config, tokenizer)
+    traces = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **kwargs: traces.append(event) if "trace" in event else None)
+    rng = np.random.default_rng(0)
+    for round_ in range(2):
+        if round_:
+            params = jax.tree.map(lambda x: x + rng.normal(scale=0.3, size=x.shape).astype(x.dtype), params)
+        traces.clear()
+        got = evaluator(jax.tree.map(jax.numpy.asarray, params))["eval/nDCG@10"]
+        if round_:
+            assert traces == [], traces
+        fresh = SparseCrossEncoder(build_model(config, params), tokenizer)
+        scores = [fresh.score(s["query"], s["docs"]) for s in samples]
+        expected = np.mean([1.0 if s[0] > s[1] else 1 / np.log2(3) for s in scores])
+        assert got == pytest.approx(expected, abs=1e-6)
+        np.testing.assert_allclose(evaluator.encoder.score_pairs(evaluator.queries, evaluator.texts,
+                                                                 evaluator.doc_query, progress=False),
+                                   np.concatenate(scores), atol=1e-5)

@@ -376,3 +376,67 @@ def test_absent_ids_in_blocks(tmp_path, kind):
         for block in (1, 3, 1 << 20):
             assert absent_ids(store, table, interned, block=block) == expected
         assert store.texts_read == 0
+
+
+# --- blank files, byte-order marks, content fingerprints ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [b"\n\n\n", b"\r\n\r\n", b"\xef\xbb\xbf\n\n"])
+def test_a_pairs_file_of_blank_lines_is_one_error_naming_it(tmp_path, content):
+    from sce_jax.pairs import load_docpairs
+
+    (tmp_path / "pairs.tsv").write_bytes(content)
+    for load in (load_docpairs, read_docpairs):  # cached (columns written to files) and in memory
+        with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'pairs.tsv'}: contains no pairs")):
+            load(tmp_path / "pairs.tsv")
+
+
+@pytest.mark.parametrize("first_qid", ["17", "q-17"])
+def test_a_byte_order_mark_is_not_part_of_the_first_qid(tmp_path, first_qid):
+    from sce_jax.pairs import load_docpairs
+
+    (tmp_path / "pairs.tsv").write_bytes(b"\xef\xbb\xbf" + f"{first_qid}\t7\t8\n{first_qid}\t8\t7\n".encode())
+    for load in (load_docpairs, read_docpairs):
+        pairs = load(tmp_path / "pairs.tsv")
+        assert pairs.query_ids.strings(pairs.query_P) == [first_qid, first_qid]
+    (tmp_path / "q.tsv").write_text(f"{first_qid}\ta query\n")
+    (tmp_path / "d.tsv").write_text("7\tseven\n8\teight\n")
+    samples = load_samples(str(tmp_path / "pairs.tsv"), queries=str(tmp_path / "q.tsv"), docs=str(tmp_path / "d.tsv"))
+    assert samples[0].query == "a query"
+
+
+def _rewrite_keeping_size_and_mtime(path, content: bytes) -> None:
+    import os
+
+    stat = path.stat()
+    assert len(content) == stat.st_size
+    path.write_bytes(content)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_pairs_rewritten_at_the_same_size_and_mtime_are_read_again(tmp_path):
+    """The cache is checked against the content fingerprint, not only size and modification time."""
+    (tmp_path / "q.tsv").write_text("1\tfirst\n2\tsecond\n")
+    (tmp_path / "d.tsv").write_text("7\tseven\n8\teight\n9\tnine\n")
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_bytes(b"1\t7\t8\t1.5\t0.5\n2\t8\t9\t2.0\t1.0\n")
+    first = load_samples(str(pairs), queries=str(tmp_path / "q.tsv"), docs=str(tmp_path / "d.tsv"))
+    assert [tuple(first[i]) for i in range(2)] == [("first", ["seven", "eight"], [1.5, 0.5]),
+                                                    ("second", ["eight", "nine"], [2.0, 1.0])]
+    _rewrite_keeping_size_and_mtime(pairs, b"2\t9\t7\t0.5\t1.5\n1\t8\t7\t1.0\t2.0\n")
+    again = load_samples(str(pairs), queries=str(tmp_path / "q.tsv"), docs=str(tmp_path / "d.tsv"))
+    assert [tuple(again[i]) for i in range(2)] == [("second", ["nine", "seven"], [0.5, 1.5]),
+                                                    ("first", ["eight", "seven"], [1.0, 2.0])]
+    assert again.fingerprint != first.fingerprint and again.fingerprint["size"] == first.fingerprint["size"]
+
+
+def test_jsonl_rewritten_at_the_same_size_and_mtime_is_indexed_again(tmp_path):
+    path = tmp_path / "t.jsonl"
+    long = json.dumps({"query": "q", "docs": ["a", "b"], "labels": [1, 0]}) + "\n"
+    short = json.dumps({"query": "x", "docs": ["c"], "labels": [1]}) + "\n"
+    path.write_text(long + short)
+    first = JsonlSamples(path)
+    assert [first[i].query for i in range(2)] == ["q", "x"]
+    _rewrite_keeping_size_and_mtime(path, (short + long).encode())  # the offsets of the lines move
+    again = JsonlSamples(path)
+    assert [again[i].query for i in range(2)] == ["x", "q"] and again.fingerprint != first.fingerprint
