@@ -33,8 +33,8 @@ from sce_jax.errors import InputError, NonFiniteScoresError, SettingsError
 from sce_jax.frames import frame_queries
 from sce_jax.kernels import cpu_library
 from sce_jax.model import SparseCrossEncoderModel
-from sce_jax.quant import (dequantize_params, fused_int8_variant, int8_kernel_choice, log_int8_path, quantize_params,
-                           with_packed_kernels)
+from sce_jax.quant import (calibrate, calibration_batch, dequantize_params, fused_int8_variant, int8_kernel_choice,
+                           is_quantized, log_int8_path, quantize_params, with_packed_kernels)
 from sce_jax.runs import rank_by_score
 from sce_jax.tokenization import QueryDocTokenizer, check_lengths
 
@@ -86,13 +86,22 @@ def build_model(
     )
     if dtype == "int8":
         # The model keeps the kernels' build only beside the C++ attention (patterns it covers).
-        params = with_packed_kernels(quantize_params(params, config), abstract.int8_kernel)
+        params = with_packed_kernels(quantized_params(params, config), abstract.int8_kernel)
         log_int8_path(abstract.int8_kernel)
     else:
         params = dequantize_params(params)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state)
+
+
+def quantized_params(params: dict, config: SparseCrossEncoderConfig) -> dict:
+    """`params` quantized to int8 (`sce_jax.quant.quantize_params`), smoothed by a float32 pass of the model over
+    `calibration_batch` (`sce_jax.quant.calibrate`); int8 parameters come back unchanged."""
+    if is_quantized(params):
+        return params
+    model = build_model(config, params, dtype="float32", attention_impl="auto")
+    return quantize_params(params, calibrate(model, calibration_batch(config)))
 
 
 def check_compute_settings(dtype: str, attention_impl: str, devices: int | None = None) -> None:

@@ -27,6 +27,7 @@ from sce_jax.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, S
 from sce_jax.evaluation import DEFAULT_MEASURES, evaluate, format_results, parse_measures, read_qrels, write_results
 from sce_jax.files import (
     atomic_write,
+    check_readable,
     content_fingerprint,
     exclusive_lock,
     interrupts_exit_at_once,
@@ -35,7 +36,6 @@ from sce_jax.files import (
 from sce_jax.progress import ProgressFile, settings_difference
 from sce_jax.runs import (
     CompactRun,
-    check_readable,
     compact_from_frame,
     format_score,
     is_json_run,

@@ -37,7 +37,7 @@ from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pat
 from sce_jax.encoder import DTYPES, SparseCrossEncoder, build_model
 from sce_jax.losses import LOSSES, get_loss
 from sce_jax.errors import InputError, run_cli, user_path
-from sce_jax.runs import atomic_write
+from sce_jax.files import atomic_write
 from sce_jax.tokenization import QueryDocTokenizer
 from sce_jax.train_data import BatchStream, TrainBatch, TrainDataError, load_samples
 from sce_jax.weights import CheckpointError

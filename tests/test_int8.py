@@ -17,7 +17,7 @@ from scipy.stats import spearmanr
 from sce_jax import quant
 from sce_jax.checkpoint import load_model_dir
 from sce_jax.convert import main as convert_main
-from sce_jax.encoder import SparseCrossEncoder
+from sce_jax.encoder import SparseCrossEncoder, quantized_params
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_RUN = REPO / "examples" / "run.jsonl"
@@ -213,9 +213,9 @@ def test_smoothing_moves_outlier_channels_into_the_weights(linear_case):
 
 def test_quantized_tree_round_trips(tiny_sparse_dir):
     config, params, _ = load_model_dir(tiny_sparse_dir)
-    quantized = quant.quantize_params(params, config)
+    quantized = quantized_params(params, config)
     assert quant.is_quantized(quantized) and not quant.is_quantized(params)
-    assert quant.quantize_params(quantized, config) is quantized
+    assert quantized_params(quantized, config) is quantized
     for i, layer in quantized["layers"].items():
         for name in quant.QUANTIZED_LINEARS:
             linear = layer[name]
@@ -280,7 +280,7 @@ def test_int8_model_computes_query_rows_nearly_in_float_and_documents_in_int8(mi
     monkeypatch.setenv(quant.INT8_KERNEL_ENV, kernel)
     config, params, _ = load_model_dir(minilm_hf_dir)
     config = dataclasses.replace(config, **{**released_pattern(), "attention_window_size": 4})
-    quantized = quant.quantize_params(params, config)
+    quantized = quantized_params(params, config)
     int8 = build_model(config, quantized, dtype="int8")
     dequantized = build_model(config, quant.dequantize_params(quantized), dtype="float32")
     assert int8.layers[0]._fused() == (kernel == "cpu")
@@ -386,7 +386,7 @@ def test_converter_stores_int8_weights_that_load_and_score_the_same(tiny_sparse_
     assert json.loads((out / quant.QUANTIZATION_FILE).read_text())["dtype"] == "int8"
     config, stored, _ = load_model_dir(out)
     _, params, _ = load_model_dir(tiny_sparse_dir)
-    expected = quant.quantize_params(params, config)
+    expected = quantized_params(params, config)
     for i, layer in expected["layers"].items():
         for name in quant.QUANTIZED_LINEARS:
             for key, value in layer[name].items():
