@@ -237,7 +237,16 @@ QUERY = "how do bees make honey"
 DOCS = ["bees collect nectar from flowers and store it in the hive", "honey is made by bees from nectar",
         "the stock market fell sharply today", "a recipe for banana bread with walnuts",
         "wasps build paper nests under roofs", "the cat sat on the mat and looked at the bees",
-        "nectar is a sugary fluid produced by plants", "beekeepers harvest honey in late summer"]
+        "nectar is a sugary fluid produced by plants", "beekeepers harvest honey in late summer",
+        "bumblebees nest in the ground and make a little honey", "flowers need bees to carry pollen between them",
+        "the hive keeps its honey in wax combs", "honey never spoils if it is sealed",
+        "a bear raided the beehive for honey", "sugar prices rose again this year",
+        "the football match ended in a draw", "queen bees lay thousands of eggs"]
+# int8 against float32 on MiniLM-L6 and these 16 documents (one query of the benchmark's documents workload has
+# 16): docs/int8.md's goal, Spearman >= 0.99 per query, and a largest |Δscore| of 5% of the query's spread (the
+# benchmark's documents: 3.6%). One adjacent swap among 16 documents is Spearman 0.997; among 8 it would be 0.976.
+INT8_SPEARMAN = 0.99
+INT8_TOLERANCE = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -258,12 +267,12 @@ def minilm_scores(minilm_hf_dir):
 
 @pytest.mark.slow
 def test_int8_model_is_close_to_float32(minilm_scores):
-    """Documented tolerance (docs/int8.md): |Δscore| <= 10% of the query's score spread, same ranking here."""
+    """docs/int8.md's accuracy goal (`INT8_SPEARMAN`, `INT8_TOLERANCE`)."""
     f32, i8 = minilm_scores["float32"], minilm_scores["int8"]
     spread = f32.max() - f32.min()
     assert spread > 0.1  # O(1) logits that differ between documents
-    assert np.abs(i8 - f32).max() <= 0.1 * spread
-    assert spearmanr(f32, i8).statistic >= 0.95
+    assert np.abs(i8 - f32).max() <= INT8_TOLERANCE * spread
+    assert spearmanr(f32, i8).statistic >= INT8_SPEARMAN
     assert not np.array_equal(f32, i8)  # int8 really ran
 
 
@@ -304,7 +313,7 @@ def test_fused_kernels_score_like_the_xla_int8_layers(minilm_hf_dir, monkeypatch
     """The fused C++ int8 layers and XLA's compute the same scheme, with float operations in another order: a
     value on a rounding boundary may round the other way (one token of 35 at layer 1 in a scratch check on 3
     documents), which moves that token's later layers by int8-noise magnitudes. So on MiniLM-L6 (O(1) logits) the
-    two agree within the documented int8 tolerance (2% of the spread here), and each stays within it of float32.
+    two agree within 2% of the spread (docs/int8.md), and each meets the accuracy goal against float32.
     The kernels themselves match their numpy reference to float32 rounding (test_cpu_int8.py)."""
     from sce_jax.config import released_pattern
 
@@ -317,10 +326,11 @@ def test_fused_kernels_score_like_the_xla_int8_layers(minilm_hf_dir, monkeypatch
     f32 = SparseCrossEncoder.load(minilm_hf_dir, config_overrides=overrides, max_length=128).score(QUERY, DOCS)
     spread = f32.max() - f32.min()
     assert spread > 0.1
-    assert np.abs(scores["cpu"] - scores["xla"]).max() <= 0.05 * spread
-    assert spearmanr(scores["cpu"], scores["xla"]).statistic >= 0.95
+    assert np.abs(scores["cpu"] - scores["xla"]).max() <= 0.02 * spread
+    assert spearmanr(scores["cpu"], scores["xla"]).statistic >= INT8_SPEARMAN
     for kernel in ("xla", "cpu"):
-        assert np.abs(scores[kernel] - f32).max() <= 0.1 * spread
+        assert np.abs(scores[kernel] - f32).max() <= INT8_TOLERANCE * spread
+        assert spearmanr(scores[kernel], f32).statistic >= INT8_SPEARMAN
     assert not np.array_equal(scores["cpu"], scores["xla"])  # two implementations really ran
 
 
