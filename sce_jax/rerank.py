@@ -93,8 +93,8 @@ HELP = {
     "queries": "TSV file qid<TAB>text with the query texts",
     "docs": "TSV (docno<TAB>text) or JSONL file with the document texts (indexed once, see docs/rerank.md)",
     "devices": "local devices to split documents over (default: all)",
-    "attention_impl": "attention implementation: auto (the C++ kernel on CPU, xla elsewhere, GPU included), cpu, "
-                      "xla, dense, pallas or triton",
+    "attention_impl": "attention implementation: auto (the C++ kernel on CPU, xla where it cannot be loaded; xla on "
+                      "GPU and other backends, never pallas or triton), cpu, xla, dense, pallas or triton",
     "dtype": "float32, tf32 (float32 with TF32 matmuls on GPU), bfloat16 or int8 (int8 linear layers, docs/int8.md)",
     "run_tag": "tag in the output run's last column",
     "eval_output": "JSON file for the evaluation results (default: OUTPUT.eval.json)",
