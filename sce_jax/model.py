@@ -21,6 +21,7 @@ from sce_jax.attention import (
 )
 from sce_jax.batch import Batch
 from sce_jax.config import SparseCrossEncoderConfig
+from sce_jax.kernels import cpu_library
 from sce_jax.quant import ACTIVATION_FLOOR, Int8Linear
 
 _ACTIVATIONS = {
@@ -111,7 +112,7 @@ class Layer(nnx.Module):
         norm = dict(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         linear = (lambda i, o: Int8Linear(i, o, int8_kernel)) if int8 else (lambda i, o: nnx.Linear(i, o, **dense))
         self.config = config
-        # The C++ kernels' build for attention (None: the selected one) and for the int8 linears
+        # The C++ kernels' build for attention and for the int8 linears
         # (`sce_jax.quant.fused_int8_variant`; None: XLA's int8 layers).
         self.cpu_kernels = cpu_kernels
         self.int8_kernel = int8_kernel if int8 else None
@@ -239,10 +240,11 @@ class SparseCrossEncoderModel(nnx.Module):
         self.matmul_precision = matmul_precision
         # Patterns the C++ CPU kernel does not cover run the XLA path.
         self.attention_impl = "xla" if attention_impl == "cpu" and not supports_cpu_kernel(config) else attention_impl
-        # The build of the C++ kernels (`sce_jax.kernels.cpu_library`) that runs the attention (None: the selected
-        # one), and with dtype int8 the one that runs the linears (only beside the C++ attention), or None for XLA's
-        # int8 layers (`sce_jax.quant.fused_int8_variant`): chosen at load.
-        self.cpu_kernels = cpu_kernels if self.attention_impl == "cpu" else None
+        # The build of the C++ kernels (`sce_jax.kernels.cpu_library`) that runs the attention (None: the one
+        # `cpu_library.selected()` names, asked here), and with dtype int8 the one that runs the linears (only
+        # beside the C++ attention), or None for XLA's int8 layers (`sce_jax.quant.fused_int8_variant`): chosen
+        # when the model is built, never while tracing.
+        self.cpu_kernels = (cpu_kernels or cpu_library.selected()) if self.attention_impl == "cpu" else None
         self.int8_kernel = int8_kernel if _is_int8(dtype) and self.attention_impl == "cpu" else None
         # The feed-forward's token chunk: "auto" is `default_token_chunk()`, chosen here, never while tracing.
         self.token_chunk = default_token_chunk() if token_chunk == "auto" else token_chunk
