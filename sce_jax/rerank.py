@@ -49,7 +49,6 @@ logger = logging.getLogger("sce_jax.rerank")
 _IMPORTED = time.perf_counter()  # about when the command started: "first score after ... s" counts from here
 
 
-
 @dataclasses.dataclass
 class RerankConfig:
     run: str | None = None
