@@ -4,9 +4,10 @@ every process with one line when one of them failed.
 A barrier is the coordination service's (through Orbax's public `multihost.get_barrier_sync_fn`): it needs no
 device collective (CPU processes have none unless started with gloo), compiles nothing and has a timeout. A
 process that fails writes its one-line error to a marker file beside the job's output (a file system all the
-processes share, as the output's own writer needs) and still comes to its next barrier; after each barrier every
-process looks for markers and stops with one line naming the process that failed. JAX is imported only when a
-function needs it.
+processes share, as the output's own writer needs) and still comes to its next barrier. The others look for
+markers between batches (`Barriers.check`) and after each barrier, and then come to that barrier too (so none is
+left waiting there) and stop with one line naming the process that failed. JAX is imported only when a function
+needs it.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
 class Barriers:
     """A job's barriers, in the order every process passes them, and its failure markers (`marker(k)`:
     `PREFIX.failed.K-of-N`). `wait()` passes the next barrier and raises OtherProcessFailed if a process left a
-    marker; `failing()` wraps the work between barriers: an error there leaves this process's marker and still
-    releases the others at the next barrier."""
+    marker; `check()` does the same between barriers once a marker is there; `failing()` wraps the work between
+    barriers: an error there leaves this process's marker and still comes to the next barrier."""
 
     def __init__(self, names: Sequence[str], prefix: str | os.PathLike, num_processes: int, process_id: int,
                  timeout_s: float = BARRIER_TIMEOUT_S):
@@ -93,13 +94,32 @@ class Barriers:
     def marker(self, process_id: int) -> Path:
         return Path(f"{self.prefix}.failed.{process_id}-of-{self.num_processes}")
 
-    def wait(self) -> None:
-        barrier(self.pending.pop(0), self.timeout_s)
+    def _failure(self) -> str | None:
+        """Another process's failure as this process reports it, or None."""
         for k in range(self.num_processes):
             if k != self.process_id and self.marker(k).exists():
-                self.pending.clear()  # the others stop here too
                 reason = self.marker(k).read_text(errors="replace").strip()
-                raise OtherProcessFailed(f"process {k} of {self.num_processes} failed: {reason}")
+                return f"process {k} of {self.num_processes} failed: {reason}"
+        return None
+
+    def wait(self) -> None:
+        barrier(self.pending.pop(0), self.timeout_s)
+        if failure := self._failure():
+            self.pending.clear()  # every process stops after this barrier
+            raise OtherProcessFailed(failure)
+
+    def check(self) -> None:
+        """Between barriers (after each batch): once another process failed, come to the next barrier (where it and
+        the others meet) and raise OtherProcessFailed naming it."""
+        if self.num_processes == 1 or not self.pending or not (failure := self._failure()):
+            return
+        name = self.pending.pop(0)
+        self.pending.clear()
+        try:
+            barrier(name, self.timeout_s)
+        except InputError:
+            pass  # the other process's failure is the one to report
+        raise OtherProcessFailed(failure)
 
     def fail(self, reason: str) -> None:
         """Tell the others at the next barrier that this process failed with `reason` (one line)."""

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -468,7 +468,7 @@ def _rerank_locked(config, measures, barriers: distributed.Barriers, progress_fi
         if len(progress.done) > len(mine):
             raise InputError(f"{progress_file} holds {len(progress.done)} windows, but this process's share has "
                              f"{len(mine)}; delete it to start over")
-        code = _score_windows(config, encoder, run, texts, bounds, windows, mine, progress)
+        code = _score_windows(config, encoder, run, texts, bounds, windows, mine, progress, barriers.check)
     except BaseException:
         _discard_if_empty(progress)
         raise
@@ -503,7 +503,10 @@ def _discard_if_empty(progress: ProgressFile) -> None:
         progress.path.unlink(missing_ok=True)
 
 
-def _score_windows(config, encoder, run, texts, bounds, windows, mine, progress: ProgressFile) -> int:
+def _score_windows(config, encoder, run, texts, bounds, windows, mine, progress: ProgressFile,
+                   check: Callable[[], None]) -> int:
+    """Score this process's windows not yet saved; `check` runs after every batch (it raises to stop: another
+    process failed). Returns 0, or the exit status after SIGINT/SIGTERM."""
     from tqdm.auto import tqdm
 
     todo = [k for k in mine if k not in progress.done]
@@ -525,6 +528,7 @@ def _score_windows(config, encoder, run, texts, bounds, windows, mine, progress:
                     logger.info("first batch scored %.1f s after start", time.perf_counter() - _IMPORTED)
                     first_score_logged = True
                 signals.check()
+                check()
 
             for k in todo:
                 first, end = windows[k]

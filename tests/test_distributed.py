@@ -58,3 +58,15 @@ def test_one_process_has_no_barriers_and_no_markers(tmp_path):
     barriers.fail("anything")
     barriers.wait()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_between_barriers_comes_to_the_next_one_once_another_process_failed(tmp_path, monkeypatch):
+    passed = []
+    monkeypatch.setattr(distributed, "barrier", lambda name, timeout_s: passed.append(name))
+    barriers = distributed.Barriers(("a", "b"), tmp_path / "out", 3, 2)
+    barriers.check()  # nobody failed: nothing happens
+    assert passed == [] and barriers.pending == ["a", "b"]
+    barriers.marker(0).write_text("killed\n")
+    with pytest.raises(distributed.OtherProcessFailed, match=r"^process 0 of 3 failed: killed$"):
+        barriers.check()
+    assert passed == ["a"] and barriers.pending == []
