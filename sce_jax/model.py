@@ -83,7 +83,7 @@ def _is_int8(dtype) -> bool:
 
 
 def _linear(linear, x_TxI, float_rows: int) -> jax.Array:
-    """A linear layer (float, or int8 with its first `float_rows` rows in float32) applied to x."""
+    """A linear layer (float, or int8 with its first `float_rows` rows in two int8 passes) applied to x."""
     return linear(x_TxI, float_rows) if isinstance(linear, Int8Linear) else linear(x_TxI)
 
 
