@@ -1,4 +1,4 @@
-"""Re-ranking at MS MARCO scale: time to first score, peak memory, docs/s (issue 11's goals).
+"""Re-ranking at MS MARCO scale: time to first score, peak memory, docs/s (docs/rerank.md, "MS MARCO scale").
 
     python benchmarks/scale_rerank.py --workdir /tmp/scale [--passages 8800000] [--small-passages 1000000]
         [--queries 7000] [--depth 1000] [--words 55] [--windows 3] [--window 2048]

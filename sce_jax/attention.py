@@ -14,9 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sce_jax.config import SparseCrossEncoderConfig
+from sce_jax.config import ATTENTION_IMPLS, SparseCrossEncoderConfig
 
-ATTENTION_IMPLS = ("auto", "cpu", "xla", "dense", "pallas", "triton")
 
 # Mask value for scores: finite so fully masked rows stay NaN-free (they are zeroed explicitly).
 _NEG = -1e30

@@ -11,6 +11,11 @@ from typing import Any
 
 from sce_jax.errors import InputError, located
 
+# The attention implementations (`sce_jax.attention`) and compute dtypes (`sce_jax.encoder.DTYPES`) by name:
+# here, where the commands can check their flags without importing JAX.
+ATTENTION_IMPLS = ("auto", "cpu", "xla", "dense", "pallas", "triton")
+DTYPE_NAMES = ("float32", "tf32", "bfloat16", "int8")
+
 # Which token group may see which other group. [CLS]->[CLS], query->query and doc->doc (within the window) are
 # always on; these flags switch the cross-group edges. All True and window None is a standard BERT cross-encoder.
 PATTERN_FLAGS = (

@@ -18,7 +18,6 @@ from sce_jax.cache import enable_compilation_cache
 from sce_jax.checkpoint import (
     check_output_dir,
     copy_tokenizer_files,
-    current_umask,
     is_sce_dir,
     load_params,
     read_model_config,
@@ -28,8 +27,9 @@ from sce_jax.checkpoint import (
 )
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pattern
 from sce_jax.errors import InputError, run_cli
-from sce_jax.files import interrupts_exit_at_once
-from sce_jax.quant import dequantize_params, quantize_params
+from sce_jax.encoder import quantized_params
+from sce_jax.files import current_umask, interrupts_exit_at_once
+from sce_jax.quant import dequantize_params
 from sce_jax.weights import (
     extend_position_embeddings,
     hf_to_params,
@@ -87,7 +87,7 @@ def convert(
         )
         config = config.replace(max_position_embeddings=extend_positions)
     if quantize == "int8":
-        params = quantize_params(params, config)
+        params = quantized_params(params, config)
     save_model_dir(output, config, params, directory)
     return config
 

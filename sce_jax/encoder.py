@@ -15,7 +15,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from sce_jax.attention import ATTENTION_IMPLS, resolve_attention_impl
+from sce_jax import distributed
+from sce_jax.attention import resolve_attention_impl
 from sce_jax.batch import (
     PACKED_SLOTS,
     Batch,
@@ -28,20 +29,21 @@ from sce_jax.batch import (
     plan_steps,
 )
 from sce_jax.checkpoint import load_params, read_model_config, resolve_model_dir
-from sce_jax.config import SparseCrossEncoderConfig
+from sce_jax.config import ATTENTION_IMPLS, DTYPE_NAMES, SparseCrossEncoderConfig
 from sce_jax.errors import InputError, NonFiniteScoresError, SettingsError
 from sce_jax.frames import frame_queries
 from sce_jax.kernels import cpu_library
 from sce_jax.model import SparseCrossEncoderModel
-from sce_jax.quant import (dequantize_params, fused_int8_variant, int8_kernel_choice, log_int8_path, quantize_params,
-                           with_packed_kernels)
+from sce_jax.quant import (calibrate, calibration_batch, dequantize_params, fused_int8_variant, int8_kernel_choice,
+                           is_quantized, log_int8_path, quantize_params, with_packed_kernels)
 from sce_jax.runs import rank_by_score
 from sce_jax.tokenization import QueryDocTokenizer, check_lengths
 
 # Compute dtypes by name. float32 multiplies in full float32 everywhere, GPUs included; tf32 is float32 whose matmuls
 # may use TF32 tensor cores on GPU (faster, ~1e-3 relative error; the same as float32 on CPU); int8: int8 linear
 # layers, float32 for the rest (sce_jax.quant, docs/int8.md).
-DTYPES = {"float32": jnp.float32, "tf32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
+DTYPES = {name: {"tf32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}.get(name, jnp.float32)
+          for name in DTYPE_NAMES}
 _MATMUL_PRECISION = {"tf32": "tensorfloat32"}  # the others: "highest" (full float32 for whatever is float32)
 
 # How far one document's float32 score may move with its batch mates: a batch's shapes (document slots per row,
@@ -86,13 +88,22 @@ def build_model(
     )
     if dtype == "int8":
         # The model keeps the kernels' build only beside the C++ attention (patterns it covers).
-        params = with_packed_kernels(quantize_params(params, config), abstract.int8_kernel)
+        params = with_packed_kernels(quantized_params(params, config), abstract.int8_kernel)
         log_int8_path(abstract.int8_kernel)
     else:
         params = dequantize_params(params)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state)
+
+
+def quantized_params(params: dict, config: SparseCrossEncoderConfig) -> dict:
+    """`params` quantized to int8 (`sce_jax.quant.quantize_params`), smoothed by a float32 pass of the model over
+    `calibration_batch` (`sce_jax.quant.calibrate`); int8 parameters come back unchanged."""
+    if is_quantized(params):
+        return params
+    model = build_model(config, params, dtype="float32", attention_impl="auto")
+    return quantize_params(params, calibrate(model, calibration_batch(config)))
 
 
 def check_compute_settings(dtype: str, attention_impl: str, devices: int | None = None) -> None:
@@ -108,10 +119,8 @@ def check_compute_settings(dtype: str, attention_impl: str, devices: int | None 
         int8_kernel_choice()
     if attention_impl in ("auto", "cpu"):
         cpu_library.selected()  # an InputError for a bad $SCE_JAX_CPU_KERNELS
-    if devices is not None:
-        local = len(jax.local_devices())
-        if not isinstance(devices, int) or isinstance(devices, bool) or not 1 <= devices <= local:
-            raise SettingsError("devices", f"devices={devices!r}, but there are {local} local devices")
+    if problem := distributed.local_device_problem(devices):
+        raise SettingsError("devices", f"devices={problem}")
 
 
 def check_batch_size(batch_size) -> None:
@@ -178,9 +187,9 @@ class SparseCrossEncoder:
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
+        if problem := distributed.local_device_problem(devices):
+            raise ValueError(f"devices={problem}")
         local = jax.local_devices()
-        if devices is not None and not 1 <= devices <= len(local):
-            raise ValueError(f"devices={devices}, but there are {len(local)} local devices")
         # Data parallelism: document slots are split over a 1-D mesh; parameters and queries are replicated.
         self.mesh = Mesh(np.array(local[: devices or len(local)]), ("docs",))
         graphdef, state = nnx.split(model)

@@ -32,6 +32,10 @@ class NonFiniteScoresError(InputError):
     """A model produced NaN or infinite scores (e.g. corrupt weights): nothing is written or returned."""
 
 
+class MissingTextError(InputError):
+    """Queries or documents of a run for which no source has a text."""
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped a command; `detail` says what was cleaned up (one line)."""
 

@@ -9,7 +9,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import ir_measures
 import pandas as pd
 
-from sce_jax.runs import InputError, atomic_write, located, read_lines
+from sce_jax.errors import InputError, located
+from sce_jax.files import atomic_write, read_lines
 
 DEFAULT_MEASURES = ("nDCG@10", "RR@10")
 

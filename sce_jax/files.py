@@ -22,11 +22,12 @@ import signal
 import socket
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from sce_jax.errors import InputError, Interrupted, one_line
+from sce_jax.errors import InputError, Interrupted, located, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +38,78 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def current_umask() -> int:
-    """The process's umask: from /proc/self/status on Linux (no change, so safe beside threads that create
-    files), else by setting and restoring it."""
+    """The process's umask, read without changing it (safe beside threads that create files): from
+    /proc/self/status on Linux, elsewhere from the mode the kernel gives a new file created with mode 0777."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    with tempfile.TemporaryDirectory() as directory:
+        probe = os.path.join(directory, "umask")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o777))
+        return 0o777 & ~os.stat(probe).st_mode
+
+
+# --- reading text -------------------------------------------------------------------------------------------
+
+
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+BOM = "\ufeff"
+
+
+def check_readable(path: str | os.PathLike, what: str = "file") -> None:
+    """An InputError unless `path` is an existing, readable file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such {what}")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a {what}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: not readable")
+
+
+def open_binary(path: str | os.PathLike) -> IO[bytes]:
+    """The file's bytes (gunzipped for `.gz`); see `gzip_errors` for turning read errors into InputErrors."""
+    check_readable(path)
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+
+
+@contextlib.contextmanager
+def gzip_errors(path) -> Iterator[None]:
+    """Corrupt, truncated or not-gzip `.gz` input becomes one InputError naming the file."""
+    try:
+        yield
+    except GZIP_ERRORS as error:
+        raise InputError(f"{path}: not a valid gzip file (corrupt or truncated): {error}") from None
+
+
+def decode_line(raw: bytes, path, line_no: int) -> str:
+    """One line's bytes as text; non-UTF-8 bytes are an InputError naming file and line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise located(path, line_no, f"not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})") from None
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text without its line ending) of a UTF-8 text file (`.gz` allowed), a leading BOM stripped.
+
+    Missing files, bad gzip data and non-UTF-8 bytes are InputErrors naming the file (and line)."""
+    with open_binary(path) as f, gzip_errors(path):
+        for line_no, raw in enumerate(f, start=1):
+            line = decode_line(raw, path, line_no).rstrip("\r\n")
+            if line_no == 1 and line.startswith(BOM):
+                line = line[1:]
+            yield line_no, line
+
+
+def check_text(value: str, path, where, field: str) -> str:
+    """`value`, if it can be encoded as UTF-8 (JSON escapes can make lone surrogates, which the tokenizer rejects)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise located(path, where, f"{field} contains a lone surrogate (an invalid \\u escape)") from None
+    return value
 
 
 # --- errors --------------------------------------------------------------------------------------------------

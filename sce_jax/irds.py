@@ -11,7 +11,7 @@ from pathlib import Path
 import ir_datasets
 import pandas as pd
 
-from sce_jax.runs import InputError
+from sce_jax.errors import InputError
 
 
 class UnknownDatasetError(InputError):

@@ -21,6 +21,7 @@ from sce_jax.attention import (
 )
 from sce_jax.batch import Batch
 from sce_jax.config import SparseCrossEncoderConfig
+from sce_jax.kernels import cpu_library
 from sce_jax.quant import ACTIVATION_FLOOR, Int8Linear
 
 _ACTIVATIONS = {
@@ -31,9 +32,15 @@ _ACTIVATIONS = {
 
 
 # On CPU the feed-forward block runs on token chunks of about this size, so its [tokens, intermediate] activations
-# stay in cache between the two matmuls (4 x 2960-token batches of documents: +3-5% in same-process A/B on the
-# 2-core benchmark VM; batches of passages have fewer tokens and are not split).
-_CPU_TOKEN_CHUNK = 2048
+# stay in cache between the two matmuls (a few percent faster on batches of documents; batches of passages have
+# fewer tokens and are not split). Other backends take the whole batch at once.
+CPU_TOKEN_CHUNK = 2048
+
+
+def default_token_chunk() -> int | None:
+    """The feed-forward token chunk for the default backend (`CPU_TOKEN_CHUNK` on CPU, None: no chunks), chosen
+    when a model is built, so that it is part of the model's static configuration."""
+    return CPU_TOKEN_CHUNK if jax.default_backend() == "cpu" else None
 
 
 def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -76,7 +83,7 @@ def _is_int8(dtype) -> bool:
 
 
 def _linear(linear, x_TxI, float_rows: int) -> jax.Array:
-    """A linear layer (float, or int8 with its first `float_rows` rows in float32) applied to x."""
+    """A linear layer (float, or int8 with its first `float_rows` rows in two int8 passes) applied to x."""
     return linear(x_TxI, float_rows) if isinstance(linear, Int8Linear) else linear(x_TxI)
 
 
@@ -91,12 +98,13 @@ def _linear_columns(linear, x_TxI, start: int, stop: int, float_rows: int) -> ja
 class Layer(nnx.Module):
     """A post-LayerNorm BERT layer whose attention follows the sparse pattern.
 
-    With dtype int8 the four linear layers are `Int8Linear` (int8 weights and activations, int32 sums) for the
-    document tokens; the [CLS] and query rows, which every score reads directly and which are few, and everything
-    else compute in float32 (`sce_jax.quant`)."""
+    With dtype int8 the four linear layers are `Int8Linear` (int8 weights and activations, int32 sums); the
+    [CLS] and query rows, which every score reads directly and which are few, go through them in two int8 passes
+    (the row, then what its int8 copy leaves: about 15 bits), and everything else computes in float32
+    (`sce_jax.quant`). `token_chunk`: see `default_token_chunk`."""
 
     def __init__(self, config: SparseCrossEncoderConfig, *, dtype, rngs: nnx.Rngs, cpu_kernels: str | None = None,
-                 int8_kernel: str | None = None):
+                 int8_kernel: str | None = None, token_chunk: int | None = None):
         hidden = config.hidden_size
         int8 = _is_int8(dtype)
         dtype = jnp.float32 if int8 else dtype
@@ -104,10 +112,11 @@ class Layer(nnx.Module):
         norm = dict(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         linear = (lambda i, o: Int8Linear(i, o, int8_kernel)) if int8 else (lambda i, o: nnx.Linear(i, o, **dense))
         self.config = config
-        # The C++ kernels' build for attention (None: the selected one) and for the int8 linears
+        # The C++ kernels' build for attention and for the int8 linears
         # (`sce_jax.quant.fused_int8_variant`; None: XLA's int8 layers).
         self.cpu_kernels = cpu_kernels
         self.int8_kernel = int8_kernel if int8 else None
+        self.token_chunk = token_chunk
         # Query, key and value in one matmul.
         self.qkv = linear(hidden, 3 * hidden)
         self.attention_output = linear(hidden, hidden)
@@ -175,11 +184,11 @@ class Layer(nnx.Module):
 
     def _feed_forward(self, x_TxF, attended_TxF, dropout_rngs, float_rows: int):
         """Attention output projection, then the feed-forward block, each with residual and layer norm; on CPU in
-        chunks of at most `_CPU_TOKEN_CHUNK` tokens. `float_rows`: as `_linear`."""
+        chunks of at most `token_chunk` tokens (None: all at once). `float_rows`: as `_linear`."""
         num_tokens = x_TxF.shape[0]
-        if jax.default_backend() != "cpu" or num_tokens <= _CPU_TOKEN_CHUNK * 3 // 2:
+        if self.token_chunk is None or num_tokens <= self.token_chunk * 3 // 2:
             return self._feed_forward_chunk(x_TxF, attended_TxF, dropout_rngs, float_rows)
-        pieces = -(-num_tokens // _CPU_TOKEN_CHUNK)
+        pieces = -(-num_tokens // self.token_chunk)
         step = -(-num_tokens // pieces)
         return jnp.concatenate([
             self._feed_forward_chunk(
@@ -223,6 +232,7 @@ class SparseCrossEncoderModel(nnx.Module):
         cpu_kernels: str | None = None,
         int8_kernel: str | None = None,
         matmul_precision: str = "highest",
+        token_chunk: int | None | str = "auto",
     ):
         if matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {matmul_precision!r}")
@@ -230,18 +240,22 @@ class SparseCrossEncoderModel(nnx.Module):
         self.matmul_precision = matmul_precision
         # Patterns the C++ CPU kernel does not cover run the XLA path.
         self.attention_impl = "xla" if attention_impl == "cpu" and not supports_cpu_kernel(config) else attention_impl
-        # The build of the C++ kernels (`sce_jax.kernels.cpu_library`) that runs the attention (None: the selected
-        # one), and with dtype int8 the one that runs the linears (only beside the C++ attention), or None for XLA's
-        # int8 layers (`sce_jax.quant.fused_int8_variant`): chosen at load.
-        self.cpu_kernels = cpu_kernels if self.attention_impl == "cpu" else None
+        # The build of the C++ kernels (`sce_jax.kernels.cpu_library`) that runs the attention (None: the one
+        # `cpu_library.selected()` names, asked here), and with dtype int8 the one that runs the linears (only
+        # beside the C++ attention), or None for XLA's int8 layers (`sce_jax.quant.fused_int8_variant`): chosen
+        # when the model is built, never while tracing.
+        self.cpu_kernels = (cpu_kernels or cpu_library.selected()) if self.attention_impl == "cpu" else None
         self.int8_kernel = int8_kernel if _is_int8(dtype) and self.attention_impl == "cpu" else None
+        # The feed-forward's token chunk: "auto" is `default_token_chunk()`, chosen here, never while tracing.
+        self.token_chunk = default_token_chunk() if token_chunk == "auto" else token_chunk
         self.interpret = interpret
         # int8: the layers' linears are int8 (`sce_jax.quant`), everything else float32.
         float_dtype = jnp.float32 if _is_int8(dtype) else dtype
         dense = dict(dtype=float_dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.embeddings = Embeddings(config, dtype=float_dtype, rngs=rngs)
         self.layers = nnx.List([Layer(config, dtype=dtype, rngs=rngs, cpu_kernels=self.cpu_kernels,
-                                      int8_kernel=self.int8_kernel) for _ in range(config.num_hidden_layers)])
+                                      int8_kernel=self.int8_kernel, token_chunk=self.token_chunk)
+                                for _ in range(config.num_hidden_layers)])
         self.pooler = nnx.Linear(config.hidden_size, config.hidden_size, **dense)
         self.classifier = nnx.Linear(config.hidden_size, 1, **dense)
 

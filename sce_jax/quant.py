@@ -322,12 +322,10 @@ def calibration_batch(config, *, rows: int = 4, length: int = 256, seed: int = 0
                       query_length=16, doc_length=length, pad_id=config.pad_token_id)
 
 
-def calibrate(config, params: dict) -> dict[tuple[int, str], np.ndarray]:
-    """max |input| per channel of every layer's `SMOOTHED_LINEARS`, from one float32 pass over
-    `calibration_batch`: {(layer, name): [I]}."""
-    from sce_jax.encoder import build_model
-
-    model = build_model(config, params, dtype="float32", attention_impl="auto")
+def calibrate(model: nnx.Module, batch) -> dict[tuple[int, str], np.ndarray]:
+    """max |input| per channel of every layer's `SMOOTHED_LINEARS`, from one pass of `model` (a float32
+    `SparseCrossEncoderModel`, or any module with such `layers` that `model(batch, return_hidden_states=True)`
+    runs in full) over `batch` (`calibration_batch`): {(layer, name): [I]}."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -345,17 +343,17 @@ def calibrate(config, params: dict) -> dict[tuple[int, str], np.ndarray]:
         model(batch, return_hidden_states=True)
         return {f"{i}/{name}": value for (i, name), value in amax.items()}
 
-    found = amax_per_channel(state, calibration_batch(config))
+    found = amax_per_channel(state, batch)
     return {(int(key.split("/")[0]), key.split("/")[1]): np.asarray(value) for key, value in found.items()}
 
 
-def quantize_params(params: dict, config=None) -> dict:
+def quantize_params(params: dict, amax: dict[tuple[int, str], np.ndarray] | None = None) -> dict:
     """The parameter tree with every layer's `QUANTIZED_LINEARS` as {kernel: int8, scale, bias, smooth} (a
-    new tree; the rest is shared). With `config`, the inputs of `SMOOTHED_LINEARS` are smoothed (calibrated
-    with `calibrate`); without, no layer is. Already quantized parameters come back unchanged."""
+    new tree; the rest is shared). The inputs of the linears in `amax` (`calibrate`'s answer) are smoothed;
+    without it, no layer is. Already quantized parameters come back unchanged."""
     if is_quantized(params):
         return params
-    amax = calibrate(config, params) if config is not None else {}
+    amax = amax or {}
     layers = {}
     for i, layer in params["layers"].items():
         layer = dict(layer)

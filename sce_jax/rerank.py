@@ -15,18 +15,20 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from sce_jax import irds
+from sce_jax import distributed, irds
 from sce_jax.cache import enable_compilation_cache
 from sce_jax.cli_config import PATH, PATH_OR_ID, add_dataclass_flags, resolve_dataclass
+from sce_jax.config import ATTENTION_IMPLS, DTYPE_NAMES
 from sce_jax.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, SettingsError, run_cli, user_path
 from sce_jax.evaluation import DEFAULT_MEASURES, evaluate, format_results, parse_measures, read_qrels, write_results
 from sce_jax.files import (
     atomic_write,
+    check_readable,
     content_fingerprint,
     exclusive_lock,
     interrupts_exit_at_once,
@@ -35,7 +37,6 @@ from sce_jax.files import (
 from sce_jax.progress import ProgressFile, settings_difference
 from sce_jax.runs import (
     CompactRun,
-    check_readable,
     compact_from_frame,
     format_score,
     is_json_run,
@@ -46,9 +47,6 @@ from sce_jax.texts import RunTexts
 
 logger = logging.getLogger("sce_jax.rerank")
 _IMPORTED = time.perf_counter()  # about when the command started: "first score after ... s" counts from here
-
-DTYPE_NAMES = ("float32", "tf32", "bfloat16", "int8")
-ATTENTION_NAMES = ("auto", "cpu", "xla", "dense", "pallas", "triton")
 
 
 @dataclasses.dataclass
@@ -94,8 +92,8 @@ HELP = {
     "queries": "TSV file qid<TAB>text with the query texts",
     "docs": "TSV (docno<TAB>text) or JSONL file with the document texts (indexed once, see docs/rerank.md)",
     "devices": "local devices to split documents over (default: all)",
-    "attention_impl": "attention implementation: auto (the C++ kernel on CPU, xla elsewhere, GPU included), cpu, "
-                      "xla, dense, pallas or triton",
+    "attention_impl": "attention implementation: auto (the C++ kernel on CPU, xla where it cannot be loaded; xla on "
+                      "GPU and other backends, never pallas or triton), cpu, xla, dense, pallas or triton",
     "dtype": "float32, tf32 (float32 with TF32 matmuls on GPU), bfloat16 or int8 (int8 linear layers, docs/int8.md)",
     "run_tag": "tag in the output run's last column",
     "eval_output": "JSON file for the evaluation results (default: OUTPUT.eval.json)",
@@ -130,8 +128,8 @@ def load_config(path: str | None, overrides: dict) -> RerankConfig:
             raise InputError(f"--{_flag(name)} must be {'>= 0' if lowest == 0 else 'positive'}, got {value}")
     if config.dtype not in DTYPE_NAMES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {config.dtype!r}")
-    if config.attention_impl not in ATTENTION_NAMES:
-        raise InputError(f"--attention-impl must be one of {', '.join(ATTENTION_NAMES)}, got {config.attention_impl!r}")
+    if config.attention_impl not in ATTENTION_IMPLS:
+        raise InputError(f"--attention-impl must be one of {', '.join(ATTENTION_IMPLS)}, got {config.attention_impl!r}")
     if not config.run_tag or any(c.isspace() for c in config.run_tag):
         raise InputError(f"--run-tag {config.run_tag!r} must be a non-empty word without whitespace")
     if config.max_length is not None and config.max_length < config.max_query_length + 4:
@@ -256,13 +254,10 @@ def load_qrels(config: RerankConfig, dataset_id: str | None):
 
 def load_encoder(config: RerankConfig):
     """The model; settings it rejects (`SettingsError`, raised before the weights are read) name their flag."""
-    import jax
-
     from sce_jax.encoder import SparseCrossEncoder  # imports JAX: only once the input has been checked
 
-    local = jax.local_device_count()  # checked here too, in the message the flag's value reads best in
-    if config.devices is not None and config.devices > local:
-        raise InputError(f"--devices {config.devices}, but this machine has {local} local devices")
+    if problem := distributed.local_device_problem(config.devices):  # before loading, in the flag's words
+        raise InputError(f"--devices {problem}")
     try:
         return SparseCrossEncoder.load(config.model, max_length=config.max_length,
                                        max_query_length=config.max_query_length,
@@ -387,9 +382,6 @@ def lock_path(output: str, num_processes: int, process_id: int) -> Path:
 
 def initialize_processes(config: RerankConfig) -> tuple[int, int]:
     """Join a jax.distributed job when asked (flags) or when the cluster's environment says so; (count, index)."""
-    import jax
-
-    env = os.environ
     if config.coordinator is not None or config.num_processes not in (None, 1):
         if config.coordinator is None or config.num_processes is None or config.process_id is None:
             raise InputError("multi-host re-ranking needs --coordinator, --num-processes and --process-id together "
@@ -397,35 +389,7 @@ def initialize_processes(config: RerankConfig) -> tuple[int, int]:
         if config.process_id >= config.num_processes:
             raise InputError(f"--process-id {config.process_id} must be below --num-processes "
                              f"{config.num_processes}")
-        jax.distributed.initialize(config.coordinator, config.num_processes, config.process_id)
-    elif "JAX_COORDINATOR_ADDRESS" in env:
-        jax.distributed.initialize(
-            num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
-            process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None)
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        jax.distributed.initialize()
-    return jax.process_count(), jax.process_index()
-
-
-def _barrier(name: str, num_processes: int) -> None:
-    """Wait until every process reaches this point.
-
-    The barrier of jax.distributed's coordination service: it needs no device collective (CPU processes have
-    none unless started with gloo) and compiles nothing, and its timeout can cover a process that is hours
-    behind. JAX exposes that client only under `jax._src`, so where it is missing (a later JAX) this falls back
-    to the public `multihost_utils.sync_global_devices`, a collective over every device."""
-    if num_processes == 1:
-        return
-    try:
-        from jax._src import distributed
-
-        wait = distributed.global_state.client.wait_at_barrier
-    except (ImportError, AttributeError):
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-        return
-    wait(name, 24 * 3600 * 1000)
+    return distributed.initialize(config.coordinator, config.num_processes, config.process_id)
 
 
 class _Stop(Exception):
@@ -473,10 +437,15 @@ def rerank(config: RerankConfig) -> int:
         ProgressFile.check_absent_or_resuming(progress_file, config.resume)
         if config.resume:  # refuse early, before the heavy reading and the model
             _refuse_changed_settings(progress_file, settings_fingerprint(config, num_processes, process_id))
-        return _rerank_locked(config, measures, num_processes, process_id, progress_file, lock)
+        # Every process passes these in this order; one that fails releases the others at its next (one line each).
+        barriers = distributed.Barriers(("sce_jax_rerank_scored", "sce_jax_rerank_written"), config.output,
+                                        num_processes, process_id)
+        with barriers.failing():
+            return _rerank_locked(config, measures, barriers, progress_file, lock)
 
 
-def _rerank_locked(config, measures, num_processes: int, process_id: int, progress_file: Path, lock: Path) -> int:
+def _rerank_locked(config, measures, barriers: distributed.Barriers, progress_file: Path, lock: Path) -> int:
+    num_processes, process_id = barriers.num_processes, barriers.process_id
     started = time.perf_counter()
     run, texts, dataset_id, run_content = load_input(config)
     settings = settings_fingerprint(config, num_processes, process_id, run_content)
@@ -499,7 +468,7 @@ def _rerank_locked(config, measures, num_processes: int, process_id: int, progre
         if len(progress.done) > len(mine):
             raise InputError(f"{progress_file} holds {len(progress.done)} windows, but this process's share has "
                              f"{len(mine)}; delete it to start over")
-        code = _score_windows(config, encoder, run, texts, bounds, windows, mine, progress)
+        code = _score_windows(config, encoder, run, texts, bounds, windows, mine, progress, barriers.check)
     except BaseException:
         _discard_if_empty(progress)
         raise
@@ -508,10 +477,11 @@ def _rerank_locked(config, measures, num_processes: int, process_id: int, progre
         texts.close()
     if code:  # stopped by a signal
         _discard_if_empty(progress)
+        barriers.fail("stopped by a signal")
         return code
     logger.info("%d distinct batch shapes were compiled", len(encoder.compiled_shapes))
 
-    _barrier("sce_jax_rerank_scored", num_processes)
+    barriers.wait()  # every share scored
     if process_id == 0:
         truncated = _write_output(config, windows, progress, num_processes)
         logger.info("wrote %s", config.output)
@@ -521,7 +491,7 @@ def _rerank_locked(config, measures, num_processes: int, process_id: int, progre
                            encoder.tokenizer.max_length)
         if qrels is not None:
             _evaluate(config, run, qrels, measures)
-    _barrier("sce_jax_rerank_written", num_processes)
+    barriers.wait()  # the output written
     return 0
 
 
@@ -533,7 +503,10 @@ def _discard_if_empty(progress: ProgressFile) -> None:
         progress.path.unlink(missing_ok=True)
 
 
-def _score_windows(config, encoder, run, texts, bounds, windows, mine, progress: ProgressFile) -> int:
+def _score_windows(config, encoder, run, texts, bounds, windows, mine, progress: ProgressFile,
+                   check: Callable[[], None]) -> int:
+    """Score this process's windows not yet saved; `check` runs after every batch (it raises to stop: another
+    process failed). Returns 0, or the exit status after SIGINT/SIGTERM."""
     from tqdm.auto import tqdm
 
     todo = [k for k in mine if k not in progress.done]
@@ -555,6 +528,7 @@ def _score_windows(config, encoder, run, texts, bounds, windows, mine, progress:
                     logger.info("first batch scored %.1f s after start", time.perf_counter() - _IMPORTED)
                     first_score_logged = True
                 signals.check()
+                check()
 
             for k in todo:
                 first, end = windows[k]

@@ -6,22 +6,20 @@ A run is a pandas DataFrame with one row per (query, document) and PyTerrier's c
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import io
 import json
 import logging
 import os
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from sce_jax.errors import InputError, located, user_path  # noqa: F401  (re-exported: older imports)
-from sce_jax.files import atomic_write  # noqa: F401  (re-exported: older imports)
+from sce_jax.errors import InputError, located
+from sce_jax.files import BOM, atomic_write, check_text, gzip_errors, open_binary, read_lines
+from sce_jax.idhash import hash_fixed
 
 logger = logging.getLogger(__name__)
 
@@ -31,74 +29,6 @@ RUN_COLUMNS = ("qid", "q0", "docno", "rank", "score", "tag")
 # The original's JSON field names, and the ir_datasets names accepted in their place.
 JSON_FIELD_ALIASES = {"qid": ("qid", "query_id"), "docno": ("docno", "doc_id")}
 JSON_TEXT_FIELDS = ("query", "text")
-
-
-GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
-BOM = "\ufeff"
-
-
-def open_text(path: str | os.PathLike) -> IO[str]:
-    """Open a UTF-8 text file for reading, gunzipping `.gz` files. (Use `read_lines` for line-located errors.)"""
-    path = user_path(path) if not isinstance(path, Path) else path
-    check_readable(path)
-    if str(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
-
-
-def check_readable(path: str | os.PathLike, what: str = "file") -> None:
-    """An InputError unless `path` is an existing, readable file."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such {what}")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a {what}")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{path}: not readable")
-
-
-def open_binary(path: str | os.PathLike) -> IO[bytes]:
-    """The file's bytes (gunzipped for `.gz`); see `gzip_errors` for turning read errors into InputErrors."""
-    check_readable(path)
-    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
-
-
-@contextlib.contextmanager
-def gzip_errors(path) -> Iterator[None]:
-    """Corrupt, truncated or not-gzip `.gz` input becomes one InputError naming the file."""
-    try:
-        yield
-    except GZIP_ERRORS as error:
-        raise InputError(f"{path}: not a valid gzip file (corrupt or truncated): {error}") from None
-
-
-def decode_line(raw: bytes, path, line_no: int) -> str:
-    """One line's bytes as text; non-UTF-8 bytes are an InputError naming file and line."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise located(path, line_no, f"not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})") from None
-
-
-def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(line number, text without its line ending) of a UTF-8 text file (`.gz` allowed), a leading BOM stripped.
-
-    Missing files, bad gzip data and non-UTF-8 bytes are InputErrors naming the file (and line)."""
-    with open_binary(path) as f, gzip_errors(path):
-        for line_no, raw in enumerate(f, start=1):
-            line = decode_line(raw, path, line_no).rstrip("\r\n")
-            if line_no == 1 and line.startswith(BOM):
-                line = line[1:]
-            yield line_no, line
-
-
-def check_text(value: str, path, where, field: str) -> str:
-    """`value`, if it can be encoded as UTF-8 (JSON escapes can make lone surrogates, which the tokenizer rejects)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise located(path, where, f"{field} contains a lone surrogate (an invalid \\u escape)") from None
-    return value
 
 
 def _number(value, kind: type, path, where, field: str) -> float:
@@ -410,8 +340,6 @@ class DepthCut:
             self._prune()
 
     def _prune(self) -> None:
-        from sce_jax.textstore import hash_fixed
-
         parts = ([self._kept] if self._kept is not None else []) + self._pending  # file order
         if not parts:
             return

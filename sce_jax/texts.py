@@ -9,14 +9,13 @@ import numpy as np
 import pandas as pd
 
 from sce_jax import irds
-from sce_jax.runs import CompactRun, InputError, json_records, located, read_lines
+from sce_jax.errors import MissingTextError, located
+from sce_jax.files import read_lines
+from sce_jax.runs import CompactRun, json_records
+from sce_jax.textstore import TextStore
 
 # Text column -> the id column it belongs to, and the word for that id in messages.
 TEXT_COLUMNS = {"query": ("qid", "queries"), "text": ("docno", "documents")}
-
-
-class MissingTextError(InputError):
-    """Queries or documents of a run for which no source has a text."""
 
 
 def read_tsv_texts(path: str | os.PathLike) -> dict[str, str]:
@@ -78,8 +77,6 @@ def complete_texts(run: pd.DataFrame, *, source: str, queries_file: str | os.Pat
 
     Raises MissingTextError naming the ids (and `source`, the run's name) that no source has text for.
     """
-    from sce_jax.textstore import TextStore
-
     local_files = {"query": queries_file, "text": docs_file}
     dataset_texts = {"query": irds.dataset_queries, "text": irds.dataset_docs}
     for column, (id_column, noun) in TEXT_COLUMNS.items():
@@ -114,7 +111,6 @@ class RunTexts:
 
     def __init__(self, run: CompactRun, *, source: str, queries_file=None, docs_file=None,
                  dataset_id: str | None = None):
-        from sce_jax.textstore import TextStore
 
         self.run = run
         self.source = source

@@ -28,16 +28,18 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from sce_jax import idhash
 from sce_jax.cache import CACHE_ENV, cache_dir
-from sce_jax.errors import InputError, Interrupted, located, user_path
-from sce_jax.files import atomic_write, content_fingerprint, remove_stale_temporaries
+from sce_jax.errors import InputError, Interrupted, MissingTextError, located, user_path
+from sce_jax.files import (GZIP_ERRORS, atomic_write, check_readable, check_text, content_fingerprint, decode_line,
+                           remove_stale_temporaries)
 from sce_jax.memory import join_freeing, release_free_memory
-from sce_jax.runs import GZIP_ERRORS, check_readable, check_text, decode_line, json_records
+from sce_jax.runs import json_records
 
 INDEX_MAGIC = b"SCEJAX-TEXTSTORE-3\n"
 # Bytes per read in the indexing pass (whole lines: a chunk ends at its last newline).
@@ -45,44 +47,6 @@ CHUNK_BYTES = 32 << 20
 _VERIFY_BYTES = 8 << 20  # bytes per read when an index's checksum is verified
 ID_FIELDS = ("docno", "doc_id", "qid", "query_id")
 TEXT_FIELDS = ("text", "query")
-
-FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-FNV_PRIME = np.uint64(0x100000001B3)
-
-
-def hash_ids(ids: Iterable[bytes]) -> np.ndarray:
-    """64-bit FNV-1a of each id's bytes (uint64), vectorised over the ids."""
-    ids = list(ids)
-    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-    return _hash_spans(np.frombuffer(b"".join(ids), np.uint8), np.concatenate([[0], np.cumsum(lengths)[:-1]]),
-                       lengths)
-
-
-def hash_fixed(ids: np.ndarray) -> np.ndarray:
-    """`hash_ids` of a fixed-width bytes array (numpy `S` dtype, ids without NUL bytes), without Python objects."""
-    ids = np.ascontiguousarray(ids)
-    width = ids.dtype.itemsize
-    hashes = np.empty(len(ids), np.uint64)
-    for start in range(0, len(ids), 1 << 20):
-        block = ids[start : start + (1 << 20)].view(np.uint8).reshape(-1, width)
-        lengths = (block != 0).sum(axis=1)
-        h = np.full(len(block), FNV_OFFSET, np.uint64)
-        for column in range(width):
-            live = lengths > column
-            h = np.where(live, (h ^ block[:, column].astype(np.uint64)) * FNV_PRIME, h)
-        hashes[start : start + len(block)] = h
-    return hashes
-
-
-def _hash_spans(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """FNV-1a of buffer[starts[i] : starts[i] + lengths[i]] for every i."""
-    hashes = np.full(len(starts), FNV_OFFSET, np.uint64)
-    for column in range(int(lengths.max(initial=0))):
-        live = np.flatnonzero(lengths > column)
-        byte = buffer[starts[live] + column].astype(np.uint64)
-        hashes[live] = (hashes[live] ^ byte) * FNV_PRIME
-    return hashes
-
 
 def is_json_collection(path: str | os.PathLike) -> bool:
     return any(suffix in (".json", ".jsonl") for suffix in Path(path).suffixes)
@@ -264,7 +228,6 @@ class TextStore:
 
     def get_many(self, ids: Sequence[str]) -> list[str]:
         """The texts of `ids`, in order; MissingTextError (naming the file and up to 5 ids) if any is absent."""
-        from sce_jax.texts import MissingTextError
 
         texts = self._lookup(ids)
         missing = [text_id for text_id, text in zip(ids, texts) if text is None]
@@ -281,7 +244,7 @@ class TextStore:
             return np.array([i.decode("utf-8") not in self._texts for i in ids.tolist()], bool)
         if not len(self._index.hashes):
             return np.ones(len(ids), bool)
-        hashes = hash_fixed(ids)
+        hashes = idhash.hash_fixed(ids)
         order = np.argsort(hashes)  # sorted probes walk the memory-mapped index in order
         where = np.minimum(np.searchsorted(self._index.hashes, hashes[order]), len(self._index.hashes) - 1)
         absent = np.empty(len(ids), bool)
@@ -297,7 +260,7 @@ class TextStore:
         if self._texts is not None:
             return [self._texts.get(text_id) for text_id in ids]
         encoded = [text_id.encode("utf-8", "surrogatepass") for text_id in ids]
-        hashes = hash_ids(encoded)
+        hashes = idhash.hash_ids(encoded)
         index = self._index
         lo = np.searchsorted(index.hashes, hashes, "left")
         hi = np.searchsorted(index.hashes, hashes, "right")
@@ -476,7 +439,7 @@ def _index_tsv_chunk(chunk: bytes, path, line_base: int):
         blank[i] = True
     keep = ~blank
     starts, ends, first_tab = starts[keep], ends[keep], first_tab[keep]
-    hashes = _hash_spans(buffer, starts, first_tab - starts)
+    hashes = idhash.hash_spans(buffer, starts, first_tab - starts)
     # The stored length covers the line up to (not including) its newline.
     return hashes, starts, ends - starts, line_numbers[keep], len(line_numbers)
 
@@ -498,4 +461,4 @@ def _index_json_chunk(chunk: bytes, path, line_base: int):
         ids.append(text_id.encode("utf-8"))
         kept.append(i)
     kept = np.asarray(kept, np.int64)
-    return (hash_ids(ids), starts[kept], (ends - starts)[kept], line_base + 1 + kept, len(starts))
+    return (idhash.hash_ids(ids), starts[kept], (ends - starts)[kept], line_base + 1 + kept, len(starts))

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from sce_jax import distributed
 from sce_jax.batch import Batch
 from sce_jax.cache import enable_compilation_cache
 from sce_jax.checkpoint import CHECKPOINTS_DIR, copy_tokenizer_files, load_model_dir
@@ -244,26 +245,14 @@ def make_train_step(graphdef, loss_name: str, optimizer: optax.GradientTransform
     return train_step
 
 
-def initialize_distributed(env=os.environ) -> None:
-    """Join a multi-host job when the usual coordinator settings are present (see docs/training.md)."""
-    if "JAX_COORDINATOR_ADDRESS" in env:
-        jax.distributed.initialize(
-            num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
-            process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None,
-        )
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        jax.distributed.initialize()  # JAX reads the cluster's own variables
-
-
 def make_mesh(devices_per_host: int | None) -> Mesh:
     """A 1-D `data` mesh over the first `devices_per_host` devices of every host (all hosts make the same)."""
     by_host: dict[int, list] = {}
     for device in jax.devices():
         by_host.setdefault(device.process_index, []).append(device)
-    local = len(by_host[jax.process_index()])
-    if devices_per_host is not None and devices_per_host > local:
-        raise ConfigError(f"--devices {devices_per_host}: this host has only {local} devices")
-    count = devices_per_host or local
+    if problem := distributed.local_device_problem(devices_per_host):
+        raise ConfigError(f"--devices {problem}")
+    count = devices_per_host or len(by_host[jax.process_index()])
     return Mesh(np.array([d for host in sorted(by_host) for d in by_host[host][:count]]), ("data",))
 
 
@@ -676,7 +665,7 @@ def _loop(cfg: TrainConfig, run: Prepared, state: TrainState, batches: Iterator,
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
-    initialize_distributed()
+    distributed.initialize()  # joins a multi-host job when the cluster's environment says so (docs/training.md)
     try:
         record = train(cfg)
     except (CheckpointError, FileNotFoundError, FileExistsError) as e:

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from sce_jax.config import SparseCrossEncoderConfig
@@ -62,29 +61,38 @@ def _mapping(config: SparseCrossEncoderConfig) -> Iterator[tuple[tuple, tuple[st
         yield (name, "bias"), (f"{hf_name}.bias",), "copy"
 
 
+def _hf_shape(path: tuple, config: SparseCrossEncoderConfig) -> tuple[int, ...]:
+    """The shape of the Hugging Face tensor (one of three for "qkv") behind the parameter at `path`, as BERT's
+    config defines it: embedding tables [rows, hidden], linear weights [out, in], biases [out], norms [hidden]."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    rows = {"word_embeddings": config.vocab_size, "position_embeddings": config.max_position_embeddings,
+            "token_type_embeddings": config.type_vocab_size}
+    # (in, out) of each Hugging Face linear ("qkv": each of query, key and value).
+    linears = {"qkv": (hidden, hidden), "attention_output": (hidden, hidden), "intermediate": (hidden, inter),
+               "output": (inter, hidden), "pooler": (hidden, hidden), "classifier": (hidden, 1)}
+    if path[-1] == "embedding":
+        return (rows[path[-2]], hidden)
+    if path[-2] in linears:
+        in_features, out_features = linears[path[-2]]
+        return (out_features, in_features) if path[-1] == "kernel" else (out_features,)
+    return (hidden,)
+
+
 def param_shapes(config: SparseCrossEncoderConfig) -> dict:
-    """The parameter tree of a model with this config, as shapes (nothing is allocated)."""
-    from flax import nnx
-
-    from sce_jax.model import SparseCrossEncoderModel
-
-    abstract = nnx.eval_shape(lambda: SparseCrossEncoderModel(config, rngs=nnx.Rngs(0)))
-    return jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    """The parameter tree of a float32 model with this config, as shapes (nothing is allocated)."""
+    shapes: dict = {}
+    for path, keys, kind in _mapping(config):
+        shape = _hf_shape(path, config)
+        if kind == "linear":
+            shape = shape[::-1]
+        elif kind == "qkv":  # three [out, in] weights -> one [in, 3·out] kernel; three biases -> [3·out]
+            shape = (*shape[1:], len(keys) * shape[0])
+        _set(shapes, path, shape)
+    return shapes
 
 
 def _expected_hf_shapes(config: SparseCrossEncoderConfig) -> dict[str, tuple[int, ...]]:
-    ours = param_shapes(config)
-    shapes = {}
-    for path, keys, kind in _mapping(config):
-        shape = _get(ours, path)
-        if kind == "copy":
-            shapes[keys[0]] = shape
-        elif kind == "linear":
-            shapes[keys[0]] = shape[::-1]
-        else:
-            per_key = (*shape[:-1], shape[-1] // 3)
-            shapes.update({key: per_key[::-1] for key in keys})
-    return shapes
+    return {key: _hf_shape(path, config) for path, keys, _ in _mapping(config) for key in keys}
 
 
 def _set(tree: dict, path: tuple, value: Any) -> None:

@@ -132,3 +132,26 @@ def test_ctrl_c_while_a_command_starts_is_one_line_and_130(command, tmp_path):
     process.send_signal(signal.SIGINT)
     rest = [line for line in process.stderr.read().splitlines() if not line.startswith("import time:")]
     assert (process.wait(60), rest) == (130, ["interrupted"]), "\n".join(rest)
+
+
+@pytest.mark.parametrize("proc", [True, False])
+def test_current_umask_reads_the_umask_without_changing_it(monkeypatch, proc):
+    """From /proc/self/status, or where that cannot be read from a probe file's mode: the same answer, and the
+    process's umask is never set (setting it, even for a moment, races threads that create files)."""
+    mask = 0o027
+    previous = os.umask(mask)
+    try:
+        if not proc:
+            class NoProc(type(Path())):
+                def read_text(self, *args, **kwargs):
+                    raise OSError("no /proc here")
+
+            monkeypatch.setattr(files, "Path", NoProc)
+        set_masks = []
+        real_umask = os.umask
+        monkeypatch.setattr(os, "umask", lambda m: set_masks.append(m) or real_umask(m))
+        assert files.current_umask() == mask
+        assert set_masks == []
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)

@@ -17,7 +17,7 @@ from scipy.stats import spearmanr
 from sce_jax import quant
 from sce_jax.checkpoint import load_model_dir
 from sce_jax.convert import main as convert_main
-from sce_jax.encoder import SparseCrossEncoder
+from sce_jax.encoder import SparseCrossEncoder, quantized_params
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_RUN = REPO / "examples" / "run.jsonl"
@@ -213,9 +213,9 @@ def test_smoothing_moves_outlier_channels_into_the_weights(linear_case):
 
 def test_quantized_tree_round_trips(tiny_sparse_dir):
     config, params, _ = load_model_dir(tiny_sparse_dir)
-    quantized = quant.quantize_params(params, config)
+    quantized = quantized_params(params, config)
     assert quant.is_quantized(quantized) and not quant.is_quantized(params)
-    assert quant.quantize_params(quantized, config) is quantized
+    assert quantized_params(quantized, config) is quantized
     for i, layer in quantized["layers"].items():
         for name in quant.QUANTIZED_LINEARS:
             linear = layer[name]
@@ -237,7 +237,16 @@ QUERY = "how do bees make honey"
 DOCS = ["bees collect nectar from flowers and store it in the hive", "honey is made by bees from nectar",
         "the stock market fell sharply today", "a recipe for banana bread with walnuts",
         "wasps build paper nests under roofs", "the cat sat on the mat and looked at the bees",
-        "nectar is a sugary fluid produced by plants", "beekeepers harvest honey in late summer"]
+        "nectar is a sugary fluid produced by plants", "beekeepers harvest honey in late summer",
+        "bumblebees nest in the ground and make a little honey", "flowers need bees to carry pollen between them",
+        "the hive keeps its honey in wax combs", "honey never spoils if it is sealed",
+        "a bear raided the beehive for honey", "sugar prices rose again this year",
+        "the football match ended in a draw", "queen bees lay thousands of eggs"]
+# int8 against float32 on MiniLM-L6 and these 16 documents (one query of the benchmark's documents workload has
+# 16): docs/int8.md's goal, Spearman >= 0.99 per query, and a largest |Δscore| of 5% of the query's spread (the
+# benchmark's documents: 3.6%). One adjacent swap among 16 documents is Spearman 0.997; among 8 it would be 0.976.
+INT8_SPEARMAN = 0.99
+INT8_TOLERANCE = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -258,12 +267,12 @@ def minilm_scores(minilm_hf_dir):
 
 @pytest.mark.slow
 def test_int8_model_is_close_to_float32(minilm_scores):
-    """Documented tolerance (docs/int8.md): |Δscore| <= 10% of the query's score spread, same ranking here."""
+    """docs/int8.md's accuracy goal (`INT8_SPEARMAN`, `INT8_TOLERANCE`)."""
     f32, i8 = minilm_scores["float32"], minilm_scores["int8"]
     spread = f32.max() - f32.min()
     assert spread > 0.1  # O(1) logits that differ between documents
-    assert np.abs(i8 - f32).max() <= 0.1 * spread
-    assert spearmanr(f32, i8).statistic >= 0.95
+    assert np.abs(i8 - f32).max() <= INT8_TOLERANCE * spread
+    assert spearmanr(f32, i8).statistic >= INT8_SPEARMAN
     assert not np.array_equal(f32, i8)  # int8 really ran
 
 
@@ -280,7 +289,7 @@ def test_int8_model_computes_query_rows_nearly_in_float_and_documents_in_int8(mi
     monkeypatch.setenv(quant.INT8_KERNEL_ENV, kernel)
     config, params, _ = load_model_dir(minilm_hf_dir)
     config = dataclasses.replace(config, **{**released_pattern(), "attention_window_size": 4})
-    quantized = quant.quantize_params(params, config)
+    quantized = quantized_params(params, config)
     int8 = build_model(config, quantized, dtype="int8")
     dequantized = build_model(config, quant.dequantize_params(quantized), dtype="float32")
     assert int8.layers[0]._fused() == (kernel == "cpu")
@@ -304,7 +313,7 @@ def test_fused_kernels_score_like_the_xla_int8_layers(minilm_hf_dir, monkeypatch
     """The fused C++ int8 layers and XLA's compute the same scheme, with float operations in another order: a
     value on a rounding boundary may round the other way (one token of 35 at layer 1 in a scratch check on 3
     documents), which moves that token's later layers by int8-noise magnitudes. So on MiniLM-L6 (O(1) logits) the
-    two agree within the documented int8 tolerance (2% of the spread here), and each stays within it of float32.
+    two agree within 2% of the spread (docs/int8.md), and each meets the accuracy goal against float32.
     The kernels themselves match their numpy reference to float32 rounding (test_cpu_int8.py)."""
     from sce_jax.config import released_pattern
 
@@ -317,10 +326,11 @@ def test_fused_kernels_score_like_the_xla_int8_layers(minilm_hf_dir, monkeypatch
     f32 = SparseCrossEncoder.load(minilm_hf_dir, config_overrides=overrides, max_length=128).score(QUERY, DOCS)
     spread = f32.max() - f32.min()
     assert spread > 0.1
-    assert np.abs(scores["cpu"] - scores["xla"]).max() <= 0.05 * spread
-    assert spearmanr(scores["cpu"], scores["xla"]).statistic >= 0.95
+    assert np.abs(scores["cpu"] - scores["xla"]).max() <= 0.02 * spread
+    assert spearmanr(scores["cpu"], scores["xla"]).statistic >= INT8_SPEARMAN
     for kernel in ("xla", "cpu"):
-        assert np.abs(scores[kernel] - f32).max() <= 0.1 * spread
+        assert np.abs(scores[kernel] - f32).max() <= INT8_TOLERANCE * spread
+        assert spearmanr(scores[kernel], f32).statistic >= INT8_SPEARMAN
     assert not np.array_equal(scores["cpu"], scores["xla"])  # two implementations really ran
 
 
@@ -386,7 +396,7 @@ def test_converter_stores_int8_weights_that_load_and_score_the_same(tiny_sparse_
     assert json.loads((out / quant.QUANTIZATION_FILE).read_text())["dtype"] == "int8"
     config, stored, _ = load_model_dir(out)
     _, params, _ = load_model_dir(tiny_sparse_dir)
-    expected = quant.quantize_params(params, config)
+    expected = quantized_params(params, config)
     for i, layer in expected["layers"].items():
         for name in quant.QUANTIZED_LINEARS:
             for key, value in layer[name].items():

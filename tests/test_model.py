@@ -259,17 +259,20 @@ def test_bfloat16_compute_stays_close_to_float32(tiny_dir):
 
 def test_feed_forward_in_token_chunks_matches_dense_numpy_reference(tiny_dir, monkeypatch):
     """On CPU, batches of many tokens run the feed-forward block chunk by chunk (forced here with 16-token
-    chunks): logits and last-layer document states still equal the numpy reference's."""
+    chunks): logits and last-layer document states still equal the numpy reference's. The chunk size is the
+    model's static setting, chosen when it is built: tracing does not ask for the backend."""
     from sce_jax import model as model_module
 
     chunks = []
     unchunked = model_module.Layer._feed_forward_chunk
-    monkeypatch.setattr(model_module, "_CPU_TOKEN_CHUNK", 16)
+    monkeypatch.setattr(model_module, "CPU_TOKEN_CHUNK", 16)
     monkeypatch.setattr(
         model_module.Layer, "_feed_forward_chunk", lambda self, x, *a: chunks.append(x.shape[0]) or unchunked(self, x, *a)
     )
     state, hf_config = _state_and_config(str(tiny_dir))
     model = _model(tiny_dir, RELEASED, 4)
+    assert model.token_chunk == 16 and all(layer.token_chunk == 16 for layer in model.layers)
+    monkeypatch.setattr(model_module, "default_token_chunk", lambda: pytest.fail("backend read while tracing"))
     batch = _batch(tiny_dir, doc_length=80)  # a shape no other test compiles
     scores, hidden = _run(model, batch, hidden=True)
     cls_only_scores = _run(model, batch)

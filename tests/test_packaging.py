@@ -81,10 +81,27 @@ def test_the_wheel_declares_scripts_license_and_the_gpu_extra(wheel):
     assert any(r.replace(" ", "") == "jaxlib!=0.10.2" for r in requires), requires
 
 
-def test_console_script_targets_exist():
-    from sce_jax import convert, rerank, serve, train
+# Each console script's usage line, and an option its help must show. The server's parser names itself after
+# `python -m sce_jax.serve` whichever way it is started.
+SCRIPT_HELP = {"sce-jax-rerank": ("sce-jax-rerank", "--run RUN"), "sce-jax-train": ("sce-jax-train", "--train-data"),
+               "sce-jax-convert": ("sce-jax-convert", "--quantize"),
+               "sce-jax-serve": ("python -m sce_jax.serve", "--model MODEL")}
 
-    assert all(callable(module.cli) for module in (convert, rerank, serve, train))
+
+@pytest.mark.parametrize("script", sorted(SCRIPT_HELP))
+def test_console_scripts_run_and_print_their_usage(script):
+    """Each [project.scripts] entry point run as pip's wrapper runs it (`sys.exit(target())`, argv[0] the
+    script's name) with --help: exit 0 and the command's usage."""
+    import tomllib
+
+    target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][script]
+    module, function = target.split(":")
+    code = f"import sys; from {module} import {function} as main; sys.argv = [{script!r}, '--help']; sys.exit(main())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    prog, option = SCRIPT_HELP[script]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(f"usage: {prog} [-h]") and option in result.stdout, result.stdout[:500]
 
 
 def _checkout_without_built_kernels(directory: pathlib.Path) -> pathlib.Path:

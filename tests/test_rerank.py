@@ -14,7 +14,8 @@ import pytest
 from sce_jax.errors import run_cli
 from sce_jax.rerank import RerankConfig, load_config, load_input
 from sce_jax.rerank import main as rerank_main
-from sce_jax.runs import InputError, read_json_run
+from sce_jax.errors import InputError
+from sce_jax.runs import read_json_run
 from scores import assert_batch_close
 
 REPO = Path(__file__).resolve().parents[1]

@@ -263,20 +263,44 @@ def test_sigkill_and_resume_in_a_real_process(tiny_sparse_dir, baseline, tmp_pat
     assert output.read_bytes() == baseline
 
 
-@pytest.mark.slow
-def test_two_processes_write_what_one_writes(tiny_sparse_dir, baseline, tmp_path):
+def _two_processes(model_dir, output: Path, cache: str, extra=((), ())) -> tuple[list, list[str]]:
+    """Both processes of a 2-process job on localhost (process p with the flags `extra[p]` added), run to their
+    end: (return codes, logs). A process still running after 300 s is killed, not left behind."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
+    processes = [_subprocess(["--model", str(model_dir), *_args(output), "--coordinator", f"localhost:{port}",
+                              "--num-processes", "2", "--process-id", str(p), *extra[p]], cache) for p in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    return [p.returncode for p in processes], logs
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_writes(tiny_sparse_dir, baseline, tmp_path):
     output = tmp_path / "run.trec"
-    cache = str(tmp_path / "xla")
-    processes = [_subprocess(["--model", str(tiny_sparse_dir), *_args(output), "--coordinator", f"localhost:{port}",
-                              "--num-processes", "2", "--process-id", str(p)], cache) for p in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], logs
+    codes, logs = _two_processes(tiny_sparse_dir, output, str(tmp_path / "xla"))
+    assert codes == [0, 0], logs
     assert "process 1 of 2 takes windows 2..3" in logs[1]
     assert output.read_bytes() == baseline
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.trec", "xla"]
+
+
+@pytest.mark.slow
+def test_a_failing_process_stops_the_others_with_one_line(tiny_sparse_dir, tmp_path):
+    """Process 1 fails after joining the job (a device count it does not have); process 0 scores its share,
+    meets it at the barrier and stops too, naming it, instead of waiting there. Nothing is written."""
+    output = tmp_path / "run.trec"
+    codes, logs = _two_processes(tiny_sparse_dir, output, str(tmp_path / "xla"), extra=((), ("--devices", "5")))
+    assert codes == [2, 2], logs
+    failure = "--devices 5, but this machine has 1 local devices"
+    assert f"error: {failure}" in logs[1].splitlines()
+    assert f"error: process 1 of 2 failed: {failure}" in logs[0].splitlines()
+    assert not output.exists()
 
 
 # --- outputs ------------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import pytest
 
 from sce_jax import irds
 from sce_jax.evaluation import evaluate, needed_depth, parse_measures, read_qrels
+from sce_jax.errors import InputError
 from sce_jax.runs import (
-    InputError,
     is_json_run,
     rank_by_score,
     read_json_run,
@@ -21,7 +21,8 @@ from sce_jax.runs import (
     select_top,
     write_trec_run,
 )
-from sce_jax.texts import MissingTextError, complete_texts, read_docs, read_tsv_texts
+from sce_jax.errors import MissingTextError
+from sce_jax.texts import complete_texts, read_docs, read_tsv_texts
 
 
 def _write(path, text):
@@ -341,9 +342,7 @@ def test_compact_reader_equals_read_then_select_top(tmp_path, seed, monkeypatch)
     monkeypatch.setattr(runs, "_blocks", lambda p, size=64, real=runs._blocks: real(p, size))
     monkeypatch.setattr(runs, "DepthCut", lambda d: DepthCut(d, chunk_rows=3))
     if seed % 3 == 0:  # every docno hash collides: repeats are still decided by the ids themselves
-        from sce_jax import textstore
-
-        monkeypatch.setattr(textstore, "hash_fixed", lambda ids: np.zeros(len(ids), np.uint64))
+        monkeypatch.setattr(runs, "hash_fixed", lambda ids: np.zeros(len(ids), np.uint64))
     got = read_trec_run_compact(path, depth).frame()
     expected = select_top(read_trec_run(path), depth)
     assert list(zip(got.qid, got.docno)) == list(zip(expected.qid, expected.docno))

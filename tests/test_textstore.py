@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sce_jax import idhash, textstore
 from sce_jax.cache import CACHE_ENV
-from sce_jax import textstore
-from sce_jax.errors import InputError
-from sce_jax.texts import MissingTextError, read_tsv_texts
-from sce_jax.textstore import TextStore, hash_fixed, hash_ids
+from sce_jax.errors import InputError, MissingTextError
+from sce_jax.idhash import hash_fixed, hash_ids
+from sce_jax.texts import read_tsv_texts
+from sce_jax.textstore import TextStore
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +130,7 @@ def test_read_only_directory_uses_the_cache(tmp_path, cache, monkeypatch):
 
 
 def test_hash_collisions_are_resolved_by_the_id(tmp_path, monkeypatch):
-    monkeypatch.setattr(textstore, "_hash_spans", lambda buffer, starts, lengths: np.zeros(len(starts), np.uint64))
+    monkeypatch.setattr(idhash, "hash_spans", lambda buffer, starts, lengths: np.zeros(len(starts), np.uint64))
     path = _write(tmp_path / "c.tsv", b"a\t1\nb\t2\nc\t3\nb\t2\n")
     with TextStore.open(path) as store:
         assert len(store) == 3
@@ -169,8 +170,8 @@ def _reference_index(data: bytes):
 @pytest.mark.parametrize("collide", [False, True])
 def test_index_equals_the_earlier_sort_with_repeats_and_collisions(tmp_path, monkeypatch, collide):
     if collide:  # few distinct hashes (the reference's too): many lines of one hash, kept in file order
-        real = textstore._hash_spans
-        monkeypatch.setattr(textstore, "_hash_spans", lambda b, s, n: real(b, s, n) % np.uint64(5))
+        real = idhash.hash_spans
+        monkeypatch.setattr(idhash, "hash_spans", lambda b, s, n: real(b, s, n) % np.uint64(5))
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 400, 3000)
     data = "".join(f"d{i}\ttext of {i}\n" for i in ids).encode()  # repeats: identical lines

@@ -49,15 +49,17 @@ def test_truncated_document_fills_the_positions_exactly(minilm_dir):
     assert len(whole) == 200
 
 
-def test_score_keeps_input_order_and_ignores_batch_mates(tiny_hf_dir):
-    encoder = SparseCrossEncoder.load(tiny_hf_dir, max_length=128)
+def test_score_keeps_input_order_and_ignores_batch_mates(tiny_sparse_dir):
+    """On a model whose logits are O(1) and differ between documents (several documents share a row here), so
+    that a batch mate's influence would move a score far beyond the documented batch tolerance."""
+    encoder = SparseCrossEncoder.load(tiny_sparse_dir, max_length=128)
     docs = ["short", "a much longer document " * 8, "medium length text here", "x " * 60]
     together = encoder.score("query text", docs, batch_size=2)
     alone = np.array([encoder.score("query text", [d])[0] for d in docs])
     reversed_order = encoder.score("query text", docs[::-1], batch_size=4)[::-1]
     assert_batch_close(together, alone)
     assert_batch_close(together, reversed_order)
-    assert len(set(together.tolist())) == len(docs)
+    assert np.abs(together).max() > 0.1 and np.diff(np.sort(together)).min() > 1e-3  # O(1), distinct
 
 
 def test_errors_are_clear(tiny_hf_dir, tmp_path):

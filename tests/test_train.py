@@ -238,7 +238,7 @@ def test_schedules():
     [
         (["--loss", "hinge"], "unknown loss 'hinge'"),
         (["--batch-size", "6", "--grad-accum", "4"], "batch_size 6 is not divisible by grad_accum 4"),
-        (["--devices", "2"], "this host has only 1 devices"),
+        (["--devices", "2"], "--devices 2, but this machine has 1 local devices"),
         (["--train-data", "EMPTY"], "contains no training samples"),
         (["--train-data", "MISSING_FIELD"], "bad.jsonl: line 1: missing field"),
         (["--loss", "margin-mse", "--train-data", "THREE_DOCS"], "margin-mse needs 2 documents"),
