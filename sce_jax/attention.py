@@ -248,8 +248,9 @@ def _triton_doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window
     return attend(q, k, v, kg, vg)
 
 
-def _dense_doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window, doc_slot_DxL=None, global_slot_DxG=None,
-                         *, dropout=None):
+def _dense_doc_attention(
+    q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window, doc_slot_DxL=None, global_slot_DxG=None, *, dropout=None
+):
     length = q.shape[1]
     pos = jnp.arange(length)
     band_LxL = jnp.ones((length, length), bool) if window is None else abs(pos[:, None] - pos[None, :]) <= window

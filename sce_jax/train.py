@@ -163,7 +163,7 @@ HELP = {
     "max_grad_norm": "clip gradients to this global norm; none: no clipping",
     "loss": "margin-mse, ranknet, listnet, listmle, approx-ndcg or localized-contrastive",
     "loss_reduction": "batch: the original's means (RankNet over all valid pairs of the batch, ListMLE over all "
-                      "list positions, MarginMSE over complete samples); sample: the mean of per-sample losses",
+                      "real list positions, MarginMSE over complete samples); sample: the mean of per-sample losses",
     "max_length": "tokens of [CLS] + query + document",
     "max_query_length": "tokens of the query",
     "save_every": "steps between checkpoints (the last step is always saved)",
@@ -236,8 +236,7 @@ def make_loss_and_grad(graphdef, loss_name: str, loss_reduction: str = "batch"):
         model = nnx.merge(graphdef, params)
         scores_D = model(Batch(micro.query_ids, micro.doc_ids, micro.doc_query), dropout_rng=key)
         scores_BxN = scores_D.reshape(micro.labels.shape)
-        total, count = sum_count(scores_BxN, micro.labels, micro.label_mask)
-        return total, count
+        return sum_count(scores_BxN, micro.labels, micro.label_mask)
 
     def loss_and_grad(params, batch: TrainBatch, dropout_key, step):
         keys = jax.random.split(jax.random.fold_in(dropout_key, step), batch.labels.shape[0])
@@ -580,7 +579,8 @@ def train(cfg: TrainConfig) -> dict:
     params = jax.device_put(nnx.to_pure_dict(param_state), replicated)
     optimizer = make_optimizer(cfg)
     opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
-    step_fn = jax.jit(make_train_step(graphdef, cfg.loss, optimizer, cfg.loss_reduction), out_shardings=(replicated,) * 3)
+    step_fn = jax.jit(make_train_step(graphdef, cfg.loss, optimizer, cfg.loss_reduction),
+                      out_shardings=(replicated,) * 3)
     batch_sharding = NamedSharding(mesh, P(None, "data"))
     schedule = make_schedule(cfg)
 

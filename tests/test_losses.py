@@ -193,7 +193,8 @@ def test_batch_reduction_is_the_originals(name, reference, scores, labels, mask)
     got = losses.reduce_loss(name, "batch", *(jnp.asarray(a) for a in (scores, labels, mask)))
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
     sum_count = losses.loss_sum_count(name, "batch")
-    parts = [sum_count(*(jnp.asarray(a[part]) for a in (scores, labels, mask))) for part in (slice(0, 1), slice(1, None))]
+    parts = [sum_count(*(jnp.asarray(a[part]) for a in (scores, labels, mask)))
+             for part in (slice(0, 1), slice(1, None))]
     total, count = (sum(float(p[i]) for p in parts) for i in range(2))
     np.testing.assert_allclose(total / count, expected, rtol=1e-6)
 

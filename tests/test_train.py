@@ -236,6 +236,13 @@ def test_flags_override_yaml(tmp_path):
     assert (recipe.batch_size, recipe.learning_rate, recipe.warmup_steps, recipe.steps, recipe.save_every) == (
         32, 7e-6, 1000, 100_000, 5000)
     assert recipe.model_overrides["attention_window_size"] == 4 and not recipe.model_overrides["query_doc_attention"]
+    assert recipe.loss_reduction == "batch"
+    assert (recipe.model_overrides["hidden_dropout_prob"], recipe.model_overrides["attention_probs_dropout_prob"]) == (
+        0.1, 0.1)
+    attention_only = train_module.resolve_config(train_module.build_parser().parse_args(
+        ["--config", "configs/train.yaml", "--dropout", "0.2", "--attention-dropout", "0"]))
+    assert (attention_only.model_overrides["hidden_dropout_prob"],
+            attention_only.model_overrides["attention_probs_dropout_prob"]) == (0.2, 0.0)
 
 
 def test_schedules():
@@ -258,6 +265,8 @@ def test_schedules():
         (["--loss", "margin-mse", "--train-data", "THREE_DOCS"], "margin-mse needs 2 documents"),
         (["--steps", "0"], "steps must be >= 1"),
         (["--dtype", "int8"], "dtype int8 is for inference only"),
+        (["--loss-reduction", "mean"], "unknown loss_reduction 'mean'; choose one of batch, sample"),
+        (["--attention-dropout", "1"], "attention_dropout must be in [0, 1), got 1.0"),
     ],
 )
 def test_bad_input_fails_before_training(tiny_hf_dir, tmp_path, capsys, extra, message):

@@ -34,8 +34,10 @@ LOSS_NAMES = ("margin-mse", "ranknet", "listnet", "listmle", "approx-ndcg", "loc
 # Samples of a training batch: (query length, [document lengths], labels); a None length is a padding slot.
 # Distinct labels per sample (ListMLE's ties are ordered differently by the original), unequal numbers of labelled
 # pairs and of real documents, every sample with a positive gain (ApproxNDCG).
-LIST_SAMPLES = [(5, [9, 4, 12], [2.0, 0.5, 1.0]), (3, [7, None, 6], [0.7, 0.0, 1.5]), (6, [11, 3, None], [1.0, 2.0, 0.0])]
-PAIR_SAMPLES = [(5, [9, 4], [1.8, -0.2]), (3, [7, 10], [0.3, 1.1]), (6, [11, None], [1.0, 0.0]), (4, [5, 8], [2.5, 0.4])]
+LIST_SAMPLES = [(5, [9, 4, 12], [2.0, 0.5, 1.0]), (3, [7, None, 6], [0.7, 0.0, 1.5]),
+                (6, [11, 3, None], [1.0, 2.0, 0.0])]
+PAIR_SAMPLES = [(5, [9, 4], [1.8, -0.2]), (3, [7, 10], [0.3, 1.1]), (6, [11, None], [1.0, 0.0]),
+                (4, [5, 8], [2.5, 0.4])]
 
 
 def samples_for(loss: str):
@@ -177,7 +179,8 @@ def wide_hf_dir(tmp_path_factory, minilm_dir):
     """A tiny random BERT cross-encoder (2 layers, hidden 32) drawn wide enough that logits are O(1)."""
     from conftest import _save_hf_model, _tiny_bert
 
-    return _save_hf_model(_tiny_bert(seed=3, initializer_range=0.15), minilm_dir, tmp_path_factory.mktemp("wide") / "hf")
+    model = _tiny_bert(seed=3, initializer_range=0.15)
+    return _save_hf_model(model, minilm_dir, tmp_path_factory.mktemp("wide") / "hf")
 
 
 def torch_loss_and_grad(model_dir, loss: str, batch: TrainBatch, sequences) -> tuple[float, dict]:
