@@ -85,8 +85,8 @@ def step_metrics(output_dir) -> np.ndarray:
 
 def assert_same_steps(output_dir, reference_dir, *, params_atol: float) -> None:
     """Two runs took the same steps: every step's loss and gradient norm agree to 1e-5 relative (Adam's update
-    ignores the gradients' scale, so the parameters alone would not show a mis-scaled gradient), and so do the
-    final parameters."""
+    all but ignores the gradients' scale: in the parameters a mis-scaled gradient shows only through eps, at
+    near-zero gradients), and so do the final parameters."""
     np.testing.assert_allclose(step_metrics(output_dir), step_metrics(reference_dir), rtol=1e-5)
     assert max_difference(final_params(output_dir), final_params(reference_dir)) <= params_atol
 
