@@ -7,6 +7,7 @@ so no transposes are needed. Scores and softmax are float32 whatever the compute
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 from typing import NamedTuple
@@ -19,6 +20,51 @@ from sce_jax.config import ATTENTION_IMPLS, SparseCrossEncoderConfig
 
 # Mask value for scores: finite so fully masked rows stay NaN-free (they are zeroed explicitly).
 _NEG = -1e30
+
+logger = logging.getLogger("sce_jax.attention")
+
+# Implementations without dropout on attention probabilities: training with that dropout runs the XLA path.
+_NO_PROB_DROPOUT = ("cpu", "pallas", "triton")
+
+
+class ProbDropout(NamedTuple):
+    """Dropout on attention probabilities (BERT's `attention_probs_dropout_prob`): every probability is zeroed
+    with probability `rate`, the others scaled by 1 / (1 - rate). `rng` is one layer's key; each group of rows
+    ([CLS], query, document) draws its mask from its own fold of it (`site`)."""
+
+    rate: float
+    rng: jax.Array
+
+    def site(self, index: int) -> ProbDropout:
+        return ProbDropout(self.rate, jax.random.fold_in(self.rng, index))
+
+
+# Site numbers folded into a layer's attention-dropout key.
+CLS_SITE, QUERY_SITE, DOC_SITE = 0, 1, 2
+
+
+def drop_probs(probs: jax.Array, dropout: ProbDropout | None) -> jax.Array:
+    """`probs` with dropout applied (unchanged for None)."""
+    if dropout is None:
+        return probs
+    keep = jax.random.bernoulli(dropout.rng, 1.0 - dropout.rate, probs.shape)
+    return jnp.where(keep, probs / (1.0 - dropout.rate), 0.0).astype(probs.dtype)
+
+
+def training_attention_impl(impl: str) -> str:
+    """The implementation that runs while attention probabilities are dropped: `impl`, or the XLA path for the
+    C++, Pallas and Triton kernels (which have no dropout), said once in the log at INFO."""
+    resolved = resolve_attention_impl(impl)
+    if resolved not in _NO_PROB_DROPOUT:
+        return resolved
+    _log_once(f"attention_impl {resolved!r} has no attention-probability dropout: training runs the XLA attention "
+              f"path (inference keeps {resolved!r})")
+    return "xla"
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.info(message)
 
 
 class Groups(NamedTuple):
@@ -105,7 +151,7 @@ def _scores(q_DxTxHxK: jax.Array, k_DxSxHxK: jax.Array) -> jax.Array:
     return jnp.einsum("dthk,dshk->dhts", q_DxTxHxK, k_DxSxHxK, preferred_element_type=jnp.float32) * scale
 
 
-def segment_attention(q_DxTxHxK, segments) -> jax.Array:
+def segment_attention(q_DxTxHxK, segments, dropout: ProbDropout | None = None) -> jax.Array:
     """Rows attend to the union of several key segments with one joint softmax.
 
     `segments` is a sequence of (k [D,S,H,K], v [D,S,H,K], mask [D,S]); scores are concatenated rather than keys,
@@ -113,7 +159,7 @@ def segment_attention(q_DxTxHxK, segments) -> jax.Array:
     """
     scores = jnp.concatenate([_scores(q_DxTxHxK, k) for k, _, _ in segments], axis=-1)
     mask = jnp.concatenate([m for _, _, m in segments], axis=-1)[:, None, None, :]
-    probs_DxHxTxS = _masked_softmax(scores, mask)
+    probs_DxHxTxS = drop_probs(_masked_softmax(scores, mask), dropout)
     out = 0
     start = 0
     for _, v, m in segments:
@@ -137,6 +183,7 @@ def doc_attention(
     interpret: bool = False,
     doc_slot_DxL: jax.Array | None = None,
     global_slot_DxG: jax.Array | None = None,
+    dropout: ProbDropout | None = None,
 ) -> jax.Array:
     """Document rows: ±window document keys plus global ([CLS], query) keys, one softmax.
 
@@ -146,9 +193,10 @@ def doc_attention(
 
     impl "dense" builds the full [L, L] band mask (the readable reference), "xla" computes only the band
     (`_blocked_doc_attention`, memory O(L·(block + 2·window))), "pallas" runs the fused GPU kernel, "triton" the
-    Triton forward kernel (through jax_triton; GPU only) with the XLA path's backward.
+    Triton forward kernel (through jax_triton; GPU only) with the XLA path's backward. With `dropout` (training)
+    the kernels give way to the XLA path (`training_attention_impl`).
     """
-    impl = resolve_attention_impl(impl)
+    impl = resolve_attention_impl(impl) if dropout is None else training_attention_impl(impl)
     length = q_DxLxHxK.shape[1]
     segments = (doc_slot_DxL, global_slot_DxG)
     if impl == "pallas":
@@ -169,10 +217,12 @@ def doc_attention(
         )
     if impl == "dense" or window is None or window >= length - 1:
         return _dense_doc_attention(
-            q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG, window, *segments
+            q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG, window, *segments,
+            dropout=dropout,
         )
     return _blocked_doc_attention(
-        q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG, window, *segments
+        q_DxLxHxK, k_DxLxHxK, v_DxLxHxK, kg_DxGxHxK, vg_DxGxHxK, doc_mask_DxL, global_mask_DxG, window, *segments,
+        dropout=dropout,
     )
 
 
@@ -197,7 +247,9 @@ def _triton_doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window
     return attend(q, k, v, kg, vg)
 
 
-def _dense_doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window, doc_slot_DxL=None, global_slot_DxG=None):
+def _dense_doc_attention(
+    q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window, doc_slot_DxL=None, global_slot_DxG=None, *, dropout=None
+):
     length = q.shape[1]
     pos = jnp.arange(length)
     band_LxL = jnp.ones((length, length), bool) if window is None else abs(pos[:, None] - pos[None, :]) <= window
@@ -208,7 +260,7 @@ def _dense_doc_attention(q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window,
         global_mask &= _owned(global_slot_DxG, doc_slot_DxL)[:, None]
     global_mask = jnp.broadcast_to(global_mask, (*local_mask.shape[:3], kg.shape[1]))
     scores = jnp.concatenate([_scores(q, kg), _scores(q, k)], axis=-1)
-    probs = _masked_softmax(scores, jnp.concatenate([global_mask, local_mask], axis=-1))
+    probs = drop_probs(_masked_softmax(scores, jnp.concatenate([global_mask, local_mask], axis=-1)), dropout)
     num_global = kg.shape[1]
     out = jnp.einsum("dhts,dshk->dthk", probs[..., :num_global].astype(vg.dtype), vg, preferred_element_type=jnp.float32)
     out += jnp.einsum("dhts,dshk->dthk", probs[..., num_global:].astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -251,7 +303,7 @@ def _unskew(band, span):
 
 
 def _blocked_doc_attention(
-    q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window, doc_slot_DxL=None, global_slot_DxG=None
+    q, k, v, kg, vg, doc_mask_DxL, global_mask_DxG, window, doc_slot_DxL=None, global_slot_DxG=None, *, dropout=None
 ):
     """Band attention with scores from block matmuls and a softmax over just the 2w + 1 band offsets.
 
@@ -294,10 +346,10 @@ def _blocked_doc_attention(
     global_DxLxHxG = jnp.einsum("dlhk,dghk->dlhg", q, kg, preferred_element_type=jnp.float32) * scale
     num_global = kg.shape[1]
     global_mask = jnp.broadcast_to(global_mask, global_DxLxHxG.shape)
-    probs = _masked_softmax(
+    probs = drop_probs(_masked_softmax(
         jnp.concatenate([global_DxLxHxG, band_DxLxHxO], axis=-1),
         jnp.concatenate([global_mask, jnp.broadcast_to(band_mask_DxLx1xO, band_DxLxHxO.shape)], axis=-1),
-    )
+    ), dropout)
     out = jnp.einsum(
         "dlhg,dghk->dlhk", probs[..., :num_global].astype(vg.dtype), vg, preferred_element_type=jnp.float32
     )
@@ -330,6 +382,7 @@ def cls_attention(
     k_doc_DxLxHxK: jax.Array,
     v_doc_DxLxHxK: jax.Array,
     doc_slot_DxL: jax.Array,
+    dropout: ProbDropout | None = None,
 ) -> jax.Array:
     """[CLS] c of each row attends to itself, the row's query keys (`query_mask`) and the tokens of document slot c
     (`doc_slot`, -1 to hide a token), in one float32 softmax per [CLS] and head.
@@ -371,7 +424,7 @@ def cls_attention(
         ],
         axis=-1,
     )[:, :, None]
-    probs = _masked_softmax(scores, mask)  # [D, C, H, 1 + Q + L]
+    probs = drop_probs(_masked_softmax(scores, mask), dropout)  # [D, C, H, 1 + Q + L]
     out = probs[..., 0, None] * v_cls_DxCxHxK.astype(jnp.float32)
     out += jnp.einsum(
         "dchq,dqhk->dchk", probs[..., 1 : 1 + num_query].astype(vq_DxQxHxK.dtype), vq_DxQxHxK,
@@ -403,12 +456,15 @@ def pattern_cls_attention(
     doc_slot_DxLd: jax.Array,
     doc_query_D: jax.Array,
     config: SparseCrossEncoderConfig,
+    dropout: ProbDropout | None = None,
 ) -> jax.Array:
-    """The [CLS] rows' attention under the config's pattern (what the last layer needs for the scores)."""
+    """The [CLS] rows' attention under the config's pattern (what the last layer needs for the scores);
+    `dropout`: the layer's (its [CLS] site is used)."""
     return cls_attention(
         q_cls_DxCxHxK, k.cls, v.cls, k.query[doc_query_D], v.query[doc_query_D],
         query_mask_QxLq[doc_query_D] & config.cls_query_attention, k.doc, v.doc,
         jnp.where(config.cls_doc_attention, doc_slot_DxLd, -1),
+        dropout=None if dropout is None else dropout.site(CLS_SITE),
     )
 
 
@@ -423,8 +479,10 @@ def sparse_attention(
     *,
     impl: str = "xla",
     interpret: bool = False,
+    dropout: ProbDropout | None = None,
 ) -> Groups:
-    """One layer's attention for all three groups, following the config's pattern.
+    """One layer's attention for all three groups, following the config's pattern; `dropout` (training): the
+    layer's attention-probability dropout, one site per group.
 
     Rows of documents: `q.cls` is [D, C, ...] (C document slots per row), `doc_slot_DxLd` the slot of each document
     token (-1: padding). `q.query` etc. have Q rows; `doc_query_D` maps rows to them (the identity when the query
@@ -435,10 +493,11 @@ def sparse_attention(
     slot_C = jnp.arange(slots)
     # Query keys as seen from each row (a gather of Lq rows per row).
     kq_D, vq_D, qmask_D = k.query[doc_query_D], v.query[doc_query_D], query_mask_QxLq[doc_query_D]
-    cls_out = pattern_cls_attention(q.cls, k, v, query_mask_QxLq, doc_slot_DxLd, doc_query_D, config)
+    cls_out = pattern_cls_attention(q.cls, k, v, query_mask_QxLq, doc_slot_DxLd, doc_query_D, config, dropout)
+    query_dropout = None if dropout is None else dropout.site(QUERY_SITE)
 
     if config.query_is_shared:
-        query_out = segment_attention(q.query, [(k.query, v.query, query_mask_QxLq)])
+        query_out = segment_attention(q.query, [(k.query, v.query, query_mask_QxLq)], query_dropout)
     else:  # one document per row (the model checks)
         query_out = segment_attention(
             q.query,
@@ -447,6 +506,7 @@ def sparse_attention(
                 (k.cls, v.cls, jnp.full((num_rows, 1), config.query_cls_attention)),
                 (k.doc, v.doc, doc_mask_DxLd & config.query_doc_attention),
             ],
+            query_dropout,
         )
 
     global_mask = jnp.concatenate(
@@ -472,6 +532,7 @@ def sparse_attention(
         impl=impl,
         interpret=interpret,
         **slot_args,
+        dropout=None if dropout is None else dropout.site(DOC_SITE),
     )
     return Groups(cls_out, query_out, doc_out)
 

@@ -51,7 +51,7 @@ def local_device_problem(devices) -> str | None:
 
     local = jax.local_device_count()
     if not isinstance(devices, int) or isinstance(devices, bool) or not 1 <= devices <= local:
-        return f"{devices!r}, but this machine has {local} local devices"
+        return f"{devices!r}, but this machine has {local} local device{'s' * (local != 1)}"
     return None
 
 

@@ -13,11 +13,13 @@ from flax import nnx
 
 from sce_jax.attention import (
     Groups,
+    ProbDropout,
     TokenLayout,
     cpu_layer_attention,
     pattern_cls_attention,
     sparse_attention,
     supports_cpu_kernel,
+    training_attention_impl,
 )
 from sce_jax.batch import Batch
 from sce_jax.config import SparseCrossEncoderConfig
@@ -41,6 +43,10 @@ def default_token_chunk() -> int | None:
     """The feed-forward token chunk for the default backend (`CPU_TOKEN_CHUNK` on CPU, None: no chunks), chosen
     when a model is built, so that it is part of the model's static configuration."""
     return CPU_TOKEN_CHUNK if jax.default_backend() == "cpu" else None
+
+
+# Folded into a forward pass's dropout key to derive the attention-probability keys (then the layer index).
+_ATTENTION_DROPOUT_STREAM = 0x41545450
 
 
 def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -125,7 +131,8 @@ class Layer(nnx.Module):
         self.output = linear(config.intermediate_size, hidden)
         self.output_norm = nnx.LayerNorm(hidden, **norm)
 
-    def __call__(self, x_TxF, layout: TokenLayout, masks, *, impl, interpret, dropout_rngs):
+    def __call__(self, x_TxF, layout: TokenLayout, masks, *, impl, interpret, dropout_rngs,
+                 attention_dropout: ProbDropout | None = None):
         cfg = self.config
         float_rows = layout.query_end  # the [CLS] and query rows, quantized in two passes (int8 model only)
         fused = self._fused()
@@ -135,12 +142,14 @@ class Layer(nnx.Module):
             attended_TxHxK = cpu_layer_attention(qkv_Tx3xHxK, qkv_Tx3xHxK, *masks, cfg, layout, variant=self.cpu_kernels)
         else:
             q, k, v = (layout.split(qkv_Tx3xHxK[:, i]) for i in range(3))
-            attended_TxHxK = layout.join(sparse_attention(q, k, v, *masks, cfg, impl=impl, interpret=interpret))
+            attended_TxHxK = layout.join(sparse_attention(q, k, v, *masks, cfg, impl=impl, interpret=interpret,
+                                                          dropout=attention_dropout))
         if fused:
             return self._fused_tail(x_TxF, attended_TxHxK.reshape(x_TxF.shape), float_rows)
         return self._feed_forward(x_TxF, attended_TxHxK.reshape(x_TxF.shape), dropout_rngs, float_rows)
 
-    def cls_states(self, x_TxF, layout: TokenLayout, masks, *, impl, dropout_rngs):
+    def cls_states(self, x_TxF, layout: TokenLayout, masks, *, impl, dropout_rngs,
+                   attention_dropout: ProbDropout | None = None):
         """The layer's output for the [CLS] rows only, [D·C, F]: all the last layer has to compute for the
         scores. Every token still gives keys and values (1/6 of a layer's matmul work), but only [CLS] gets
         queries, attention, the output projection and the feed-forward."""
@@ -162,7 +171,7 @@ class Layer(nnx.Module):
                                            variant=self.cpu_kernels)
         else:
             k, v = (layout.split(kv_Tx2xHxK[:, i]) for i in range(2))
-            attended = pattern_cls_attention(q_cls_Nx1xHxK.reshape(k.cls.shape), k, v, *masks, cfg)
+            attended = pattern_cls_attention(q_cls_Nx1xHxK.reshape(k.cls.shape), k, v, *masks, cfg, attention_dropout)
         if fused:
             return self._fused_tail(cls_TxF, attended.reshape(cls_TxF.shape), num_cls)
         return self._feed_forward(cls_TxF, attended.reshape(cls_TxF.shape), dropout_rngs, num_cls)
@@ -297,11 +306,12 @@ class SparseCrossEncoderModel(nnx.Module):
         positions_T = jnp.clip(layout.join(positions), 0, cfg.max_position_embeddings - 1)
         x_TxF = self.embeddings(layout.join(ids), positions_T, layout.join(types))
 
-        # Two dropout sites per layer, then the embeddings and the pooled output.
+        # Two hidden-state dropout sites per layer, then the embeddings and the pooled output.
         rngs = [None] * (2 * cfg.num_hidden_layers + 2)
         if dropout_rng is not None:
             rngs = list(jax.random.split(dropout_rng, len(rngs)))
         x_TxF = _dropout(x_TxF, cfg.hidden_dropout_prob, rngs[-1])
+        impl, attention_dropouts = self._attention_dropouts(dropout_rng)
 
         masks = (query_ids != cfg.pad_token_id, slot_DxL, doc_query)
         hidden = [layout.states(x_TxF)] if return_hidden_states else None
@@ -310,9 +320,11 @@ class SparseCrossEncoderModel(nnx.Module):
             layer_rngs = rngs[2 * i : 2 * i + 2]
             if hidden is None and i == len(self.layers) - 1:
                 # The scores read only [CLS], so the last layer computes nothing else.
-                cls_DxF = layer.cls_states(x_TxF, layout, masks, impl=self.attention_impl, dropout_rngs=layer_rngs)
+                cls_DxF = layer.cls_states(x_TxF, layout, masks, impl=impl, dropout_rngs=layer_rngs,
+                                           attention_dropout=attention_dropouts[i])
                 break
-            x_TxF = layer(x_TxF, layout, masks, impl=self.attention_impl, interpret=self.interpret, dropout_rngs=layer_rngs)
+            x_TxF = layer(x_TxF, layout, masks, impl=impl, interpret=self.interpret, dropout_rngs=layer_rngs,
+                          attention_dropout=attention_dropouts[i])
             if hidden is not None:
                 hidden.append(layout.states(x_TxF))
         if cls_DxF is None:
@@ -322,3 +334,16 @@ class SparseCrossEncoderModel(nnx.Module):
         if return_hidden_states:
             return scores_D, tuple(hidden)
         return scores_D
+
+    def _attention_dropouts(self, dropout_rng: jax.Array | None) -> tuple[str, list[ProbDropout | None]]:
+        """The attention implementation and each layer's attention-probability dropout for this forward pass:
+        without a dropout key or at rate 0, the model's implementation and no dropout; else the XLA path
+        (`training_attention_impl`) and a key per layer, the layer index folded into the pass's key."""
+        rate = self.config.attention_probs_dropout_prob
+        layers = self.config.num_hidden_layers
+        if dropout_rng is None or rate == 0.0:
+            return self.attention_impl, [None] * layers
+        stream = jax.random.fold_in(dropout_rng, _ATTENTION_DROPOUT_STREAM)
+        return training_attention_impl(self.attention_impl), [
+            ProbDropout(rate, jax.random.fold_in(stream, i)) for i in range(layers)
+        ]

@@ -38,7 +38,7 @@ from sce_jax.checkpoint import CHECKPOINTS_DIR, copy_tokenizer_files, load_model
 from sce_jax.cli_config import PATH, PATH_OR_ID, add_dataclass_flags, resolve_dataclass
 from sce_jax.config import PATTERN_FLAGS, SparseCrossEncoderConfig, released_pattern
 from sce_jax.encoder import DTYPES, SparseCrossEncoder, build_model
-from sce_jax.losses import LOSSES, get_loss
+from sce_jax.losses import LOSSES, REDUCTIONS, loss_sum_count
 from sce_jax.errors import InputError, Interrupted, run_cli, user_path
 from sce_jax.files import (DeferredSignals, atomic_write, deferred_signals, exclusive_lock, interrupts_exit_at_once,
                            is_write_error, sigterm_raises, write_error)
@@ -90,6 +90,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # torch.optim.AdamW's default, which the original used
     max_grad_norm: float | None = None
     loss: str = "margin-mse"
+    loss_reduction: str = "batch"  # "batch": the original's means over terms; "sample": mean of per-sample losses
     max_length: int = 512
     max_query_length: int = 32
     save_every: int = 5000
@@ -98,7 +99,8 @@ class TrainConfig:
     seed: int = 42
     resume: bool = False
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
-    dropout: float | None = None  # overrides the model's dropout probabilities; None: keep them
+    dropout: float | None = None  # overrides the model's dropout probabilities (hidden and attention); None: keep
+    attention_dropout: float | None = None  # overrides the attention-probability dropout alone (after `dropout`)
     log_every: int = 1
     eval_run: str | None = None
     eval_qrels: str | None = None
@@ -125,7 +127,11 @@ class TrainConfig:
         need(self.attention_window in (None, "full") or isinstance(self.attention_window, int),
              f"attention_window must be an int, 'full' or null, got {self.attention_window!r}")
         need(self.devices is None or self.devices >= 1, f"devices must be >= 1, got {self.devices}")
-        need(self.dropout is None or 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.loss_reduction in REDUCTIONS,
+             f"unknown loss_reduction {self.loss_reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            need(value is None or 0 <= value < 1, f"{name} must be in [0, 1), got {value}")
         need(self.batch_size % self.grad_accum == 0,
              f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         need((self.eval_run is None) == (self.eval_qrels is None), "eval_run and eval_qrels go together")
@@ -137,6 +143,8 @@ class TrainConfig:
             overrides["attention_window_size"] = None if self.attention_window == "full" else self.attention_window
         if self.dropout is not None:
             overrides.update(hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout)
+        if self.attention_dropout is not None:
+            overrides["attention_probs_dropout_prob"] = self.attention_dropout
         return overrides
 
 
@@ -160,6 +168,8 @@ HELP = {
     "weight_decay": "AdamW's decoupled weight decay",
     "max_grad_norm": "clip gradients to this global norm; none: no clipping",
     "loss": "margin-mse, ranknet, listnet, listmle, approx-ndcg or localized-contrastive",
+    "loss_reduction": "batch: the original's means (RankNet over all valid pairs of the batch, ListMLE over all "
+                      "real list positions, MarginMSE over complete samples); sample: the mean of per-sample losses",
     "max_length": "tokens of [CLS] + query + document",
     "max_query_length": "tokens of the query",
     "save_every": "steps between checkpoints (the last step is always saved)",
@@ -169,7 +179,9 @@ HELP = {
     "resume": "continue from the newest complete checkpoint in --output-dir (a fresh start if there is none)",
     "dtype": "compute dtype, float32, tf32 (float32 with TF32 matmuls on GPU) or bfloat16 (parameters and "
              "optimizer state stay float32)",
-    "dropout": "override the model's dropout probability; default: the model's",
+    "dropout": "override the model's dropout probabilities, hidden states and attention probabilities; "
+               "default: the model's (0.1 in BERT configs)",
+    "attention_dropout": "override the attention-probability dropout alone (after --dropout); default: the model's",
     "log_every": "steps between lines of metrics.jsonl",
     "eval_run": "a run (TREC or JSON) to re-rank for validation; needs --eval-qrels",
     "eval_qrels": "the qrels of --eval-run",
@@ -214,33 +226,48 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
 
 
-def make_train_step(graphdef, loss_name: str, optimizer: optax.GradientTransformation):
-    """`step(params, opt_state, batch, dropout_key, step) -> (params, opt_state, metrics)`, pure.
+def make_loss_and_grad(graphdef, loss_name: str, loss_reduction: str = "batch"):
+    """`f(params, batch, dropout_key, step) -> (loss, grads)` for the global batch of `A` micro-batches.
 
-    The batch holds `A` micro-batches (leading axis); their gradients are averaged in a scan, which equals one
-    step on the whole batch because every micro-batch has the same number of samples.
+    Each micro-batch gives the sum of its loss terms and their count (`sce_jax.losses.loss_sum_count`); a scan adds
+    the sums, the count and the gradients of the sums over the micro-batches, and they are divided by the total
+    count once. The arrays are global, so the sums also run over devices and hosts: the result is the loss of the
+    whole batch whatever `A` and the number of devices (up to float rounding and the dropout masks).
     """
-    loss_fn = get_loss(loss_name)
+    sum_count = loss_sum_count(loss_name, loss_reduction)
 
-    def micro_loss(params, micro: TrainBatch, key):
+    def micro_sum(params, micro: TrainBatch, key):
         model = nnx.merge(graphdef, params)
         scores_D = model(Batch(micro.query_ids, micro.doc_ids, micro.doc_query), dropout_rng=key)
         scores_BxN = scores_D.reshape(micro.labels.shape)
-        return loss_fn(scores_BxN, micro.labels, micro.label_mask).mean()
+        return sum_count(scores_BxN, micro.labels, micro.label_mask)
 
-    def train_step(params, opt_state, batch: TrainBatch, dropout_key, step):
+    def loss_and_grad(params, batch: TrainBatch, dropout_key, step):
         keys = jax.random.split(jax.random.fold_in(dropout_key, step), batch.labels.shape[0])
 
-        def accumulate(grads_sum, xs):
-            loss, grads = jax.value_and_grad(micro_loss)(params, *xs)
-            return jax.tree.map(jnp.add, grads_sum, grads), loss
+        def accumulate(carry, xs):
+            grads_sum, total_sum, count_sum = carry
+            (total, count), grads = jax.value_and_grad(micro_sum, has_aux=True)(params, *xs)
+            return (jax.tree.map(jnp.add, grads_sum, grads), total_sum + total, count_sum + count), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads_sum, losses = jax.lax.scan(accumulate, zeros, (batch, keys))
-        grads = jax.tree.map(lambda g: g / batch.labels.shape[0], grads_sum)
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
+        (grads_sum, total, count), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
+        count = jnp.maximum(count, 1.0)  # no term at all (e.g. RankNet without a labelled pair): loss and grads 0
+        return total / count, jax.tree.map(lambda g: g / count, grads_sum)
+
+    return loss_and_grad
+
+
+def make_train_step(graphdef, loss_name: str, optimizer: optax.GradientTransformation, loss_reduction: str = "batch"):
+    """`step(params, opt_state, batch, dropout_key, step) -> (params, opt_state, metrics)`, pure: the gradient of
+    the whole batch's loss (`make_loss_and_grad`), then one optimizer update."""
+    loss_and_grad = make_loss_and_grad(graphdef, loss_name, loss_reduction)
+
+    def train_step(params, opt_state, batch: TrainBatch, dropout_key, step):
+        loss, grads = loss_and_grad(params, batch, dropout_key, step)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 
@@ -408,7 +435,7 @@ class Evaluator:
 
 # Settings that change the data stream: a resume must not change them (`--resume` refuses, naming the flag).
 STREAM_SETTINGS = ("train_data", "queries", "docs", "batch_size", "grad_accum", "seed", "max_length",
-                   "max_query_length", "loss")
+                   "max_query_length", "loss", "loss_reduction")
 CONTENT = "train_data_content"  # the training file's content fingerprint, recorded beside its path
 
 
@@ -540,7 +567,8 @@ def _prepare(cfg: TrainConfig, output_dir: Path, stop: Callable[[], None]) -> Pr
         params = jax.device_put(nnx.to_pure_dict(param_state), replicated)
         optimizer = make_optimizer(cfg)
         opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
-        train_step = jax.jit(make_train_step(graphdef, cfg.loss, optimizer), out_shardings=(replicated,) * 3)
+        train_step = jax.jit(make_train_step(graphdef, cfg.loss, optimizer, cfg.loss_reduction),
+                             out_shardings=(replicated,) * 3)
     state = TrainState(params, opt_state, 0, 0, np.asarray(jax.random.PRNGKey(cfg.seed)))
     return Prepared(mesh, config, tokenizer_dir, stream, settings, evaluator, train_step, state)
 

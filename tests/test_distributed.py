@@ -32,7 +32,7 @@ def test_local_device_problem_names_the_count():
     assert distributed.local_device_problem(None) is None
     assert distributed.local_device_problem(local) is None
     for bad in (0, local + 1, True, 1.5):
-        assert distributed.local_device_problem(bad) == f"{bad!r}, but this machine has {local} local devices"
+        assert distributed.local_device_problem(bad) == f"{bad!r}, but this machine has {local} local device{'s' * (local != 1)}"
 
 
 def test_a_marker_stops_the_others_at_the_next_barrier(tmp_path, monkeypatch):

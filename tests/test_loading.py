@@ -525,7 +525,7 @@ def test_max_length_defaults_to_the_models_positions(long_model_dir, tiny_hf_dir
     ({"max_query_length": 2}, "max_query_length", "max_query_length must be an integer >= 3"),
     ({"dtype": "float16"}, "dtype", "unknown dtype 'float16'; choose one of float32, tf32, bfloat16"),
     ({"attention_impl": "flash"}, "attention_impl", "unknown attention_impl 'flash'"),
-    ({"devices": 99}, "devices", "devices=99, but there are"),
+    ({"devices": 99}, "devices", "devices=99, but this machine has"),
     ({"devices": 0}, "devices", "devices=0"),
     ({"config_overrides": {"window": 3}}, "config_overrides", "unknown config field(s) window"),
     ({"config_overrides": {"attention_window_size": 0}}, "config_overrides", "attention_window_size: must be"),

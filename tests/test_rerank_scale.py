@@ -297,7 +297,7 @@ def test_a_failing_process_stops_the_others_with_one_line(tiny_sparse_dir, tmp_p
     output = tmp_path / "run.trec"
     codes, logs = _two_processes(tiny_sparse_dir, output, str(tmp_path / "xla"), extra=((), ("--devices", "5")))
     assert codes == [2, 2], logs
-    failure = "--devices 5, but this machine has 1 local devices"
+    failure = "--devices 5, but this machine has 1 local device"
     assert f"error: {failure}" in logs[1].splitlines()
     assert f"error: process 1 of 2 failed: {failure}" in logs[0].splitlines()
     assert not output.exists()

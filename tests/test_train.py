@@ -77,6 +77,20 @@ def max_difference(a: dict, b: dict) -> float:
     return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)))
 
 
+def step_metrics(output_dir) -> np.ndarray:
+    """[steps, 2]: each step's loss and gradient norm from metrics.jsonl."""
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return np.array([[r["loss"], r["grad_norm"]] for r in records])
+
+
+def assert_same_steps(output_dir, reference_dir, *, params_atol: float) -> None:
+    """Two runs took the same steps: every step's loss and gradient norm agree to 1e-5 relative (Adam's update
+    all but ignores the gradients' scale: in the parameters a mis-scaled gradient shows only through eps, at
+    near-zero gradients), and so do the final parameters."""
+    np.testing.assert_allclose(step_metrics(output_dir), step_metrics(reference_dir), rtol=1e-5)
+    assert max_difference(final_params(output_dir), final_params(reference_dir)) <= params_atol
+
+
 @pytest.fixture(scope="module")
 def baseline(tiny_hf_dir, tmp_path_factory, compile_cache):
     """4 uninterrupted steps of the tiny config on one device."""
@@ -222,6 +236,13 @@ def test_flags_override_yaml(tmp_path):
     assert (recipe.batch_size, recipe.learning_rate, recipe.warmup_steps, recipe.steps, recipe.save_every) == (
         32, 7e-6, 1000, 100_000, 5000)
     assert recipe.model_overrides["attention_window_size"] == 4 and not recipe.model_overrides["query_doc_attention"]
+    assert recipe.loss_reduction == "batch"
+    assert (recipe.model_overrides["hidden_dropout_prob"], recipe.model_overrides["attention_probs_dropout_prob"]) == (
+        0.1, 0.1)
+    attention_only = train_module.resolve_config(train_module.build_parser().parse_args(
+        ["--config", "configs/train.yaml", "--dropout", "0.2", "--attention-dropout", "0"]))
+    assert (attention_only.model_overrides["hidden_dropout_prob"],
+            attention_only.model_overrides["attention_probs_dropout_prob"]) == (0.2, 0.0)
 
 
 def test_schedules():
@@ -238,12 +259,14 @@ def test_schedules():
     [
         (["--loss", "hinge"], "unknown loss 'hinge'"),
         (["--batch-size", "6", "--grad-accum", "4"], "batch_size 6 is not divisible by grad_accum 4"),
-        (["--devices", "2"], "--devices 2, but this machine has 1 local devices"),
+        (["--devices", "2"], "--devices 2, but this machine has 1 local device"),
         (["--train-data", "EMPTY"], "contains no training samples"),
         (["--train-data", "MISSING_FIELD"], "bad.jsonl: line 1: missing field"),
         (["--loss", "margin-mse", "--train-data", "THREE_DOCS"], "margin-mse needs 2 documents"),
         (["--steps", "0"], "steps must be >= 1"),
         (["--dtype", "int8"], "dtype int8 is for inference only"),
+        (["--loss-reduction", "mean"], "unknown loss_reduction 'mean'; choose one of batch, sample"),
+        (["--attention-dropout", "1"], "attention_dropout must be in [0, 1), got 1.0"),
     ],
 )
 def test_bad_input_fails_before_training(tiny_hf_dir, tmp_path, capsys, extra, message):
@@ -339,14 +362,14 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_hf_dir, tmp_path, compi
     run_in_process(tiny_args(tiny_hf_dir, tmp_path / "accum", *no_dropout, "--grad-accum", "2"))
     # Adam's first update moves each weight by about lr * sign(gradient), so near-zero gradients turn the float
     # reduction-order noise of accumulation into differences well above it, yet far below lr (1e-2).
-    assert max_difference(final_params(tmp_path / "one"), final_params(tmp_path / "accum")) <= 1e-4
+    assert_same_steps(tmp_path / "accum", tmp_path / "one", params_atol=1e-4)
 
 
 def test_two_devices_equal_one(baseline, tiny_hf_dir, tmp_path, compile_cache):
     output_dir = tmp_path / "out"
     finish(run_subprocess(tiny_args(tiny_hf_dir, output_dir), cache=compile_cache,
                           env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
-    assert max_difference(final_params(output_dir), final_params(baseline[0])) <= 1e-5
+    assert_same_steps(output_dir, baseline[0], params_atol=1e-5)
 
 
 def test_two_processes_equal_one(baseline, tiny_hf_dir, tmp_path, compile_cache):
@@ -362,7 +385,7 @@ def test_two_processes_equal_one(baseline, tiny_hf_dir, tmp_path, compile_cache)
     ]
     for process in processes:
         finish(process)
-    assert max_difference(final_params(output_dir), final_params(baseline[0])) <= 1e-5
+    assert_same_steps(output_dir, baseline[0], params_atol=1e-5)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_hf_dir, tmp_path, compile_cache, capsys):
