@@ -175,6 +175,19 @@ class ModelCardData:
             self.training_logs.append({"Epoch": epoch, "Step": step, **logged})
 
 
+def load_for_command(model: str | Path, **settings) -> SparseCrossEncoder:
+    """`SparseCrossEncoder.load(model, **settings)` for the commands: a setting it rejects is an InputError naming
+    its flag (`--max-length: ...`), a model that cannot be read one naming the model."""
+    try:
+        return SparseCrossEncoder.load(model, **settings)
+    except SettingsError as error:
+        raise InputError(f"--{error.setting.replace('_', '-')}: {error}") from None
+    except InputError:
+        raise
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot load model {str(model)!r}: {error}") from None
+
+
 class SparseCrossEncoder:
     """A loaded re-ranker: tokenizer + model + a jitted, shape-bucketed scoring loop."""
 

@@ -24,7 +24,7 @@ from sce_jax import distributed, irds
 from sce_jax.cache import enable_compilation_cache
 from sce_jax.cli_config import PATH, PATH_OR_ID, add_dataclass_flags, resolve_dataclass
 from sce_jax.config import ATTENTION_IMPLS, DTYPE_NAMES
-from sce_jax.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, SettingsError, run_cli, user_path
+from sce_jax.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, run_cli, user_path
 from sce_jax.evaluation import DEFAULT_MEASURES, evaluate, format_results, parse_measures, read_qrels, write_results
 from sce_jax.files import (
     atomic_write,
@@ -254,21 +254,12 @@ def load_qrels(config: RerankConfig, dataset_id: str | None):
 
 def load_encoder(config: RerankConfig):
     """The model; settings it rejects (`SettingsError`, raised before the weights are read) name their flag."""
-    from sce_jax.encoder import SparseCrossEncoder  # imports JAX: only once the input has been checked
+    from sce_jax.encoder import load_for_command  # imports JAX: only once the input has been checked
 
     if problem := distributed.local_device_problem(config.devices):  # before loading, in the flag's words
         raise InputError(f"--devices {problem}")
-    try:
-        return SparseCrossEncoder.load(config.model, max_length=config.max_length,
-                                       max_query_length=config.max_query_length,
-                                       attention_impl=config.attention_impl, dtype=config.dtype,
-                                       devices=config.devices)
-    except SettingsError as error:
-        raise InputError(f"--{_flag(error.setting)}: {error}") from None
-    except InputError:
-        raise
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot load model {config.model!r}: {error}") from None
+    return load_for_command(config.model, max_length=config.max_length, max_query_length=config.max_query_length,
+                            attention_impl=config.attention_impl, dtype=config.dtype, devices=config.devices)
 
 
 # --- planning: windows of whole queries, shares of windows per process (pure) ---------------------------------

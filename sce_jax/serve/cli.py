@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 
-from sce_jax.errors import InputError, SettingsError
+from sce_jax.errors import InputError
 from sce_jax.serve.checks import ServeSettings, served_model_name
 
 logger = logging.getLogger("sce_jax.serve")
@@ -120,17 +120,10 @@ def is_loopback(sock: socket.socket) -> bool:
 
 
 def load_encoder(args: argparse.Namespace):
-    from sce_jax.encoder import SparseCrossEncoder
+    from sce_jax.encoder import load_for_command
 
-    try:
-        return SparseCrossEncoder.load(args.model, max_length=args.max_length, max_query_length=args.max_query_length,
-                                       attention_impl=args.attention_impl, dtype=args.dtype)
-    except SettingsError as error:
-        raise InputError(f"--{error.setting.replace('_', '-')}: {error}") from None
-    except InputError:
-        raise
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot load model {args.model!r}: {error}") from None
+    return load_for_command(args.model, max_length=args.max_length, max_query_length=args.max_query_length,
+                            attention_impl=args.attention_impl, dtype=args.dtype)
 
 
 def main(argv: list[str]) -> int:
