@@ -597,3 +597,12 @@ def test_corrupt_tokenizer_is_one_line(tiny_hf_dir, tmp_path):
         QueryDocTokenizer.from_dir(source)
     with pytest.raises(InputError, match="no tokenizer files"):
         QueryDocTokenizer.from_dir(tmp_path)
+
+
+def test_the_commands_loader_names_the_flag_of_a_rejected_setting(tiny_sparse_dir):
+    from sce_jax.encoder import load_for_command
+
+    with pytest.raises(InputError, match=r"^--max-length: max_length 9999 exceeds the model's \d+ positions"):
+        load_for_command(tiny_sparse_dir, max_length=9999)
+    with pytest.raises(InputError, match=r"^--attention-impl: "):
+        load_for_command(tiny_sparse_dir, attention_impl="flash")
