@@ -21,6 +21,7 @@ from sce_jax.errors import InputError, one_line, user_path
 from sce_jax.files import (
     current_umask,
     deferred_signals,
+    drop_orphaned_future_errors,
     is_write_error,
     locked_temporary,
     remove_stale_temporaries,
@@ -106,6 +107,7 @@ def staged_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_created(created)
         if is_write_error(error):
+            drop_orphaned_future_errors()
             raise InputError(f"{write_error(path, error)} (nothing was left behind)") from None
         raise
     finally:

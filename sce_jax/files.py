@@ -137,6 +137,21 @@ def write_error(path: str | os.PathLike, error: BaseException, action: str = "wr
     return InputError(f"cannot {action} {path}: {reason}")
 
 
+class _OrphanedFutureErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Future exception was never retrieved")
+
+
+_ORPHANED_FUTURE_ERRORS = _OrphanedFutureErrors()
+
+
+def drop_orphaned_future_errors() -> None:
+    """After a write that failed and was reported (one line), Orbax's other writer tasks of that save end with
+    the same error in futures nobody reads; asyncio logs each one with a traceback when it is collected, which
+    may be after the error line. Those log records are dropped from then on (idempotent)."""
+    logging.getLogger("asyncio").addFilter(_ORPHANED_FUTURE_ERRORS)
+
+
 def is_write_error(error: BaseException) -> bool:
     """Whether `error` means the file system refused a write (full disk, quota, read-only): OSError, or a
     library's error that carries such an OS error code."""

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from sce_jax.errors import InputError
-from sce_jax.files import is_write_error, write_error
+from sce_jax.files import drop_orphaned_future_errors, is_write_error, write_error
 from sce_jax.weights import CheckpointError
 
 ORBAX_TEMPORARY = ".orbax-checkpoint-tmp"
@@ -182,6 +182,7 @@ class CheckpointStore:
         except Exception as error:
             if not is_write_error(error):
                 raise
+            drop_orphaned_future_errors()
             self._closed = True
             with contextlib.suppress(Exception):
                 self.manager.close()

@@ -155,3 +155,31 @@ def test_current_umask_reads_the_umask_without_changing_it(monkeypatch, proc):
     finally:
         monkeypatch.undo()
         os.umask(previous)
+
+
+def test_orphaned_future_errors_after_a_reported_write_failure_are_not_logged(caplog):
+    """Orbax's other writer tasks of a save that failed on a full disk: asyncio logged each one's traceback when it
+    was collected, after the command's one error line."""
+    import asyncio
+    import gc
+    import logging
+
+    loop = asyncio.new_event_loop()
+
+    def orphan():
+        loop.create_future().set_exception(OSError(28, "No space left on device"))
+
+    try:
+        with caplog.at_level("ERROR", logger="asyncio"):
+            orphan()
+            gc.collect()
+            assert any("never retrieved" in r.getMessage() for r in caplog.records)  # what asyncio does
+            caplog.clear()
+            files.drop_orphaned_future_errors()
+            orphan()
+            gc.collect()
+            logging.getLogger("asyncio").error("another asyncio error")
+            assert [r.getMessage() for r in caplog.records] == ["another asyncio error"]
+    finally:
+        logging.getLogger("asyncio").removeFilter(files._ORPHANED_FUTURE_ERRORS)
+        loop.close()
