@@ -81,6 +81,7 @@ def default_cases(args) -> list[Case]:
         if "float32" in args.dtypes:
             cases.append(Case("model", target, "float32", impl="xla"))
             cases.append(Case("train", target, "float32"))
+            cases.append(Case("train", target, "float32", impl="xla"))
     return [c for c in cases if c.kind in args.only]
 
 
@@ -242,13 +243,13 @@ def _model_config(case: Case, layers: int):
     )
 
 
-def _abstract_model(case: Case, layers: int):
+def _abstract_model(case: Case, layers: int, **config_fields):
     import jax.numpy as jnp
     from flax import nnx
 
     from sce_jax.model import SparseCrossEncoderModel
 
-    config = _model_config(case, layers)
+    config = _model_config(case, layers).replace(**config_fields)
     model = nnx.eval_shape(lambda: SparseCrossEncoderModel(
         config, rngs=nnx.Rngs(0), dtype=jnp.dtype(case.dtype), attention_impl=case.impl))
     return config, model
@@ -277,7 +278,9 @@ def model_function(case: Case, layers: int):
 
 def train_function(case: Case, layers: int, mesh):
     """`sce_jax.train`'s step (MarginMSE, AdamW; batch 32 x 2 documents) jitted as train() jits it, with the
-    parameters replicated and the batch split over the mesh's `data` axis."""
+    parameters replicated and the batch split over the mesh's `data` axis. With the Pallas kernel,
+    attention-probability dropout is off (`--attention-dropout 0`: with it on, training runs XLA's attention);
+    with `impl="xla"` it is the recipe's step (configs/train.yaml: both dropouts at 0.1)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -288,7 +291,7 @@ def train_function(case: Case, layers: int, mesh):
     from sce_jax.train_data import TrainBatch
 
     cfg = TrainConfig(batch_size=32, max_length=case.length, dtype=case.dtype, attention_impl=case.impl)
-    config, model = _abstract_model(case, layers)
+    config, model = _abstract_model(case, layers, **({} if case.impl == "xla" else {"attention_probs_dropout_prob": 0.0}))
     graphdef, param_state = nnx.split(model, nnx.Param)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
