@@ -416,15 +416,7 @@ class SparseCrossEncoder:
         self._check_finite(scores)
         return scores
 
-    def compile_tokens(
-        self,
-        query_tokens: Sequence[Sequence[int]],
-        doc_tokens: Sequence[Sequence[int]],
-        doc_query: Sequence[int],
-        *,
-        batch_size: int = 32,
-        max_tokens_per_batch: int = 32768,
-    ) -> int:
+    def compile_tokens(self, query_tokens, doc_tokens, doc_query, *, batch_size=32, max_tokens_per_batch=32768) -> int:
         """Compile, without running them, the batch shapes that `score_tokens` with the same arguments would run
         (XLA's compilation, or a read from jax's persistent compilation cache where it is on); returns how many
         were new. A later `score_tokens` of those shapes compiles nothing. The server's warm-up uses it: running
