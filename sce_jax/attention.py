@@ -47,8 +47,18 @@ def drop_probs(probs: jax.Array, dropout: ProbDropout | None) -> jax.Array:
     """`probs` with dropout applied (unchanged for None)."""
     if dropout is None:
         return probs
-    keep = jax.random.bernoulli(dropout.rng, 1.0 - dropout.rate, probs.shape)
-    return jnp.where(keep, probs / (1.0 - dropout.rate), 0.0).astype(probs.dtype)
+    keep = keep_mask(dropout.rng, dropout.rate, probs.shape)
+    return jnp.where(keep, probs * (1.0 / (1.0 - dropout.rate)), 0.0).astype(probs.dtype)
+
+
+def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
+    """True where a value is kept: each is dropped with probability round(rate * 2^16) / 2^16 (within 8e-6 of
+    `rate`; 0.1 -> 6554/65536), from 16 random bits per value, two values per 32-bit draw: half the random numbers
+    of `jax.random.bernoulli`, which made attention dropout cost ~11% of a training step on CPU."""
+    size = math.prod(shape)
+    words = jax.random.bits(rng, ((size + 1) // 2,), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size]
+    return (halves >= round(rate * 65536)).reshape(shape)
 
 
 def training_attention_impl(impl: str) -> str:
